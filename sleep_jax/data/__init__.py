@@ -1,0 +1,1 @@
+"""Tasks: pure numpy generators and grain pipelines."""

@@ -1,0 +1,65 @@
+"""The Rule 110 task (PAPER.md section 4): predict cells of four strings after t steps.
+
+One example, 100 tokens:
+  tokens[24*i : 24*(i+1)]  string i, cells as tokens 0/1 (i = 0..3)   -> four sleep chunks
+  tokens[96 + i]           query token Q(i+1) = 2 + i                  -> the prediction chunk
+  targets[96 + i]          cell 0 of string i after `depth` Rule 110 steps (periodic boundary)
+  loss_mask                1 exactly at positions 96..99
+
+Rule 110 (ours: periodic boundary, cell 0 leftmost): new[i] = bit p of the number 110 where
+p = 4*old[i-1] + 2*old[i] + old[i+1], indices mod the string length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NUM_STRINGS = 4
+STRING_LEN = 24
+CONTEXT_LEN = NUM_STRINGS * STRING_LEN  # 96
+SEQ_LEN = CONTEXT_LEN + NUM_STRINGS  # 100
+QUERY_TOKENS = tuple(range(2, 2 + NUM_STRINGS))  # Q1..Q4 = 2..5
+VOCAB_SIZE = 2 + NUM_STRINGS  # 6
+NUM_LABEL_CLASSES = 2  # answers are cells: token 0 or 1 (chance for all four: 1/16)
+RULE = 110
+
+
+def step(cells: np.ndarray) -> np.ndarray:
+  """One Rule 110 step along the last axis (periodic boundary); any leading shape."""
+  cells = np.asarray(cells)
+  pattern = 4 * np.roll(cells, 1, axis=-1) + 2 * cells + np.roll(cells, -1, axis=-1)
+  return ((RULE >> pattern) & 1).astype(cells.dtype)
+
+
+def rollout(cells: np.ndarray, depth: int) -> np.ndarray:
+  """The cells after `depth` steps of Rule 110 (depth 0 returns the input)."""
+  if depth < 0:
+    raise ValueError(f"rule110 depth must be >= 0, got {depth}")
+  for _ in range(depth):
+    cells = step(cells)
+  return np.asarray(cells)
+
+
+def generate(rng: np.random.Generator, num: int, depth: int) -> dict[str, np.ndarray]:
+  """`num` independent examples at reasoning depth `depth`.
+
+  Args:
+    rng: the random generator (the only source of randomness).
+    num: number of examples.
+    depth: t, the number of Rule 110 steps between the strings and their labels.
+
+  Returns:
+    dict of numpy arrays [num, 100]: "tokens" int32, "targets" int32, "loss_mask" float32.
+  """
+  if depth < 0:
+    raise ValueError(f"rule110 depth must be >= 0, got {depth}")
+  strings = rng.integers(0, 2, size=(num, NUM_STRINGS, STRING_LEN), dtype=np.int32)
+  labels = rollout(strings, depth)[..., 0]  # [num, 4]
+  tokens = np.empty((num, SEQ_LEN), np.int32)
+  tokens[:, :CONTEXT_LEN] = strings.reshape(num, CONTEXT_LEN)
+  tokens[:, CONTEXT_LEN:] = QUERY_TOKENS
+  targets = np.zeros((num, SEQ_LEN), np.int32)
+  targets[:, CONTEXT_LEN:] = labels
+  loss_mask = np.zeros((num, SEQ_LEN), np.float32)
+  loss_mask[:, CONTEXT_LEN:] = 1.0
+  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}

@@ -1,0 +1,1 @@
+"""Model tiers: layers -> blocks -> the hybrid LM."""

@@ -1,0 +1,99 @@
+"""Small building layers: dense projections, RMSNorm, rotary positions, causal depthwise conv.
+
+Every parameter is an `nnx.Param` carrying two pieces of metadata that the trainer reads:
+  * `logical_axes`: one logical axis name per dimension (mapped to mesh axes by the rules
+    table in `sleep_jax.parallel`), and
+  * `optimizer`: "muon" for the hidden 2-D weight matrices, "adamw" for everything else
+    (embeddings, output head, norm scales, conv filters, gate projections, biases).
+
+Shape legend: B batch, T tokens, D d_model, H heads, K/V key/value head dims, F MLP width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+MUON = "muon"
+ADAMW = "adamw"
+
+
+def param(value: jax.Array, logical_axes: tuple[str | None, ...], optimizer: str = ADAMW) -> nnx.Param:
+  """An `nnx.Param` tagged with its logical axes and optimizer group."""
+  if len(logical_axes) != value.ndim:
+    raise ValueError(f"logical_axes {logical_axes} do not match shape {value.shape}")
+  return nnx.Param(value, logical_axes=logical_axes, optimizer=optimizer)
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel, no bias. LeCun-normal init (std = fan_in**-0.5)."""
+
+  def __init__(self, in_features: int, out_features: int, *, logical_axes: tuple[str, str],
+               optimizer: str, rngs: nnx.Rngs, init_scale: float = 1.0):
+    std = init_scale * in_features**-0.5
+    kernel = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (in_features, out_features))
+    self.kernel = param(kernel, logical_axes, optimizer)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm over the last axis with a learned scale (computed in float32)."""
+
+  def __init__(self, dim: int, *, logical_axis: str = "embed", eps: float = 1e-6):
+    self.scale = param(jnp.ones((dim,)), (logical_axis,))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def rotary(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form) applied to the last axis.
+
+  Args:
+    x_bthd: queries or keys [B, T, H, Dh] (Dh even).
+    positions_t: integer positions [T]; the sleep schedule restarts them at 0 in every chunk.
+    base: the rotary wavelength base.
+
+  Returns:
+    The rotated array, same shape and dtype.
+  """
+  half = x_bthd.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions_t.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, half]
+  sin = jnp.sin(angles)[None, :, None, :]
+  cos = jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_bthd.dtype)
+
+
+class CausalDepthwiseConv(nnx.Module):
+  """Short causal depthwise convolution over time, y_t = sum_j w_j * x_{t-j}.
+
+  The convolution state starts at zero on every call: under sleep it is reset at every chunk
+  and every pass, so only the fast-weight state crosses a boundary (PAPER.md section 3).
+  """
+
+  def __init__(self, channels: int, width: int, *, logical_axis: str, rngs: nnx.Rngs):
+    bound = width**-0.5
+    weight = jax.random.uniform(rngs.params(), (width, channels), minval=-bound, maxval=bound)
+    self.weight = param(weight, ("conv", logical_axis))
+
+  def __call__(self, x_btc: jax.Array) -> jax.Array:
+    width, t = self.weight.shape[0], x_btc.shape[1]
+    padded = jnp.pad(x_btc, ((0, 0), (width - 1, 0), (0, 0)))
+    weight = self.weight[...].astype(x_btc.dtype)
+    # Tap j multiplies the input j steps in the past; width is tiny (4), so shifts beat a conv op.
+    return sum(weight[j] * padded[:, width - 1 - j: width - 1 - j + t] for j in range(width))
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / ||x|| over the last axis, in float32 (the delta rule assumes unit-norm keys)."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)

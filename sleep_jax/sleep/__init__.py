@@ -1,0 +1,1 @@
+"""The consolidation schedule: chunking, N passes per window, eviction."""

@@ -1,0 +1,73 @@
+"""Typed sleep configuration and the static chunk schedule it implies for a sequence length.
+
+All checks run in plain Python on static values, so bad settings fail before any compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sleep_jax.typed_config import dataclass_from_section
+
+EVICTIONS_IMPLEMENTED = ("hard",)
+EVICTIONS_PLANNED = ("sliding",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SleepConfig:
+  """How a sequence is consolidated. See configs/rule110.py for every field.
+
+  Attributes:
+    passes: N, recurrent passes of the block stack over every evicted window (N=1: plain hybrid).
+    window: L, the attention window; the context is cut into consecutive chunks of L tokens.
+    eviction: "hard" (after sleeping on a window its KV is dropped entirely).
+    context_len: tokens before the prediction chunk; a multiple of `window`.
+    grad_passes: backprop through the last k passes of every window only (None: all passes).
+    remat: wrap every pass in `jax.checkpoint` (recompute activations in the backward pass).
+  """
+
+  passes: int = 1
+  window: int = 24
+  eviction: str = "hard"
+  context_len: int = 96
+  grad_passes: int | None = None
+  remat: bool = True
+
+  def __post_init__(self):
+    if self.passes < 1:
+      raise ValueError(f"sleep.passes (N) must be >= 1, got {self.passes}")
+    if self.window < 1:
+      raise ValueError(f"sleep.window (L) must be >= 1, got {self.window}")
+    if self.eviction in EVICTIONS_PLANNED:
+      raise ValueError(f"sleep.eviction={self.eviction!r} is not implemented yet; "
+                       f"use one of {EVICTIONS_IMPLEMENTED}")
+    if self.eviction not in EVICTIONS_IMPLEMENTED:
+      raise ValueError(f"unknown sleep.eviction={self.eviction!r}; use one of {EVICTIONS_IMPLEMENTED}")
+    if self.context_len < 0 or self.context_len % self.window:
+      raise ValueError(f"sleep.window={self.window} does not tile sleep.context_len="
+                       f"{self.context_len}: the context must be a whole number of windows")
+    if self.grad_passes is not None and not 1 <= self.grad_passes <= self.passes:
+      raise ValueError(f"sleep.grad_passes={self.grad_passes} must be in [1, passes={self.passes}] "
+                       "or None (all passes)")
+
+  @property
+  def num_sleep_chunks(self) -> int:
+    return self.context_len // self.window
+
+  @property
+  def frozen_passes(self) -> int:
+    """Leading passes of every window that gradients do not flow through."""
+    return 0 if self.grad_passes is None else self.passes - self.grad_passes
+
+  def check_sequence(self, seq_len: int) -> None:
+    """Raises unless a sequence of `seq_len` tokens fits the schedule (context + one chunk)."""
+    predict_len = seq_len - self.context_len
+    if not 1 <= predict_len <= self.window:
+      raise ValueError(
+          f"a sequence of {seq_len} tokens with sleep.context_len={self.context_len} leaves a "
+          f"prediction chunk of {predict_len} tokens; it must hold 1..window={self.window} tokens")
+
+  @classmethod
+  def from_config(cls, config) -> "SleepConfig":
+    """Builds from `config.sleep` as it comes out of a config file (unknown keys are an error)."""
+    return dataclass_from_section(cls, config, "sleep")

@@ -1,0 +1,1 @@
+"""Training: state, optimizers, steps, the loop, checkpoints."""

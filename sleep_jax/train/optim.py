@@ -1,0 +1,44 @@
+"""Optimizer: Muon for hidden weight matrices, AdamW for the rest (PAPER.md section 3).
+
+Which parameter goes where is decided where it is created (`optimizer=` metadata in
+sleep_jax/model): Muon takes the 2-D hidden matrices (attention q/k/v/o, MLP gate/up/down,
+gated-delta q/k/v, output gate and output projection); AdamW takes the token embedding, the
+output head, RMSNorm scales, conv filters, the decay/beta gate projections, A_log and dt_bias.
+Both follow linear warmup then cosine decay, and the global gradient norm is clipped first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import optax
+from flax import nnx
+
+from sleep_jax.model.layers import ADAMW, MUON
+
+
+def optimizer_labels(abstract_state: nnx.State) -> Any:
+  """"muon" / "adamw" per parameter, as a nested dict like `nnx.to_pure_dict`."""
+  labels = jax.tree.map(lambda v: v.get_metadata().get("optimizer", ADAMW), abstract_state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(labels)
+
+
+def learning_rate_schedule(train_config: Mapping[str, Any], peak: float) -> optax.Schedule:
+  """Linear warmup from 0 to `peak`, then cosine decay to `peak * min_lr_ratio`."""
+  num_steps = train_config["num_steps"]
+  warmup = min(train_config["warmup_steps"], num_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1),
+      end_value=peak * train_config["min_lr_ratio"])
+
+
+def make_optimizer(train_config: Mapping[str, Any], labels: Any) -> optax.GradientTransformation:
+  """clip(global norm) -> {Muon | AdamW} by label."""
+  muon = optax.contrib.muon(learning_rate_schedule(train_config, train_config["muon_lr"]),
+                            weight_decay=train_config["weight_decay"])
+  adamw = optax.adamw(learning_rate_schedule(train_config, train_config["adamw_lr"]),
+                      weight_decay=train_config["weight_decay"])
+  return optax.chain(optax.clip_by_global_norm(train_config["grad_clip"]),
+                     optax.multi_transform({MUON: muon, ADAMW: adamw}, labels))

@@ -1,0 +1,71 @@
+"""TrainState and the pure train / eval steps.
+
+`train_step(state, batch) -> (state, metrics)` is one function of arrays; `make_train_step`
+binds the static pieces (model structure, sleep schedule, optimizer) and jits it once with
+explicit input/output shardings (what pjit was) and the old state donated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sleep_jax.eval.metrics import mean_loss, prediction_sums
+from sleep_jax.sleep.config import SleepConfig
+from sleep_jax.sleep.consolidate import sleep_forward
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (checkpointed as one pytree)."""
+
+  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  params: Any  # nested dict of arrays (nnx.to_pure_dict of the model's parameters)
+  opt_state: optax.OptState
+
+
+def prediction_chunk_sums(graphdef: nnx.GraphDef, params, batch: dict, sleep_cfg: SleepConfig) -> dict:
+  """Runs the sleep schedule on a batch and returns the masked prediction sums."""
+  logits, _ = sleep_forward(graphdef, params, batch["tokens"], sleep_cfg)
+  start = sleep_cfg.context_len
+  return prediction_sums(logits, batch["targets"][:, start:], batch["loss_mask"][:, start:])
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, sleep_cfg: SleepConfig,
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One optimizer update on the masked answer cross-entropy (backprop through all passes)."""
+
+  def loss_fn(params):
+    sums = prediction_chunk_sums(graphdef, params, batch, sleep_cfg)
+    return mean_loss(sums), sums
+
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": loss,
+      "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
+      "exact_accuracy": sums["exact"] / jnp.maximum(sums["examples"], 1.0),
+      "grad_norm": optax.global_norm(grads),
+  }
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(*, graphdef, sleep_cfg, optimizer, state_shardings, batch_sharding, replicated):
+  """`train_step` jitted once with explicit shardings; the incoming state is donated."""
+  step = functools.partial(train_step, graphdef=graphdef, sleep_cfg=sleep_cfg, optimizer=optimizer)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(*, graphdef, sleep_cfg, param_shardings, batch_sharding, replicated):
+  """(params, batch) -> prediction sums, jitted with explicit shardings."""
+  step = functools.partial(prediction_chunk_sums, graphdef, sleep_cfg=sleep_cfg)
+  return jax.jit(lambda params, batch: step(params, batch),
+                 in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
