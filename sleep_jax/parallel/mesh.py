@@ -60,3 +60,27 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def _path_keys(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def shardings_by_param_path(tree: Any, param_shardings: Any, *, default: NamedSharding) -> Any:
+  """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters.
+
+  A leaf whose key path ends with a parameter's key path (optax's moments nest the params'
+  dict inside their own state) gets that parameter's sharding; any other leaf (step counters)
+  gets `default`.
+  """
+  by_path = {_path_keys(path): sharding for path, sharding in
+             jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+  def pick(path, _):
+    keys = _path_keys(path)
+    for start in range(len(keys)):
+      if keys[start:] in by_path:
+        return by_path[keys[start:]]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, tree)

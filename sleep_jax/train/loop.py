@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from flax import nnx
 from tensorboardX import SummaryWriter
@@ -32,6 +31,7 @@ from sleep_jax.train.optim import learning_rate_schedule, make_optimizer, optimi
 from sleep_jax.train.step import TrainState, make_eval_step, make_train_step
 
 RESULTS_FILE = "results.json"
+TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON line of train metrics per logged step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -105,7 +105,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
   def init_state():
     params = jax.jit(functools.partial(_init_params, model_cfg, config.seed),
                      out_shardings=param_shardings)()
-    opt_state = jax.jit(optimizer.init)(params)  # XLA gives moments the params' shardings
+    # Optimizer moments are sharded like the parameters they mirror; counters are replicated.
+    opt_shardings = mesh_lib.shardings_by_param_path(jax.eval_shape(optimizer.init, params),
+                                                     param_shardings, default=replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                       opt_state=opt_state)
 
@@ -166,6 +169,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
       now = time.time()
       tokens_per_s = (at_step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
       last_log_time, last_log_step = now, at_step
+      line = {"step": at_step, **{name: float(value) for name, value in host.items()}}
+      with open(os.path.join(workdir, TRAIN_LOG_FILE), "a") as f:
+        f.write(json.dumps(line) + "\n")
       for name, value in host.items():
         writer.add_scalar(f"train/{name}", float(value), at_step)
       for name, schedule in lr_schedules.items():

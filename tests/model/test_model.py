@@ -1,0 +1,93 @@
+"""Layers and the hybrid stack: shapes, causality, parameter groups, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sleep_jax import build_model
+from sleep_jax.model.config import ModelConfig
+from sleep_jax.model.layers import CausalDepthwiseConv, RMSNorm, l2_normalize, rotary
+from sleep_jax.model.lm import zero_fast_state
+from sleep_jax.train.optim import optimizer_labels
+
+CFG = dict(vocab_size=6, pattern="AGAG", d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
+
+
+def test_rotary_preserves_norms_and_depends_only_on_relative_position():
+  x = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
+  y = jax.random.normal(jax.random.key(1), (1, 5, 2, 8))
+  rx, ry = rotary(x, jnp.arange(5), 100.0), rotary(y, jnp.arange(5), 100.0)
+  np.testing.assert_allclose(jnp.linalg.norm(rx, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  shifted_x, shifted_y = rotary(x, jnp.arange(5) + 7, 100.0), rotary(y, jnp.arange(5) + 7, 100.0)
+  dots = jnp.einsum("bthd,bshd->bhts", rx, ry)
+  np.testing.assert_allclose(jnp.einsum("bthd,bshd->bhts", shifted_x, shifted_y), dots, atol=1e-4)
+
+
+def test_causal_conv_output_at_t_ignores_inputs_after_t():
+  conv = CausalDepthwiseConv(3, 4, logical_axis="heads", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 9, 3))
+  jac = jax.jacobian(lambda x: conv(x)[0, 4])(x)  # [3, 2, 9, 3]
+  assert float(jnp.abs(jac[:, :, 5:]).max()) == 0.0
+  # Tap j looks j steps back: compare with an explicit loop.
+  w = np.asarray(conv.weight[...])
+  xs = np.asarray(x)
+  expected = sum(w[j] * xs[:, 4 - j] for j in range(4))
+  np.testing.assert_allclose(conv(x)[:, 4], expected, rtol=1e-5)
+
+
+def test_norms():
+  x = 3.0 * jax.random.normal(jax.random.key(0), (4, 16))
+  np.testing.assert_allclose(jnp.mean(RMSNorm(16)(x) ** 2, axis=-1), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(jnp.linalg.norm(l2_normalize(x), axis=-1), 1.0, rtol=1e-5)
+
+
+def test_stack_pass_is_causal_by_gradient():
+  model = build_model(CFG, seed=0)
+  tokens = jnp.arange(10).reshape(1, 10) % 6
+  h = model.embed(tokens)
+  state = zero_fast_state(model.cfg, 1)
+  jac = jax.jacobian(lambda h: model.stack_pass(h, state)[0][0, 6])(h)  # [D, 1, T, D]
+  assert float(jnp.abs(jac[:, :, 7:]).max()) == 0.0
+  assert float(jnp.abs(jac[:, :, :7]).max()) > 0.0
+
+
+def test_fast_state_has_one_matrix_per_gated_delta_block_and_is_updated():
+  model = build_model(CFG | dict(pattern="AGGA"), seed=0)
+  state = zero_fast_state(model.cfg, 3)
+  assert [s.shape for s in state] == [(3, 2, 8, 8)] * 2
+  _, new_state = model.stack_pass(model.embed(jnp.ones((3, 5), jnp.int32)), state)
+  assert all(s.dtype == jnp.float32 and float(jnp.abs(s).max()) > 0 for s in new_state)
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+  labels = optimizer_labels(nnx.state(build_model(CFG, seed=0)))
+  flat = {"/".join(map(str, path)): leaf for path, leaf in
+          jax.tree_util.tree_flatten_with_path(labels)[0] for path in [tuple(k.key for k in path)]}
+  assert flat["embedding"] == "adamw" and flat["head/kernel"] == "adamw"
+  assert flat["blocks/0/mixer/q/kernel"] == "muon" and flat["blocks/0/mlp/down/kernel"] == "muon"
+  assert flat["blocks/1/mixer/o/kernel"] == "muon" and flat["blocks/1/mixer/out_gate/kernel"] == "muon"
+  for name in ("decay_proj/kernel", "beta_proj/kernel", "A_log", "dt_bias", "conv_q/weight",
+               "out_norm/scale"):
+    assert flat[f"blocks/1/mixer/{name}"] == "adamw", name
+  assert flat["blocks/0/mixer_norm/scale"] == "adamw"
+
+
+def test_same_seed_same_parameters():
+  a = nnx.to_pure_dict(nnx.state(build_model(CFG, seed=3)))
+  b = nnx.to_pure_dict(nnx.state(build_model(CFG, seed=3)))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(pattern="AGXG"), "unknown"),
+    (dict(pattern=""), "pattern"),
+    (dict(head_dim=7), "even"),
+    (dict(d_model=0), "d_model"),
+    (dict(fast_weight_impl="cuda"), "fast_weight_impl"),
+    (dict(dropout=0.1), "unknown model config fields"),
+])
+def test_bad_model_config_is_a_clear_error(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    ModelConfig.from_config(CFG | overrides)
