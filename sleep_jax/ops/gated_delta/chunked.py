@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sleep_jax.ops.gated_delta.reference import state_dtype
+from sleep_jax.ops.gated_delta.reference import fill_defaults, state_dtype
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -145,12 +145,9 @@ def gated_delta_rule_chunked(
     Returns:
       (o, final_state): o [B,T,H,V] in v's dtype, final_state [B,H,K,V] float32.
     """
-    batch, num_tokens, heads, key_dim = q.shape
+    batch, num_tokens, heads, _ = q.shape
     value_dim = v.shape[-1]
-    if scale is None:
-        scale = key_dim**-0.5
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+    scale, initial_state = fill_defaults(q, v, scale, initial_state)
     chunk = min(chunk_size, num_tokens)
     num_chunks = -(-num_tokens // chunk)
 

@@ -30,6 +30,16 @@ def _token_step(state_bhkv, token):
     return state_bhkv, out_bhv
 
 
+def fill_defaults(q, v, scale, initial_state):
+    """The contract's defaults: scale = K**-0.5 and a zero [B,H,K,V] float32 initial state."""
+    batch, _, heads, key_dim = q.shape
+    if scale is None:
+        scale = key_dim**-0.5
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
+    return scale, initial_state
+
+
 def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=None):
     """Runs the gated delta rule token by token.
 
@@ -45,12 +55,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=No
     Returns:
       (o, final_state): o [B,T,H,V] in v's dtype, final_state [B,H,K,V] float32.
     """
-    batch, _, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    if scale is None:
-        scale = key_dim**-0.5
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+    scale, initial_state = fill_defaults(q, v, scale, initial_state)
 
     compute_dtype = state_dtype(q, k, v, g, beta, initial_state)
 
