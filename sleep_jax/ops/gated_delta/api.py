@@ -105,7 +105,5 @@ def gated_delta_rule(
       NotImplementedError: impl="pallas" (kernels not written yet).
     """
     _validate(q, k, v, g, beta, initial_state, impl, chunk_size)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
     run = _IMPLEMENTATIONS[_AUTO_CHOICE if impl == "auto" else impl]
     return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
