@@ -25,7 +25,7 @@ class ModelConfig:
   mlp_dim: int = 1024
   conv_width: int = 4
   rope_base: float = 10_000.0
-  fast_weight_impl: str = "chunked"
+  fast_weight_impl: str = "auto"
   dtype: str = "float32"
 
   def __post_init__(self):

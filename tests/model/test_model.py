@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import rule110 as rule110_config
 from sleep_jax import build_model
+from sleep_jax.data import rule110
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.model.layers import CausalDepthwiseConv, RMSNorm, l2_normalize, rotary
 from sleep_jax.model.lm import zero_fast_state
-from sleep_jax.train.optim import optimizer_labels
+from sleep_jax.sleep.config import SleepConfig
+from sleep_jax.train.optim import make_optimizer, optimizer_labels
+from sleep_jax.train.step import TrainState, train_step
 
 CFG = dict(vocab_size=6, pattern="AGAG", d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
 
@@ -91,3 +95,34 @@ def test_same_seed_same_parameters():
 def test_bad_model_config_is_a_clear_error(overrides, message):
   with pytest.raises(ValueError, match=message):
     ModelConfig.from_config(CFG | overrides)
+
+
+@pytest.mark.parametrize("impl", ["chunked", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_a_few_training_steps_match_the_reference_fast_weight_impl(impl):
+  # Same seed, data and optimizer; only `model.fast_weight_impl` differs. "pallas" interprets the
+  # GPU kernel on the CPU.
+  config = rule110_config.get_config("tiny")
+  sleep_cfg = SleepConfig.from_config(config.sleep)
+  batches = [rule110.generate(np.random.default_rng(i), 8, 1) for i in range(3)]
+
+  def train(fast_weight_impl):
+    model = build_model(CFG | dict(fast_weight_impl=fast_weight_impl), seed=0)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    optimizer = make_optimizer(config.train, optimizer_labels(state))
+    step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, sleep_cfg=sleep_cfg,
+                                           optimizer=optimizer))
+    train_state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=optimizer.init(params))
+    losses = []
+    for batch in batches:
+      train_state, metrics = step(train_state, batch)
+      losses.append(float(metrics["loss"]))
+    return losses, train_state.params
+
+  losses, params = train(impl)
+  expected_losses, expected_params = train("reference")
+  np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+  assert losses[-1] != losses[0]  # the parameters did move
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), params,
+               expected_params)

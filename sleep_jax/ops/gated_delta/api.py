@@ -8,102 +8,117 @@ from __future__ import annotations
 
 import numbers
 
+import jax
+
 from sleep_jax.ops.gated_delta.chunked import gated_delta_rule_chunked
+from sleep_jax.ops.gated_delta.pallas_gpu import gated_delta_rule_pallas_gpu
+from sleep_jax.ops.gated_delta.pallas_tpu import gated_delta_rule_pallas_tpu
 from sleep_jax.ops.gated_delta.reference import gated_delta_rule_reference
 
 
 def _run_reference(q, k, v, g, beta, *, scale, initial_state, chunk_size):
-    del chunk_size  # the oracle goes token by token
-    return gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state)
+  del chunk_size  # the oracle goes token by token
+  return gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state)
 
 
 def _run_chunked(q, k, v, g, beta, *, scale, initial_state, chunk_size):
-    return gated_delta_rule_chunked(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size
-    )
+  return gated_delta_rule_chunked(
+    q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size
+  )
 
 
 def _run_pallas(q, k, v, g, beta, *, scale, initial_state, chunk_size):
-    raise NotImplementedError(
-        'gated_delta_rule(impl="pallas") is not implemented yet: the Pallas kernels come in a '
-        'later issue. Use impl="chunked" (or "auto") meanwhile.'
-    )
+  """The fused kernels of the current platform; on a CPU the GPU kernel in interpret mode."""
+  platform = jax.default_backend()
+  if platform == "tpu":
+    run, interpret = gated_delta_rule_pallas_tpu, False
+  else:  # "gpu" compiles the Triton kernels; "cpu" interprets them (slow: for tests)
+    run, interpret = gated_delta_rule_pallas_gpu, platform != "gpu"
+  return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+             interpret=interpret)
 
 
-# Name -> implementation; new backends plug in here. "auto" resolves to _AUTO_CHOICE.
+# Name -> implementation; new backends plug in here. "auto" resolves by `resolve_impl`.
 _IMPLEMENTATIONS = {
     "reference": _run_reference,
     "chunked": _run_chunked,
     "pallas": _run_pallas,
 }
-_AUTO_CHOICE = "chunked"
+
+
+def resolve_impl(impl: str) -> str:
+  """The implementation `impl` stands for on this platform: "auto" is the fused Pallas kernels
+  on GPUs and TPUs and the chunked XLA form on CPUs (where Pallas only interprets)."""
+  if impl != "auto":
+    return impl
+  return "pallas" if jax.default_backend() in ("gpu", "tpu") else "chunked"
 
 
 def _check_shape(name, actual, expected):
-    if tuple(actual) != tuple(expected):
-        raise ValueError(
-            f"gated_delta_rule: {name} has shape {tuple(actual)}, expected {tuple(expected)} "
-            "(q, k [B,T,H,K]; v [B,T,H,V]; g, beta [B,T,H]; initial_state [B,H,K,V])."
-        )
+  if tuple(actual) != tuple(expected):
+    raise ValueError(
+      f"gated_delta_rule: {name} has shape {tuple(actual)}, expected {tuple(expected)} "
+      "(q, k [B,T,H,K]; v [B,T,H,V]; g, beta [B,T,H]; initial_state [B,H,K,V])."
+    )
 
 
 def _validate(q, k, v, g, beta, initial_state, impl, chunk_size):
-    """Raises ValueError on any inconsistency, before anything is computed."""
-    if impl != "auto" and impl not in _IMPLEMENTATIONS:
-        known = ", ".join(sorted([*_IMPLEMENTATIONS, "auto"]))
-        raise ValueError(f"gated_delta_rule: unknown impl {impl!r}; expected one of {known}.")
-    is_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
-    if not is_int or chunk_size < 1:
-        raise ValueError(
-            f"gated_delta_rule: chunk_size must be a positive int, got {chunk_size!r}."
-        )
-    for name, x, ndim in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)):
-        if x.ndim != ndim:
-            raise ValueError(
-                f"gated_delta_rule: {name} must have {ndim} dims, got shape {x.shape}."
-            )
-    batch, num_tokens, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    if num_tokens == 0:
-        raise ValueError("gated_delta_rule: the sequence is empty (T == 0); need T >= 1.")
-    _check_shape("k", k.shape, q.shape)
-    _check_shape("v", v.shape, (batch, num_tokens, heads, value_dim))
-    _check_shape("g", g.shape, (batch, num_tokens, heads))
-    _check_shape("beta", beta.shape, (batch, num_tokens, heads))
-    if initial_state is not None:
-        _check_shape("initial_state", initial_state.shape, (batch, heads, key_dim, value_dim))
+  """Raises ValueError on any inconsistency, before anything is computed."""
+  if impl != "auto" and impl not in _IMPLEMENTATIONS:
+    known = ", ".join(sorted([*_IMPLEMENTATIONS, "auto"]))
+    raise ValueError(f"gated_delta_rule: unknown impl {impl!r}; expected one of {known}.")
+  is_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
+  if not is_int or chunk_size < 1:
+    raise ValueError(
+      f"gated_delta_rule: chunk_size must be a positive int, got {chunk_size!r}."
+    )
+  for name, x, ndim in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)):
+    if x.ndim != ndim:
+      raise ValueError(
+        f"gated_delta_rule: {name} must have {ndim} dims, got shape {x.shape}."
+      )
+  batch, num_tokens, heads, key_dim = q.shape
+  value_dim = v.shape[-1]
+  if num_tokens == 0:
+    raise ValueError("gated_delta_rule: the sequence is empty (T == 0); need T >= 1.")
+  _check_shape("k", k.shape, q.shape)
+  _check_shape("v", v.shape, (batch, num_tokens, heads, value_dim))
+  _check_shape("g", g.shape, (batch, num_tokens, heads))
+  _check_shape("beta", beta.shape, (batch, num_tokens, heads))
+  if initial_state is not None:
+    _check_shape("initial_state", initial_state.shape, (batch, heads, key_dim, value_dim))
 
 
 def gated_delta_rule(
-    q, k, v, g, beta, *, scale=None, initial_state=None, impl="auto", chunk_size=64
+  q, k, v, g, beta, *, scale=None, initial_state=None, impl="auto", chunk_size=64
 ):
-    """Gated delta rule over a sequence, from an optional initial fast-weight state.
+  """Gated delta rule over a sequence, from an optional initial fast-weight state.
 
-    Per head, with state S [K,V] float32 and for each token t:
-        S <- S * exp(g_t); u_t = beta_t (v_t - S^T k_t); S <- S + k_t u_t^T; o_t = S^T (scale q_t).
+  Per head, with state S [K,V] float32 and for each token t:
+      S <- S * exp(g_t); u_t = beta_t (v_t - S^T k_t); S <- S + k_t u_t^T; o_t = S^T (scale q_t).
 
-    Shape legend: B batch, T tokens (any T >= 1), H heads, K key/query width, V value width.
+  Shape legend: B batch, T tokens (any T >= 1), H heads, K key/query width, V value width.
 
-    Args:
-      q: queries [B,T,H,K]. Normalising q and k is the caller's job.
-      k: keys [B,T,H,K].
-      v: values [B,T,H,V].
-      g: log decay [B,T,H], <= 0.
-      beta: delta-rule step size [B,T,H], in (0, 1).
-      scale: multiplies q; defaults to K**-0.5.
-      initial_state: [B,H,K,V] float32, or None for zeros.
-      impl: "reference" (per-token scan), "chunked" (WY form in XLA), "pallas" (not yet
-        available), or "auto" (currently "chunked"). Static under jit.
-      chunk_size: tokens per chunk for the chunked form. Static under jit.
+  Args:
+    q: queries [B,T,H,K]. Normalising q and k is the caller's job.
+    k: keys [B,T,H,K].
+    v: values [B,T,H,V].
+    g: log decay [B,T,H], <= 0.
+    beta: delta-rule step size [B,T,H], in (0, 1).
+    scale: multiplies q; defaults to K**-0.5.
+    initial_state: [B,H,K,V] float32, or None for zeros.
+    impl: "reference" (per-token scan), "chunked" (WY form in XLA with a memory-lean
+      custom VJP), "pallas" (fused kernels: Triton on GPUs, Mosaic on TPUs, the GPU kernel
+      interpreted on CPUs), or "auto" (pallas on GPUs and TPUs, chunked on CPUs). Static.
+    chunk_size: tokens per chunk for the chunked form. Static under jit.
 
-    Returns:
-      (o, final_state): o [B,T,H,V] in v's dtype and final_state [B,H,K,V] float32.
-      Differentiable in q, k, v, g, beta and initial_state.
+  Returns:
+    (o, final_state): o [B,T,H,V] in v's dtype and final_state [B,H,K,V] float32.
+    Differentiable in q, k, v, g, beta and initial_state.
 
-    Raises:
-      ValueError: inconsistent shapes, T == 0, unknown impl or bad chunk_size.
-      NotImplementedError: impl="pallas" (kernels not written yet).
-    """
-    _validate(q, k, v, g, beta, initial_state, impl, chunk_size)
-    run = _IMPLEMENTATIONS[_AUTO_CHOICE if impl == "auto" else impl]
-    return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+  Raises:
+    ValueError: inconsistent shapes, T == 0, unknown impl or bad chunk_size.
+  """
+  _validate(q, k, v, g, beta, initial_state, impl, chunk_size)
+  run = _IMPLEMENTATIONS[resolve_impl(impl)]
+  return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
