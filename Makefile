@@ -2,7 +2,7 @@
 PYTHON ?= python
 WORKDIR ?= runs/rule110_cpu
 
-.PHONY: install run test test-all bench
+.PHONY: install run test test-all bench bench-gpu reproduce
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
@@ -19,3 +19,15 @@ test-all:
 bench:
 	$(PYTHON) bench/gated_delta.py
 	$(PYTHON) bench/train_step.py
+
+# On a GPU host: the accelerator tests and the kernel benchmark at the GPU shape (with fla).
+bench-gpu:
+	$(PYTHON) -m pytest -m gpu -q tests/ops
+	$(PYTHON) bench/gated_delta.py --shape gpu
+
+# The two CPU sweeps (about an hour each on 2 cores), then their reports under docs/results/.
+reproduce:
+	$(PYTHON) launch/sweep.py --config=configs/sweeps/rule110_cpu.py --sweep_dir=runs/sweeps/rule110_cpu
+	$(PYTHON) launch/sweep.py --config=configs/sweeps/depo_cpu.py --sweep_dir=runs/sweeps/depo_cpu
+	$(PYTHON) -m sleep_jax.eval.report runs/sweeps/rule110_cpu --out docs/results/rule110_cpu
+	$(PYTHON) -m sleep_jax.eval.report runs/sweeps/depo_cpu --out docs/results/depo_cpu

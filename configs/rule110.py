@@ -11,6 +11,12 @@ Run:
   python launch/main.py --config=configs/rule110.py:cpu --workdir=runs/rule110_cpu
   python launch/main.py --config=configs/rule110.py:cpu --workdir=runs/n2 \
       --config.sleep.passes=2 --config.task.depth=4
+
+Baselines (same data order and evaluation, as overrides):
+  attention only (hard eviction, sits at chance)  --config.model.pattern=AAAA
+  full attention, no eviction (upper reference)   --config.sleep.eviction=none
+  compute-matched N=1   --config.train.num_steps=<steps * training_flops_ratio(N, ...)>
+                        (sleep_jax/sleep/config.py: tokens through the stack relative to N=1)
 """
 
 from ml_collections import config_dict
@@ -26,6 +32,9 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   c.task = config_dict.ConfigDict()
   c.task.name = "rule110"  # the task registry key (sleep_jax.data.tasks.TASKS)
   c.task.depth = 32  # t: Rule 110 steps between the strings and their labels
+  # Also evaluate at these depths (held-out sets of their own; keys "depth{t}/exact_accuracy",
+  # "depth{t}/loss", "depth{t}/accuracy"), e.g. to see how far a model trained at t generalises.
+  c.task.eval_depths = (1, 2, 4, 8)
 
   c.model = config_dict.ConfigDict()
   c.model.vocab_size = rule110.VOCAB_SIZE  # 0/1 cells and the four query tokens
@@ -36,13 +45,15 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   c.model.mlp_dim = 1024  # SwiGLU hidden width
   c.model.conv_width = 4  # short causal conv on q, k, v of the gated-delta mixer
   c.model.rope_base = 10_000.0  # rotary wavelength base (positions restart every chunk)
-  c.model.fast_weight_impl = "chunked"  # gated_delta_rule impl: reference | chunked | ...
+  c.model.fast_weight_impl = "auto"  # pallas on GPU/TPU, chunked on CPU; or reference/chunked/pallas
   c.model.dtype = "float32"  # compute dtype of activations (params and fast state: float32)
 
   c.sleep = config_dict.ConfigDict()
   c.sleep.passes = 1  # N: passes of the stack over every evicted window (1 = plain hybrid)
   c.sleep.window = rule110.STRING_LEN  # L = 24: one string per window
-  c.sleep.eviction = "hard"  # drop the whole KV cache after every window
+  # "hard": drop the whole KV cache after every window. "none": the full-attention reference
+  # (one pass over the whole sequence, no sleep; passes must be 1).
+  c.sleep.eviction = "hard"
   c.sleep.context_len = rule110.CONTEXT_LEN  # 96 tokens slept on before the 4 queries
   c.sleep.grad_passes = config_dict.placeholder(int)  # backprop the last k passes; None = all
   c.sleep.remat = True  # jax.checkpoint per pass: faster here and far less memory
@@ -61,6 +72,7 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   c.eval.every_steps = 1_000  # evaluate on the held-out set every this many steps (and at the end)
   c.eval.num_examples = 4_096  # size of the fixed held-out set
   c.eval.batch_size = 512
+  c.eval.num_slice_examples = 1_024  # size of each per-depth held-out set (task.eval_depths)
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every_steps = 1_000  # save train state + data iterator (and at the end)
@@ -87,6 +99,7 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
     c.eval.every_steps = 100
     c.eval.num_examples = 1_024
     c.eval.batch_size = 256
+    c.eval.num_slice_examples = 256
     c.checkpoint.every_steps = 100
     c.log_every_steps = 10
   elif variant == "tiny":
@@ -98,6 +111,8 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
     c.eval.every_steps = 2
     c.eval.num_examples = 32
     c.eval.batch_size = 16
+    c.eval.num_slice_examples = 16
+    c.task.eval_depths = (1, 3)  # two small slices: the per-depth path at almost no cost
     c.checkpoint.every_steps = 2
     c.log_every_steps = 1
   else:

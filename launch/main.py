@@ -12,10 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ imports
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sleep_jax.train.loop import train_and_evaluate  # noqa: E402
+from sleep_jax.train.loop import keep_only_our_info_logs, train_and_evaluate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rule110.py:cpu.",
                                           lock_config=True)
@@ -23,16 +23,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, eve
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _ours_or_important(record) -> bool:
-  """Keeps warnings from everyone but INFO lines only from this project (orbax is chatty)."""
-  return record.levelno >= logging.WARNING or "sleep_jax" in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_ours_or_important)
+  keep_only_our_info_logs()
   results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results, indent=2))
 

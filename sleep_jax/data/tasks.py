@@ -5,20 +5,44 @@ A `Task` binds a generator to its static sequence layout. Training batches come 
 task's numpy generator (per-example Python calls cost ~0.3 s per 512-example Rule 110 batch,
 slower than a GPU step). The iterator state is just the next batch index, so it checkpoints
 and resumes exactly. The held-out set comes from an independent numpy stream.
+
+A task may also declare evaluation slices: extra held-out sets at one setting of its difficulty
+knob (Rule 110 at depth t, Depo with every query at k hops), each from its own stream keyed by
+that setting, reported under flat keys such as "depth4/exact_accuracy" or "hops8/loss".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import grain
 import numpy as np
 
-from sleep_jax.data import rule110
+from sleep_jax.data import depo, rule110
 
 Batch = dict[str, np.ndarray]
 _EVAL_STREAM = 1  # the held-out stream's key; the training stream is grain's own seeding
+_SLICE_STREAM = 2  # under _EVAL_STREAM: [seed, 1, 2, setting] seeds the slice at that setting
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSlice:
+  """A held-out set at one setting of a task's difficulty knob.
+
+  Attributes:
+    name: the key prefix of its metrics, e.g. "depth4" or "hops8".
+    setting: the knob's value (depth t, hops k); it also keys the slice's random stream, so
+      adding or removing a slice leaves the others' examples unchanged.
+    generate: (rng, num) -> dict of numpy arrays, with the same keys as the task's batches.
+    metrics: reported name -> name in `sleep_jax.eval.metrics.summarize`'s output.
+  """
+
+  name: str
+  setting: int
+  generate: Callable[[np.random.Generator, int], Batch]
+  metrics: Mapping[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +54,9 @@ class Task:
     seq_len: tokens per example.
     context_len: tokens before the prediction chunk (slept on).
     vocab_size: token ids are in [0, vocab_size).
-    generate: (rng, num) -> dict of numpy arrays [num, seq_len]: tokens, targets, loss_mask.
+    generate: (rng, num) -> dict of numpy arrays [num, seq_len]: tokens, targets, loss_mask
+      (and optionally "answer_id", grouping loss-carrying positions into answer words).
+    eval_slices: extra held-out sets evaluated beside the main one.
   """
 
   name: str
@@ -38,18 +64,43 @@ class Task:
   context_len: int
   vocab_size: int
   generate: Callable[[np.random.Generator, int], Batch]
+  eval_slices: tuple[EvalSlice, ...] = ()
 
 
 def _rule110(task_config: Mapping[str, Any]) -> Task:
   depth = task_config["depth"]
-  if depth < 0:
-    raise ValueError(f"task.depth (Rule 110 steps) must be >= 0, got {depth}")
+  eval_depths = tuple(task_config.get("eval_depths") or ())
+  for t in (depth, *eval_depths):
+    if t < 0:
+      raise ValueError(f"task.depth and task.eval_depths (Rule 110 steps) must be >= 0, got {t}")
+  metrics = {"exact_accuracy": "exact_accuracy", "loss": "loss", "accuracy": "accuracy"}
+  slices = tuple(EvalSlice(name=f"depth{t}", setting=t, metrics=metrics,
+                           generate=functools.partial(rule110.generate, depth=t))
+                 for t in dict.fromkeys(eval_depths))  # dict.fromkeys: drop repeats, keep order
   return Task(name="rule110", seq_len=rule110.SEQ_LEN, context_len=rule110.CONTEXT_LEN,
               vocab_size=rule110.VOCAB_SIZE,
-              generate=lambda rng, num: rule110.generate(rng, num, depth))
+              generate=lambda rng, num: rule110.generate(rng, num, depth), eval_slices=slices)
 
 
-TASKS: dict[str, Callable[[Mapping[str, Any]], Task]] = {"rule110": _rule110}
+def _depo(task_config: Mapping[str, Any]) -> Task:
+  hops = task_config.get("hops")
+  nodes = {"min_nodes": task_config.get("min_nodes", depo.MIN_NODES),
+           "max_nodes": task_config.get("max_nodes", depo.MAX_NODES)}
+  eval_hops = task_config.get("eval_hops", depo.EVAL_HOPS)
+  eval_hops = tuple(depo.EVAL_HOPS if eval_hops is None else eval_hops)
+  for k in (hops, *eval_hops):
+    depo.check_args(k, **nodes)
+  # Per k: answer-token loss and exact answer-word accuracy (every symbol of the word right).
+  metrics = {"loss": "loss", "accuracy": "answer_accuracy"}
+  slices = tuple(EvalSlice(name=f"hops{k}", setting=k, metrics=metrics,
+                           generate=functools.partial(depo.generate, hops=k, **nodes))
+                 for k in dict.fromkeys(eval_hops))
+  return Task(name="depo", seq_len=depo.SEQ_LEN, context_len=depo.CONTEXT_LEN,
+              vocab_size=depo.VOCAB_SIZE,
+              generate=functools.partial(depo.generate, hops=hops, **nodes), eval_slices=slices)
+
+
+TASKS: dict[str, Callable[[Mapping[str, Any]], Task]] = {"rule110": _rule110, "depo": _depo}
 
 
 def get_task(task_config: Mapping[str, Any]) -> Task:
@@ -69,6 +120,12 @@ def train_dataset(task: Task, *, seed: int, batch_size: int) -> grain.MapDataset
 def heldout_set(task: Task, *, seed: int, num: int) -> Batch:
   """The fixed evaluation set: `num` examples from a stream independent of training."""
   return task.generate(np.random.default_rng([seed, _EVAL_STREAM]), num)
+
+
+def heldout_slices(task: Task, *, seed: int, num: int) -> dict[str, Batch]:
+  """The fixed evaluation set of every slice of `task` (by slice name), `num` examples each."""
+  return {s.name: s.generate(np.random.default_rng([seed, _EVAL_STREAM, _SLICE_STREAM, s.setting]), num)
+          for s in task.eval_slices}
 
 
 def iterate_batches(examples: Batch, batch_size: int):

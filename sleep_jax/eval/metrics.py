@@ -5,7 +5,12 @@ exact: summarise the element-wise total with `summarize`.
   loss           mean cross-entropy over loss-carrying tokens
   accuracy       fraction of loss-carrying tokens predicted right (argmax)
   exact_accuracy fraction of examples with every loss-carrying token right (Rule 110: all 4 labels)
-  label_accuracy/i  accuracy at the i-th position of the prediction chunk (Rule 110: label i)
+  label_accuracy/i  accuracy at the i-th position of the prediction chunk (Rule 110: label i);
+                 with answer ids, the fraction of i-th answers right as whole words (Depo: query i)
+  answer_accuracy  (with answer ids) fraction of answer words with every symbol right
+
+Answer ids group loss-carrying positions into answer words with a static layout: an int array
+like the mask holding the answer's index (0 <= id < P) at its positions and -1 elsewhere.
 """
 
 from __future__ import annotations
@@ -16,24 +21,28 @@ import numpy as np
 import optax
 
 
-def prediction_sums(logits_bpv: jax.Array, targets_bp: jax.Array, mask_bp: jax.Array) -> dict:
+def prediction_sums(logits_bpv: jax.Array, targets_bp: jax.Array, mask_bp: jax.Array,
+                    answer_ids_bp: jax.Array | None = None) -> dict:
   """Additive sums of the masked loss and correctness over a batch.
 
   Args:
     logits_bpv: float32 logits of the prediction chunk [B, P, vocab].
     targets_bp: int targets at the same positions [B, P].
     mask_bp: loss mask [B, P] (1 where a token carries loss).
+    answer_ids_bp: optional int [B, P]: which answer word each loss-carrying position belongs
+      to (0 <= id < P), -1 elsewhere.
 
   Returns:
     dict of float32 sums: loss, tokens, correct, exact, examples, and per-position
-    position_correct [P] and position_tokens [P].
+    position_correct [P] and position_tokens [P]; with answer ids also answers, answers_right
+    and per answer index answer_slot_right [P] and answer_slot_count [P].
   """
   mask = mask_bp.astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_bpv, targets_bp)
   right = (jnp.argmax(logits_bpv, axis=-1) == targets_bp).astype(jnp.float32) * mask
   has_loss = jnp.sum(mask, axis=1) > 0
   all_right = jnp.all((right > 0) | (mask == 0), axis=1) & has_loss
-  return {
+  sums = {
       "loss": jnp.sum(ce * mask),
       "tokens": jnp.sum(mask),
       "correct": jnp.sum(right),
@@ -42,6 +51,18 @@ def prediction_sums(logits_bpv: jax.Array, targets_bp: jax.Array, mask_bp: jax.A
       "position_correct": jnp.sum(right, axis=0),
       "position_tokens": jnp.sum(mask, axis=0),
   }
+  if answer_ids_bp is not None:
+    # [B, P, A] membership with A = P answer slots (ids of -1 one-hot to zeros); an answer is
+    # right when none of its loss-carrying positions is wrong.
+    member = jax.nn.one_hot(answer_ids_bp, answer_ids_bp.shape[1]) * mask[..., None]
+    answer_tokens = jnp.sum(member, axis=1)
+    answer_wrong = jnp.einsum("bpa,bp->ba", member, mask - right)
+    present = (answer_tokens > 0).astype(jnp.float32)
+    answer_right = present * (answer_wrong == 0)
+    sums.update(answers=jnp.sum(present), answers_right=jnp.sum(answer_right),
+                answer_slot_right=jnp.sum(answer_right, axis=0),
+                answer_slot_count=jnp.sum(present, axis=0))
+  return sums
 
 
 def mean_loss(sums: dict) -> jax.Array:
@@ -56,7 +77,11 @@ def summarize(sums: dict) -> dict[str, float]:
       "accuracy": float(sums["correct"] / max(sums["tokens"], 1.0)),
       "exact_accuracy": float(sums["exact"] / max(sums["examples"], 1.0)),
   }
-  for i, (right, count) in enumerate(zip(sums["position_correct"], sums["position_tokens"])):
+  per_label = ("position_correct", "position_tokens")
+  if "answers" in sums:
+    out["answer_accuracy"] = float(sums["answers_right"] / max(sums["answers"], 1.0))
+    per_label = ("answer_slot_right", "answer_slot_count")
+  for i, (right, count) in enumerate(zip(*(sums[k] for k in per_label))):
     if count > 0:
       out[f"label_accuracy/{i}"] = float(right / count)
   return out

@@ -10,6 +10,9 @@
 Attention inside each pass sees only the current chunk (causally, positions from 0), and its
 KV is rebuilt every pass from that pass's features, so evicted tokens can reach a prediction
 only through the fast-weight state S.
+
+eviction="none" is the full-attention reference: no sleep chunks, one pass over the whole
+sequence (attention sees every token), logits reported for the prediction positions only.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def sleep_forward(graphdef: nnx.GraphDef, params: Params, tokens_bt: jax.Array, 
     graphdef: the model's structure (`nnx.split(model)[0]`), static.
     params: the model's parameters as a nested dict of arrays.
     tokens_bt: int tokens [B, T]; the first `cfg.context_len` are slept on, the rest predicted.
-    cfg: the sleep configuration (passes N, window L, grad_passes, remat).
+    cfg: the sleep configuration (passes N, window L, eviction, grad_passes, remat).
     fast_state: incoming fast weights (default zeros: a fresh sequence).
 
   Returns:
@@ -80,8 +83,9 @@ def sleep_forward(graphdef: nnx.GraphDef, params: Params, tokens_bt: jax.Array, 
     context = tokens_bt[:, :cfg.context_len].reshape(batch, cfg.num_sleep_chunks, cfg.window)
     fast_state, _ = jax.lax.scan(sleep_on_chunk, fast_state, jnp.swapaxes(context, 0, 1))
 
-  h, fast_state = model.stack_pass(model.embed(tokens_bt[:, cfg.context_len:]), fast_state)
-  return model.logits(h), fast_state
+  first = cfg.context_len if cfg.evicts else 0  # "none": one chunk over the whole sequence
+  h, fast_state = model.stack_pass(model.embed(tokens_bt[:, first:]), fast_state)
+  return model.logits(h[:, cfg.context_len - first:]), fast_state
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))

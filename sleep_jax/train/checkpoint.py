@@ -7,6 +7,7 @@ train state into the abstract, sharded target and the data iterator to its saved
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any
@@ -21,6 +22,8 @@ CONFIG_FILE = "config.json"
 # (Loop settings such as num_steps, eval cadence or remat may change between runs.)
 _MUST_MATCH = ("seed", "task", "model", "train.batch_size", "sleep.passes", "sleep.window",
                "sleep.eviction", "sleep.context_len", "sleep.grad_passes")
+# Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
+_MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
 
 
 def _lookup(tree: dict, dotted: str) -> Any:
@@ -29,13 +32,25 @@ def _lookup(tree: dict, dotted: str) -> Any:
   return tree
 
 
+def _without_eval_fields(config_dict: dict) -> dict:
+  """A copy of `config_dict` without the `_MAY_DIFFER` fields."""
+  config_dict = copy.deepcopy(config_dict)
+  for dotted in _MAY_DIFFER:
+    *parents, field = dotted.split(".")
+    section = _lookup(config_dict, ".".join(parents))
+    if isinstance(section, dict):
+      section.pop(field, None)
+  return config_dict
+
+
 def check_compatible_config(workdir: str, config_dict: dict) -> None:
   """Raises ValueError if `workdir` holds a run of an incompatible config (nothing is touched)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = json.load(f)
+    saved = _without_eval_fields(json.load(f))
+  config_dict = _without_eval_fields(config_dict)
   differing = [key for key in _MUST_MATCH if _lookup(saved, key) != _lookup(config_dict, key)]
   if differing:
     details = "; ".join(f"{k}: saved {_lookup(saved, k)!r} vs new {_lookup(config_dict, k)!r}"

@@ -31,10 +31,18 @@ from sleep_jax.train.step import TrainState, make_eval_step, make_train_step
 
 RESULTS_FILE = "results.json"
 TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON line of train metrics per logged step
+EVAL_LOG_FILE = "eval_log.jsonl"  # one JSON line of eval metrics per evaluation (learning curves)
 
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when a training step produced a NaN or infinite loss or gradient norm."""
+
+
+def keep_only_our_info_logs() -> None:
+  """INFO logging for this project, WARNING and above for everyone (orbax's INFO is chatty)."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging.WARNING or "sleep_jax" in record.pathname)
 
 
 def validate(config) -> tuple[tasks.Task, ModelConfig, SleepConfig, int]:
@@ -53,12 +61,20 @@ def validate(config) -> tuple[tasks.Task, ModelConfig, SleepConfig, int]:
     size = config[name.split(".")[0]]["batch_size"]
     if size < 1 or size % dp:
       raise ValueError(f"{name}={size} is not divisible by the data-parallel size {dp}")
-  if config.eval.num_examples % config.eval.batch_size:
-    raise ValueError(f"eval.num_examples={config.eval.num_examples} is not a multiple of "
-                     f"eval.batch_size={config.eval.batch_size}")
+  # Whole batches only: a smaller last batch would compile the eval step a second time.
+  for name, num in (("num_examples", config.eval.num_examples),
+                    ("num_slice_examples", _num_slice_examples(config))):
+    if num < 1 or num % config.eval.batch_size:
+      raise ValueError(f"eval.{name}={num} is not a positive multiple of "
+                       f"eval.batch_size={config.eval.batch_size}")
   if config.train.num_steps < 1:
     raise ValueError(f"train.num_steps must be >= 1, got {config.train.num_steps}")
   return task, model_cfg, sleep_cfg, dp
+
+
+def _num_slice_examples(config) -> int:
+  """Examples per evaluation slice (configs without the field use the main set's size)."""
+  return config.eval.get("num_slice_examples", config.eval.num_examples)
 
 
 def _init_params(model_cfg: ModelConfig, seed: int):
@@ -127,14 +143,25 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
   eval_step = make_eval_step(graphdef=graphdef, sleep_cfg=sleep_cfg, param_shardings=param_shardings,
                              batch_sharding=batch_sharding, replicated=replicated)
   heldout = tasks.heldout_set(task, seed=config.seed, num=config.eval.num_examples)
+  # Per-depth / per-hop sets (config.task.eval_depths / eval_hops), fixed like `heldout`.
+  slice_sets = tasks.heldout_slices(task, seed=config.seed, num=_num_slice_examples(config))
   lr_schedules = {f"lr/{g}": learning_rate_schedule(config.train, config.train[f"{g}_lr"])
                   for g in ("muon", "adamw")}
 
-  def evaluate(params) -> dict[str, float]:
+  def evaluate_set(params, examples) -> dict[str, float]:
     sums = None
-    for batch in tasks.iterate_batches(heldout, config.eval.batch_size):
+    for batch in tasks.iterate_batches(examples, config.eval.batch_size):
       sums = add_sums(sums, eval_step(params, batch))
     return summarize(jax.device_get(sums))
+
+  def evaluate(params) -> dict[str, float]:
+    """The main held-out metrics, then flat "<slice>/<metric>" keys per evaluation slice."""
+    metrics = evaluate_set(params, heldout)
+    for eval_slice in task.eval_slices:
+      summary = evaluate_set(params, slice_sets[eval_slice.name])
+      metrics.update({f"{eval_slice.name}/{reported}": summary[source]
+                      for reported, source in eval_slice.metrics.items()})
+    return metrics
 
   # --- Loop. ------------------------------------------------------------------------------------
   writer = SummaryWriter(workdir)
@@ -148,6 +175,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
   num_steps = config.train.num_steps
   results = {"task": task.name, "passes": sleep_cfg.passes, "window": sleep_cfg.window,
              "step": step, "tokens_seen": step * tokens_per_step, "wall_s": prior_wall_s, "eval": {}}
+  results.update(eviction=sleep_cfg.eviction, pattern=model_cfg.pattern)  # baselines differ here
   if task.name == "rule110":
     results["depth"] = config.task.depth
   start_time = last_log_time = time.time()
@@ -186,6 +214,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                  " | ".join(f"{k} {v:.4f}" for k, v in results["eval"].items()))
     results.update(step=at_step, tokens_seen=at_step * tokens_per_step,
                    wall_s=prior_wall_s + time.time() - start_time)
+    with open(os.path.join(workdir, EVAL_LOG_FILE), "a") as f:
+      f.write(json.dumps({"step": at_step, **results["eval"]}) + "\n")
     with open(results_path, "w") as f:
       json.dump(results, f, indent=2)
 

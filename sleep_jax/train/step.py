@@ -34,7 +34,9 @@ def prediction_chunk_sums(graphdef: nnx.GraphDef, params, batch: dict, sleep_cfg
   """Runs the sleep schedule on a batch and returns the masked prediction sums."""
   logits, _ = sleep_forward(graphdef, params, batch["tokens"], sleep_cfg)
   start = sleep_cfg.context_len
-  return prediction_sums(logits, batch["targets"][:, start:], batch["loss_mask"][:, start:])
+  answer_ids = batch["answer_id"][:, start:] if "answer_id" in batch else None
+  return prediction_sums(logits, batch["targets"][:, start:], batch["loss_mask"][:, start:],
+                         answer_ids)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, sleep_cfg: SleepConfig,

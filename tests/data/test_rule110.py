@@ -91,3 +91,17 @@ def test_heldout_set_is_fixed_and_independent_of_the_training_stream():
   assert not train_rows & {row.tobytes() for row in heldout["tokens"]}
   batches = list(tasks.iterate_batches(heldout, 10))
   assert [len(b["tokens"]) for b in batches] == [10, 10, 10, 2]
+
+
+def test_eval_depths_become_fixed_slices_at_those_depths():
+  task = tasks.get_task({"name": "rule110", "depth": 3, "eval_depths": (1, 8, 1)})
+  assert [(s.name, s.setting) for s in task.eval_slices] == [("depth1", 1), ("depth8", 8)]
+  slices = tasks.heldout_slices(task, seed=0, num=16)
+  ex = slices["depth8"]
+  strings = ex["tokens"][:, :96].reshape(16, 4, 24)
+  np.testing.assert_array_equal(ex["targets"][:, 96:], rule110.rollout(strings, 8)[..., 0])
+  again = tasks.heldout_slices(task, seed=0, num=16)["depth8"]
+  np.testing.assert_array_equal(ex["tokens"], again["tokens"])
+  assert tasks.get_task({"name": "rule110", "depth": 3}).eval_slices == ()
+  with pytest.raises(ValueError, match="eval_depths"):
+    tasks.get_task({"name": "rule110", "depth": 3, "eval_depths": (2, -1)})

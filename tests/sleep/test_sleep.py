@@ -11,7 +11,7 @@ from flax import nnx
 
 import sleep_jax
 from sleep_jax.model.lm import zero_fast_state
-from sleep_jax.sleep.config import SleepConfig
+from sleep_jax.sleep.config import SleepConfig, training_flops_ratio
 from sleep_jax.sleep.consolidate import sleep_forward
 
 WINDOW, CHUNKS, PREDICT, VOCAB = 4, 3, 3, 7
@@ -163,3 +163,55 @@ def test_a_prediction_chunk_longer_than_the_window_is_an_error(hybrid):
   tokens = np.zeros((1, CONTEXT + WINDOW + 1), np.int32)
   with pytest.raises(ValueError, match="prediction chunk"):
     sleep_jax.apply(hybrid, tokens, sleep_config=sleep_config())
+
+
+def test_no_eviction_is_one_plain_pass_over_the_whole_sequence(hybrid):
+  tokens = random_tokens(8)
+  # The same as hard eviction with no context and one window spanning the sequence.
+  expected = np.asarray(sleep_jax.apply(hybrid, tokens, sleep_config=sleep_config(
+      context_len=0, window=CONTEXT + PREDICT)))[:, CONTEXT:]
+  np.testing.assert_allclose(prediction_logits(hybrid, tokens, eviction="none"), expected,
+                             rtol=1e-5, atol=1e-5)
+  # The whole sequence is one chunk, so a prediction span longer than the window is fine.
+  cfg = SleepConfig.from_config(sleep_config(eviction="none"))
+  cfg.check_sequence(CONTEXT + WINDOW + 1)
+  assert cfg.num_sleep_chunks == 0
+
+
+@pytest.mark.parametrize("eviction, sees_context", [("hard", False), ("none", True)])
+def test_attention_only_sees_the_context_only_without_eviction(attention_only, eviction,
+                                                               sees_context):
+  # Context tokens 0..3, prediction tokens 4..6: the gradient of the prediction logits
+  # w.r.t. the embedding rows 0..3 measures what reaches the predictions from the context.
+  rng = np.random.default_rng(9)
+  tokens = np.concatenate([rng.integers(0, 4, (2, CONTEXT)), rng.integers(4, VOCAB, (2, PREDICT))],
+                          1).astype(np.int32)
+  graphdef, state = nnx.split(attention_only)
+  cfg = SleepConfig.from_config(sleep_config(eviction=eviction))
+  assert attention_only.cfg.num_fast_weight_layers == 0
+  assert zero_fast_state(attention_only.cfg, 2) == ()
+
+  def prediction_total(params):
+    logits, fast_state = sleep_forward(graphdef, params, tokens, cfg)
+    assert fast_state == ()
+    return jnp.sum(logits * jnp.arange(VOCAB))
+
+  grads = jax.jit(jax.grad(prediction_total))(nnx.to_pure_dict(state))
+  context_grad = float(jnp.abs(grads["embedding"][:4]).max())
+  assert (context_grad > 0) == sees_context, context_grad
+  assert float(jnp.abs(grads["embedding"][4:]).max()) > 0
+
+
+def test_no_eviction_needs_exactly_one_pass(hybrid):
+  with pytest.raises(ValueError, match="passes must be 1"):
+    sleep_jax.apply(hybrid, random_tokens(0), sleep_config=sleep_config(passes=2, eviction="none"))
+
+
+def test_training_flops_ratio_counts_tokens_through_the_stack():
+  assert training_flops_ratio(1, 96, 24, 100) == 1.0
+  assert training_flops_ratio(3, 96, 24, 100) == pytest.approx((3 * 96 + 4) / 100)
+  assert training_flops_ratio(4, 300, 75, 360) == pytest.approx(3.5)
+  with pytest.raises(ValueError, match="does not tile"):
+    training_flops_ratio(2, 96, 25, 100)
+  with pytest.raises(ValueError, match="prediction chunk"):
+    training_flops_ratio(2, 96, 24, 200)

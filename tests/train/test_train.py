@@ -10,14 +10,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import depo as depo_configs
 from configs import rule110 as rule110_configs
+from sleep_jax.train import checkpoint as ckpt
 from sleep_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def tiny_config(**overrides):
-  config = rule110_configs.get_config("tiny")
+def tiny_config(configs=rule110_configs, **overrides):
+  config = configs.get_config("tiny")
   for dotted, value in overrides.items():
     section, field = dotted.split("__")
     config[section][field] = value
@@ -76,6 +78,15 @@ def test_main_pulse_writes_checkpoints_events_and_results(tmp_path):
   assert results["task"] == "rule110" and results["passes"] == 2 and results["window"] == 24
   assert results["step"] == 4 and results["tokens_seen"] == 4 * 16 * 100 and results["wall_s"] > 0
   assert {"loss", "accuracy", "exact_accuracy", "label_accuracy/0", "label_accuracy/3"} <= set(results["eval"])
+  # Per-depth slices (task.eval_depths = (1, 3) in the tiny config), flat float keys.
+  depth_keys = {f"depth{t}/{m}" for t in (1, 3) for m in ("exact_accuracy", "loss", "accuracy")}
+  assert depth_keys <= set(results["eval"])
+  assert all(isinstance(results["eval"][k], float) for k in depth_keys)
+  assert results["eviction"] == "hard" and results["pattern"] == "AGAG"
+  # One eval line per evaluation (every 2 steps), the last equal to results.json's.
+  eval_lines = [json.loads(line) for line in (workdir / loop.EVAL_LOG_FILE).read_text().splitlines()]
+  assert [line["step"] for line in eval_lines] == [2, 4]
+  assert eval_lines[-1] == {"step": 4, **results["eval"]}
   assert "step 4/4" in out.stderr and "tok/s" in out.stderr and "ETA" in out.stderr
 
 
@@ -88,6 +99,9 @@ def test_main_pulse_writes_checkpoints_events_and_results(tmp_path):
     (dict(train__batch_size=12), ValueError, "not divisible by the data-parallel size 8"),
     (dict(sleep__eviction="sliding"), ValueError, "not implemented yet"),
     (dict(sleep__context_len=72), ValueError, "context_len"),
+    (dict(sleep__eviction="none", sleep__passes=2), ValueError, "passes must be 1"),
+    (dict(task__eval_depths=(2, -1)), ValueError, "eval_depths"),
+    (dict(eval__num_slice_examples=24), ValueError, "num_slice_examples"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message):
@@ -122,3 +136,44 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
 def test_nan_stops_training_with_a_clear_error(tmp_path):
   with pytest.raises(loop.NonFiniteLossError, match="non-finite"):
     loop.train_and_evaluate(tiny_config(train__muon_lr=float("nan")), str(tmp_path / "run"))
+
+
+def test_depo_run_reports_per_hop_metrics(tmp_path):
+  workdir = tmp_path / "depo"
+  # The reference scan compiles in about half the time of "auto" (chunked) at these sizes.
+  config = tiny_config(depo_configs, model__fast_weight_impl="reference")
+  results = loop.train_and_evaluate(config, str(workdir))
+  assert results["task"] == "depo" and results["window"] == 75 and results["step"] == 2
+  assert results["tokens_seen"] == 2 * 16 * 360
+  hop_keys = {f"hops{k}/{m}" for k in (1, 16) for m in ("loss", "accuracy")}
+  assert hop_keys | {"loss", "accuracy", "exact_accuracy", "answer_accuracy"} <= set(results["eval"])
+  assert all(isinstance(v, float) and np.isfinite(v) for v in results["eval"].values())
+  assert json.loads((workdir / "results.json").read_text())["eval"] == results["eval"]
+  assert [f"label_accuracy/{i}" for i in range(10)] == sorted(
+      k for k in results["eval"] if k.startswith("label_accuracy/"))
+
+
+def test_attention_only_without_eviction_trains(tmp_path):
+  # The two baselines' code paths: no fast-weight blocks (empty fast state) and no eviction.
+  results = loop.train_and_evaluate(tiny_config(model__pattern="AAAA", sleep__eviction="none"),
+                                    str(tmp_path / "run"))
+  assert results["pattern"] == "AAAA" and results["eviction"] == "none" and results["step"] == 4
+  assert all(np.isfinite(line["loss"]) for line in train_log(tmp_path / "run").values())
+  assert "depth3/exact_accuracy" in results["eval"]
+
+
+def test_baseline_overrides_validate_on_depo():
+  for overrides in (dict(sleep__eviction="none"), dict(model__pattern="AAAA")):
+    task, model_cfg, sleep_cfg, _ = loop.validate(tiny_config(depo_configs, **overrides))
+    assert task.context_len == sleep_cfg.context_len == 300
+  _, _, sleep_cfg, _ = loop.validate(tiny_config(depo_configs, sleep__eviction="none"))
+  assert sleep_cfg.num_sleep_chunks == 0
+
+
+def test_changing_only_evaluation_slices_keeps_a_workdir_compatible(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+  ckpt.check_compatible_config(str(workdir), tiny_config(task__eval_depths=(2, 4, 8)).to_dict())
+  with pytest.raises(ValueError, match="incompatible config.*task"):
+    ckpt.check_compatible_config(str(workdir), tiny_config(task__depth=2).to_dict())

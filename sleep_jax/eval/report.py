@@ -1,0 +1,323 @@
+"""Sweep reports: a sweep directory -> report.md, PNG figures and TensorBoard summaries.
+
+  python -m sleep_jax.eval.report runs/sweeps/rule110_cpu [--out docs/results/rule110_cpu]
+
+Reads every run workdir below the sweep dir (see `load_runs`). Rule 110: exact accuracy by arm
+and depth, accuracy vs N, learning curves, per-depth evaluations. Depo: loss and accuracy by arm
+and hop count k. The paper's published numbers (PAPER.md section 4) sit beside ours, marked
+"not comparable" where the depth or scale differs. Partial sweeps work: a cell averages the
+finished runs only and says how many of the expected runs that is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sleep_jax.eval import report_figures as figures  # noqa: E402
+
+SWEEP_FILE, SWEEP_RUN_FILE = "sweep.json", "sweep_run.json"  # written by sleep_jax.sweeps
+EVAL_LOG_FILE = "eval_log.jsonl"  # one {"step": s, **eval_metrics} per evaluation (optional)
+DEPO_HOPS = (1, 2, 4, 8, 16)
+# Fig. 2 at t=32, read off the plot (PAPER.md section 4); N -> exact accuracy.
+PAPER_RULE110_T32 = {1: "~10%", 2: "~20%", 3: ">30%", 4: ">30%"}
+PAPER_RULE110_SCALE = "d_model 256, AGAG, batch 512, ~5B tokens"
+PAPER_DEPO = ("Paper (Fig. 3, test loss only, 100k steps, qualitative): all N learn k = 1, 2; "
+              "N=1 barely moves for k >= 4; N=2 stalls at k >= 8; only N=4 starts to improve at "
+              "k = 16.")
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """What one run workdir holds. `results` is None until its first evaluation."""
+
+  workdir: str
+  arm: str
+  seed: int
+  depth: int | None
+  task: str
+  passes: int
+  num_steps: int | None
+  config: dict
+  results: dict | None
+  train_log: list[dict]
+  eval_log: list[dict]
+
+  @property
+  def finished(self) -> bool:
+    return self.results is not None and self.results.get("step") == self.num_steps
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  """Lines by step; a resumed run re-logs the steps it redid, so the last line of a step wins."""
+  by_step = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          entry = json.loads(line)
+          by_step[entry["step"]] = entry
+  except OSError:
+    return []
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def load_runs(sweep_dir: str) -> list[RunRecord]:
+  """Every run below `sweep_dir`: a directory with sweep_run.json, config.json or results.json.
+
+  Args:
+    sweep_dir: the sweep directory (launch/sweep.py's --sweep_dir).
+
+  Returns:
+    One record per run; without sweep_run.json the arm is named "n<passes>".
+  """
+  records = []
+  for root, dirs, files in os.walk(sweep_dir):
+    dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "report_tb"))
+    if not {SWEEP_RUN_FILE, "config.json", "results.json"} & set(files):
+      continue
+    coords = _read_json(os.path.join(root, SWEEP_RUN_FILE)) or {}
+    config = _read_json(os.path.join(root, "config.json")) or {}
+    results = _read_json(os.path.join(root, "results.json"))
+    overrides = coords.get("overrides", {})
+    task = config.get("task", {}).get("name") or (results or {}).get("task") or "rule110"
+    passes = int(config.get("sleep", {}).get("passes") or overrides.get("sleep.passes") or
+                 (results or {}).get("passes") or 1)
+    depth = coords.get("depth", config.get("task", {}).get("depth") if task == "rule110" else None)
+    records.append(RunRecord(
+        workdir=root, arm=coords.get("arm", f"n{passes}"),
+        seed=int(coords.get("seed", config.get("seed", 0))), depth=depth, task=task, passes=passes,
+        num_steps=config.get("train", {}).get("num_steps", overrides.get("train.num_steps")),
+        config=config, results=results, train_log=_read_jsonl(os.path.join(root, "train_log.jsonl")),
+        eval_log=_read_jsonl(os.path.join(root, EVAL_LOG_FILE))))
+  return records
+
+
+def _arm_order(grid: dict | None, runs: list[RunRecord]) -> list[str]:
+  """The sweep config's arm order, else n1, n2, ... then the rest alphabetically."""
+  if grid:
+    return list(grid["arms"])
+  def key(arm):
+    match = re.fullmatch(r"n(\d+)", arm)
+    return (0, int(match.group(1)), "") if match else (1, 0, arm)
+  return sorted({r.arm for r in runs}, key=key)
+
+
+def _expected(grid: dict | None, runs: list[RunRecord], arm: str, depth: int | None) -> int:
+  if grid:
+    return sum(1 for r in grid["runs"] if r["arm"] == arm and r.get("depth") == depth)
+  return sum(1 for r in runs if r.arm == arm and r.depth == depth)
+
+
+def summarize(values: list[float]) -> tuple[float, float, int]:
+  """(mean, sample std (0 for one value), n) of the finished runs' values."""
+  arr = np.asarray(values, dtype=np.float64)
+  std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+  return (float(arr.mean()) if arr.size else float("nan")), std, int(arr.size)
+
+
+def _cell(values: list[float], expected: int, percent: bool) -> str:
+  if not values:
+    return f"- (0/{expected})"
+  mean, std, n = summarize(values)
+  scale, digits = (100.0, 1) if percent else (1.0, 3)
+  text = f"{mean * scale:.{digits}f}"
+  if n > 1:
+    text += f" ± {std * scale:.{digits}f}"
+  return f"{text} ({n}/{expected})"
+
+
+def _values(runs: list[RunRecord], key: str, **where) -> list[float]:
+  return [r.results["eval"][key] for r in runs
+          if r.finished and key in r.results.get("eval", {})
+          and all(getattr(r, k) == v for k, v in where.items())]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def _paper_scale_gaps(config: dict, depth: int | None) -> list[str]:
+  """Why a Rule 110 run is not comparable with the paper's Fig. 2 (empty: comparable)."""
+  gaps = [] if depth == 32 else [f"depth {depth} (paper: 32)"]
+  model, train = config.get("model", {}), config.get("train", {})
+  tokens = train.get("num_steps", 0) * train.get("batch_size", 0) * 100
+  if model.get("d_model") != 256 or model.get("pattern") != "AGAG" or train.get("batch_size") != 512:
+    gaps.append(f"model/batch (d_model {model.get('d_model')}, {model.get('pattern')}, batch "
+                f"{train.get('batch_size')})")
+  if tokens < 4e9:
+    gaps.append(f"{tokens:.2g} training tokens (paper: ~5B)")
+  return gaps
+
+
+def _rule110_sections(runs, grid, arms, figs) -> list[str]:
+  depths = sorted({r.depth for r in runs if r.depth is not None} | set((grid or {}).get("depths", ())))
+  depths = depths or [None]
+  lines = ["## Exact accuracy (%), mean ± std over seeds (finished/expected runs)", ""]
+  header = ["arm", *(f"t={d}" for d in depths), "paper, t=32 (Fig. 2)"]
+  rows = []
+  for arm in arms:
+    match = re.fullmatch(r"n(\d+)", arm)  # the plain N-pass arms; baselines have no paper number
+    paper = PAPER_RULE110_T32.get(int(match.group(1)), "-") if match else "-"
+    rows.append([arm, *(_cell(_values(runs, "exact_accuracy", arm=arm, depth=d),
+                              _expected(grid, runs, arm, d), True) for d in depths), paper])
+  lines += _table(header, rows)
+  lines += ["## Eval loss, mean ± std over seeds", ""]
+  lines += _table(["arm", *(f"t={d}" for d in depths)],
+                  [[arm, *(_cell(_values(runs, "loss", arm=arm, depth=d),
+                                 _expected(grid, runs, arm, d), False) for d in depths)]
+                   for arm in arms])
+  lines += ["## Against the paper", "",
+            f"Paper, Fig. 2 ({PAPER_RULE110_SCALE}, one seed): at t=32 N=1 is about 10% exact "
+            "accuracy (chance 6.25%), N=2 about 20%, N=3 and N=4 above 30%.", ""]
+  for d in depths:
+    configs = [r.config for r in runs if r.depth == d and r.config]
+    gaps = _paper_scale_gaps(configs[0], d) if configs else ["no config.json"]
+    verdict = "comparable" if not gaps else "not comparable: " + "; ".join(gaps)
+    lines.append(f"- t={d}: {verdict}.")
+  lines.append("")
+
+  lines += ["## Figures", ""]
+  figs["accuracy_vs_passes"] = figures.accuracy_vs_passes(runs, arms, depths, _values)
+  for d in depths:
+    suffix = "" if d is None else f"_depth{d}"
+    group = [r for r in runs if r.depth == d]
+    figs[f"train_loss{suffix}"] = figures.train_curves(group, arms, "loss", f"train loss, t={d}")
+    if any(len(r.eval_log) > 1 for r in group):
+      figs[f"eval_exact_accuracy{suffix}"] = figures.eval_curves(
+          group, arms, "exact_accuracy", f"eval exact accuracy, t={d}")
+    if any(k.startswith("depth") for r in group if r.results for k in r.results.get("eval", {})):
+      figs[f"per_depth_eval{suffix}"] = figures.per_depth_eval(group, arms, f"trained at t={d}")
+  return lines
+
+
+def _depo_sections(runs, grid, arms, figs) -> list[str]:
+  lines = []
+  for metric, percent in (("loss", False), ("accuracy", True)):
+    unit = " (%)" if percent else ""
+    lines += [f"## Eval {metric}{unit} per hop count k, mean ± std over seeds", ""]
+    lines += _table(["arm", *(f"k={k}" for k in DEPO_HOPS), "all k"],
+                    [[arm, *(_cell(_values(runs, f"hops{k}/{metric}", arm=arm),
+                                   _expected(grid, runs, arm, None), percent) for k in DEPO_HOPS),
+                      _cell(_values(runs, metric, arm=arm), _expected(grid, runs, arm, None), percent)]
+                     for arm in arms])
+  caveat = (" Our numbers are comparable only in shape (which k each N learns), and only for a run "
+            "at the paper's scale; not comparable otherwise.")
+  lines += ["## Against the paper", "", PAPER_DEPO + caveat, "", "## Figures", ""]
+  for metric in ("loss", "accuracy"):
+    figs[f"{metric}_vs_hops"] = figures.metric_vs_hops(runs, arms, metric, DEPO_HOPS, _values)
+  figs["train_loss"] = figures.train_curves(runs, arms, "loss", "train loss")
+  if any(len(r.eval_log) > 1 for r in runs):
+    figs["eval_loss"] = figures.eval_curves(runs, arms, "loss", "eval loss")
+  return lines
+
+
+def _runs_table(runs: list[RunRecord], sweep_dir: str, metric: str) -> list[str]:
+  rows = []
+  for r in sorted(runs, key=lambda r: (r.arm, r.depth or 0, r.seed)):
+    res = r.results or {}
+    value = res.get("eval", {}).get(metric)
+    rows.append([os.path.relpath(r.workdir, sweep_dir), r.arm, str(r.seed), str(r.depth),
+                 f"{res.get('step', 0)}/{r.num_steps}", "-" if value is None else f"{value:.4f}",
+                 f"{res.get('wall_s', 0) / 60:.1f}"])
+  return ["## Runs", "", *_table(["workdir", "arm", "seed", "depth", "step", metric, "wall min"], rows)]
+
+
+def _log_tensorboard(tb_dir: str, figs: dict, runs: list[RunRecord], arms: list[str], task: str):
+  """Figures and per-arm summary scalars (x axis: depth for Rule 110, k for Depo)."""
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  writer = SummaryWriter(tb_dir)
+  for name, fig in figs.items():
+    writer.add_figure(f"report/{name}", fig, close=False)
+  for arm in arms:
+    if task == "depo":
+      for k in DEPO_HOPS:
+        for metric in ("loss", "accuracy"):
+          values = _values(runs, f"hops{k}/{metric}", arm=arm)
+          if values:
+            writer.add_scalar(f"hops_{metric}/{arm}", summarize(values)[0], k)
+    else:
+      for depth in sorted({r.depth for r in runs if r.arm == arm and r.depth is not None}):
+        values = _values(runs, "exact_accuracy", arm=arm, depth=depth)
+        if values:
+          writer.add_scalar(f"exact_accuracy_by_depth/{arm}", summarize(values)[0], depth)
+  writer.close()
+
+
+def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: bool = True) -> str:
+  """Writes report.md and its PNG figures for a (possibly partial) sweep.
+
+  Args:
+    sweep_dir: the sweep directory, holding one workdir per run (and sweep.json if launched by
+      launch/sweep.py).
+    out_dir: where report.md and the PNGs go (default: `sweep_dir`), e.g. docs/results/<name>.
+    tensorboard: also log the figures and summary scalars to `<sweep_dir>/report_tb`.
+
+  Returns:
+    The path of report.md.
+  """
+  out_dir = out_dir or sweep_dir
+  os.makedirs(out_dir, exist_ok=True)
+  grid = _read_json(os.path.join(sweep_dir, SWEEP_FILE))
+  runs = load_runs(sweep_dir)
+  arms = _arm_order(grid, runs)
+  task = runs[0].task if runs else ("depo" if grid and "depo" in grid.get("base", "") else "rule110")
+  expected = len(grid["runs"]) if grid else len(runs)
+  name = grid["name"] if grid else os.path.basename(os.path.normpath(sweep_dir))
+  status = (f"Task {task}; base config `{grid['base'] if grid else '?'}`; "
+            f"{sum(r.finished for r in runs)}/{expected} runs finished, "
+            f"{sum(not r.finished for r in runs)} in progress or failed, "
+            f"{max(expected - len(runs), 0)} not started. "
+            "Cells average finished runs only: value (finished/expected).")
+  lines = [f"# Sweep report: {name}", "", status, ""]
+  figs: dict[str, Any] = {}
+  if task == "depo":
+    lines += _depo_sections(runs, grid, arms, figs)
+  else:
+    lines += _rule110_sections(runs, grid, arms, figs)
+  for fig_name, fig in figs.items():
+    fig.savefig(os.path.join(out_dir, f"{fig_name}.png"), dpi=figures.DPI)
+    lines += [f"![{fig_name}]({fig_name}.png)", ""]
+  lines += _runs_table(runs, sweep_dir, "loss" if task == "depo" else "exact_accuracy")
+  if tensorboard:
+    _log_tensorboard(os.path.join(sweep_dir, "report_tb"), figs, runs, arms, task)
+  for fig in figs.values():
+    plt.close(fig)
+  path = os.path.join(out_dir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
+def _main():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top  CLI only
+  out = flags.DEFINE_string("out", None, "Directory for report.md and the PNGs (default: the sweep dir).")
+
+  def main(argv):
+    if len(argv) != 2:
+      raise app.UsageError("usage: python -m sleep_jax.eval.report <sweep_dir> [--out DIR]")
+    print(write_report(argv[1], out.value))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _main()

@@ -1,0 +1,142 @@
+"""The figures of a sweep report (sleep_jax.eval.report): small matplotlib figures, 600x400 px.
+
+Every function takes run records (report.RunRecord) and the arm order and returns a Figure;
+the caller saves, logs and closes it. Means are over seeds; bands and error bars are one
+sample standard deviation.
+"""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 100
+FIGSIZE = (6, 4)  # inches: 600x400 px at DPI
+
+
+def _passes_of(arm: str) -> int | None:
+  """N for the plain N-pass arms ("n4" -> 4); None for baselines (compute-matched, ...)."""
+  match = re.fullmatch(r"n(\d+)", arm)
+  return int(match.group(1)) if match else None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  arr = np.asarray(values, dtype=np.float64)
+  return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def _mean_curve(logs: list[list[dict]], key: str):
+  """Steps, mean and std over runs of `key`, at every step that at least one run logged."""
+  by_step: dict[int, list[float]] = {}
+  for log in logs:
+    for entry in log:
+      if key in entry:
+        by_step.setdefault(entry["step"], []).append(entry[key])
+  steps = sorted(by_step)
+  stats = [_mean_std(by_step[s]) for s in steps]
+  return np.array(steps), np.array([m for m, _ in stats]), np.array([s for _, s in stats])
+
+
+def _new(title: str, xlabel: str, ylabel: str):
+  fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+  ax.set_title(title, fontsize=10)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  return fig, ax
+
+
+def _finish(fig, ax):
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
+def accuracy_vs_passes(runs, arms, depths, values_fn):
+  """Rule 110: exact accuracy vs N, one line per depth; baselines as labelled markers."""
+  fig, ax = _new("Rule 110: exact accuracy vs passes N", "passes N", "exact accuracy")
+  ax.axhline(1 / 16, color="gray", ls=":", lw=1, label="chance (1/16)")
+  markers = iter("s^Dv<>PX*")
+  for depth in depths:
+    points = [(_passes_of(arm), values_fn(runs, "exact_accuracy", arm=arm, depth=depth))
+              for arm in arms if _passes_of(arm) is not None]
+    points = [(n, _mean_std(v)) for n, v in points if v]
+    if points:
+      line = ax.errorbar([n for n, _ in points], [m for _, (m, _) in points],
+                         yerr=[s for _, (_, s) in points], marker="o", capsize=3, label=f"t={depth}")
+      color = line[0].get_color()
+    else:
+      color = None
+    for arm in arms:
+      vals = values_fn(runs, "exact_accuracy", arm=arm, depth=depth)
+      if _passes_of(arm) is None and vals:
+        passes = next(r.passes for r in runs if r.arm == arm)
+        mean, std = _mean_std(vals)
+        ax.errorbar([passes], [mean], yerr=[std], marker=next(markers, "o"), ls="none", capsize=3,
+                    color=color, label=f"{arm}, t={depth}")
+  ax.set_ylim(0, 1.02)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # N is a count
+  return _finish(fig, ax)
+
+
+def train_curves(runs, arms, key, title):
+  """Train `key` vs step from train_log.jsonl, mean over seeds with a std band, per arm."""
+  fig, ax = _new(title, "step", key)
+  for arm in arms:
+    steps, mean, std = _mean_curve([r.train_log for r in runs if r.arm == arm], key)
+    if steps.size:
+      ax.plot(steps, mean, label=arm)
+      ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+  return _finish(fig, ax)
+
+
+def eval_curves(runs, arms, key, title):
+  """Eval `key` vs step from eval_log.jsonl, mean over seeds with a std band, per arm."""
+  fig, ax = _new(title, "step", key)
+  for arm in arms:
+    steps, mean, std = _mean_curve([r.eval_log for r in runs if r.arm == arm], key)
+    if steps.size:
+      ax.plot(steps, mean, marker=".", label=arm)
+      ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+  return _finish(fig, ax)
+
+
+def per_depth_eval(runs, arms, title):
+  """Rule 110: final exact accuracy vs the depth it is evaluated at (`depth{t}/...` keys)."""
+  fig, ax = _new(f"exact accuracy vs evaluated depth ({title})", "evaluated depth t", "exact accuracy")
+  for arm in arms:
+    by_depth: dict[int, list[float]] = {}
+    for r in runs:
+      if r.arm == arm and r.finished:
+        for key, value in r.results.get("eval", {}).items():
+          match = re.fullmatch(r"depth(\d+)/exact_accuracy", key)
+          if match:
+            by_depth.setdefault(int(match.group(1)), []).append(value)
+    if by_depth:
+      depths = sorted(by_depth)
+      stats = [_mean_std(by_depth[d]) for d in depths]
+      ax.errorbar(depths, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                  label=arm)
+  ax.axhline(1 / 16, color="gray", ls=":", lw=1)
+  return _finish(fig, ax)
+
+
+def metric_vs_hops(runs, arms, metric, hops, values_fn):
+  """Depo: eval `metric` vs hop count k per arm (log2 x axis)."""
+  fig, ax = _new(f"Depo: eval {metric} vs hops k", "hops k", metric)
+  for arm in arms:
+    points = [(k, values_fn(runs, f"hops{k}/{metric}", arm=arm)) for k in hops]
+    points = [(k, _mean_std(v)) for k, v in points if v]
+    if points:
+      ax.errorbar([k for k, _ in points], [m for _, (m, _) in points],
+                  yerr=[s for _, (_, s) in points], marker="o", capsize=3, label=arm)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(list(hops), [str(k) for k in hops])
+  return _finish(fig, ax)
