@@ -2,18 +2,21 @@
 
 The math is in shared/CHUNKED.md. Shapes: B batch, T tokens, H heads, K key/query width,
 V value width, N chunks, C tokens per chunk (t indexes the output token of a chunk, s the
-source token). Everything that depends only on a chunk's own tokens (the decay matrix, the
-triangular inverse, the intra-chunk attention scores) is computed for all chunks at once; only
-the hand-off of the [K, V] float32 state from chunk to chunk is a `lax.scan`.
+source token). Two versions share the per-chunk math:
 
-Two differentiation modes share that forward:
-  * `gated_delta_rule_chunked` (the default): a `jax.custom_vjp` that saves only the inputs and
-    the state entering every chunk (N * K * V floats per head) and, walking the chunks in
-    reverse, recomputes one chunk's local terms at a time and differentiates it. Peak memory is
-    O(T/C * K * V + C * C) per head, whatever T is.
-  * `gated_delta_rule_chunked_autodiff`: plain autodiff, which keeps every intermediate of the
-    all-chunks-at-once local terms (many [T, C] arrays) alive until the backward pass. Kept as
-    the benchmark's baseline and as a second opinion in the tests.
+  * `gated_delta_rule_chunked` (impl="chunked"): a `lax.scan` over chunks, each step computing
+    one chunk's local terms (decay matrix, triangular inverse, intra-chunk scores) and its state
+    hand-off, under a `jax.custom_vjp`. The forward saves only the inputs (in their own layout)
+    and the [K, V] state entering every chunk; the backward walks the chunks in reverse,
+    re-runs one chunk and differentiates it, using the closed-form gradient of the inverse.
+    Working memory is O(T/C * K * V + C * C) per head, whatever T is.
+  * `gated_delta_rule_chunked_autodiff`: the local terms of all chunks at once (big batched
+    matmuls), then the state scan, differentiated by plain autodiff, which keeps every [T, C]
+    intermediate alive until the backward pass. Kept as the benchmark's baseline and as a
+    second opinion in the tests.
+
+One chunk at a time measured faster than all chunks at once on the CPU, forward and backward
+(python bench/gated_delta.py).
 """
 
 from __future__ import annotations
@@ -166,96 +169,96 @@ def _chunk_step(state_bhkv, local):
   return new_state_bhkv, out_bhcv
 
 
-def _prepare(q, k, v, g, beta, scale, initial_state, chunk_size, chunks_multiple=1):
-  """Defaults, compute dtype and [B,H,N,C,...] chunked inputs shared by both modes.
-
-  N is rounded up to a multiple of `chunks_multiple` with no-op (all-zero) chunks.
-  """
+def _prepare(q, k, v, g, beta, scale, initial_state, chunk_size):
+  """Defaults, compute dtype and [B,H,N,C,...] chunked inputs for the autodiff path."""
   scale, initial_state = fill_defaults(q, v, scale, initial_state)
   chunk = min(chunk_size, q.shape[1])
   num_chunks = -(-q.shape[1] // chunk)
-  num_chunks = -(-num_chunks // chunks_multiple) * chunks_multiple
   compute_dtype = state_dtype(q, k, v, g, beta, initial_state)
   chunked = tuple(_to_chunks(x, num_chunks, chunk, compute_dtype) for x in (q, k, v, g, beta))
   return chunked, initial_state.astype(compute_dtype), scale
 
 
-def _unchunk_output(out_bhncv, like_v):
-  """[B,H,N,C,V] -> [B,T,H,V] in v's dtype, dropping the padded tail."""
-  batch, heads, num_chunks, chunk, value_dim = out_bhncv.shape
-  out_bhtv = out_bhncv.reshape(batch, heads, num_chunks * chunk, value_dim)
-  return jnp.moveaxis(out_bhtv, 1, 2)[:, :like_v.shape[1]].astype(like_v.dtype)
-
-
-def _run_chunks(chunked, initial_state, scale, invert=_invert_unit_lower):
-  """Local terms of all given chunks at once, then the state scan over them.
-
-  Returns:
-    (out [B,H,N,C,V], final_state [B,H,K,V]).
-  """
-  local = _chunk_local_terms(*chunked, scale, invert=invert)
+def _run_chunks(chunked, initial_state, scale):
+  """Local terms of all chunks at once, then the state scan: (out [B,H,N,C,V], final state)."""
+  local = _chunk_local_terms(*chunked, scale)
   local_by_chunk = jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), local)
   final_state, out_nbhcv = jax.lax.scan(_chunk_step, initial_state, local_by_chunk)
   return jnp.moveaxis(out_nbhcv, 0, 2), final_state
 
 
-def _split_groups(x_bhnc, group):
-  """[B,H,N,C,...] -> [N/group, B,H,group,C,...]: the leading axis is scanned over."""
-  batch, heads, num_chunks = x_bhnc.shape[:3]
-  grouped = x_bhnc.reshape((batch, heads, num_chunks // group, group) + x_bhnc.shape[3:])
-  return jnp.moveaxis(grouped, 2, 0)
+# --- The lean VJP. It works on the inputs in their own [B,T,H,...] layout and dtype (T padded to
+# a whole number of chunks): each step slices one chunk out, so nothing is copied into a chunked
+# layout and kept alive. Residuals are the inputs themselves plus the [K,V] state entering every
+# chunk; gradients are written chunk by chunk into [B,T,H,...] buffers in place.
+
+def _chunk_at(x_bt, index, chunk, dtype):
+  """Chunk `index` of a [B,T,H,...] array as [B,H,C,...] in `dtype`."""
+  x_bc = jax.lax.dynamic_slice_in_dim(x_bt, index * chunk, chunk, axis=1)
+  return jnp.moveaxis(x_bc, 1, 2).astype(dtype)
 
 
-def _merge_groups(x_mbhgc):
-  """Inverse of `_split_groups`."""
-  x_bhmgc = jnp.moveaxis(x_mbhgc, 0, 2)
-  shape = x_bhmgc.shape
-  return x_bhmgc.reshape(shape[:2] + (shape[2] * shape[3],) + shape[4:])
+def _one_chunk(scale, q_bhck, k_bhck, v_bhcv, g_bhc, beta_bhc, state_bhkv):
+  """Output [B,H,C,V] and outgoing state of one chunk: what the backward pass re-differentiates.
+
+  The inverse uses its closed-form gradient, two matmuls instead of the recursion's chain.
+  """
+  one = tuple(x[:, :, None] for x in (q_bhck, k_bhck, v_bhcv, g_bhc, beta_bhc))
+  local = _chunk_local_terms(*one, scale, invert=_invert_unit_lower_analytic_vjp)
+  new_state_bhkv, out_bhcv = _chunk_step(state_bhkv, jax.tree.map(lambda x: x[:, :, 0], local))
+  return out_bhcv, new_state_bhkv
 
 
-# The lean VJP works on groups of chunks: local terms batched over a group (big enough matmuls
-# to run at full speed), the state saved only where a group starts, and the backward pass
-# re-running one group at a time. Transient memory is O(group * C * C) per head.
-_CHUNKS_PER_GROUP = 8
+def _lean_forward(inputs, initial_state, scale, chunk):
+  """Returns ((out [B,T,H,V] float, final state), states entering each chunk [N,B,H,K,V])."""
+  compute_dtype = initial_state.dtype
+  num_chunks = inputs[0].shape[1] // chunk
+
+  def step(state_bhkv, index):
+    chunk_inputs = (_chunk_at(x, index, chunk, compute_dtype) for x in inputs)
+    out_bhcv, new_state_bhkv = _one_chunk(scale, *chunk_inputs, state_bhkv)
+    return new_state_bhkv, (out_bhcv, state_bhkv)
+
+  final_state, (out_nbhcv, states_in) = jax.lax.scan(step, initial_state, jnp.arange(num_chunks))
+  num, batch, heads, chunk_len, value_dim = out_nbhcv.shape
+  out_btv = jnp.transpose(out_nbhcv, (1, 0, 3, 2, 4)).reshape(batch, num * chunk_len, heads,
+                                                                value_dim)
+  return (out_btv, final_state), states_in
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _chunked_with_lean_vjp(q, k, v, g, beta, initial_state, scale, group):
-  (out, final_state), _ = _lean_forward(q, k, v, g, beta, initial_state, scale, group)
-  return out, final_state
+def _chunked_with_lean_vjp(q, k, v, g, beta, initial_state, scale, chunk):
+  return _lean_forward((q, k, v, g, beta), initial_state, scale, chunk)[0]
 
 
-def _lean_forward(q, k, v, g, beta, initial_state, scale, group):
-  def group_step(state_bhkv, group_inputs):
-    out_bhgcv, new_state_bhkv = _run_chunks(group_inputs, state_bhkv, scale,
-                                            invert=_invert_unit_lower_analytic_vjp)
-    return new_state_bhkv, (out_bhgcv, state_bhkv)
-
-  groups = tuple(_split_groups(x, group) for x in (q, k, v, g, beta))
-  final_state, (out_m, states_in_m) = jax.lax.scan(group_step, initial_state, groups)
-  # Residuals: the chunked inputs and one [K, V] state per group; nothing [T, C] or [T, K, V].
-  return (_merge_groups(out_m), final_state), (groups, states_in_m)
+def _lean_vjp_forward(q, k, v, g, beta, initial_state, scale, chunk):
+  outputs, states_in = _lean_forward((q, k, v, g, beta), initial_state, scale, chunk)
+  return outputs, ((q, k, v, g, beta), states_in)
 
 
-def _lean_backward(scale, group, residuals, cotangents):
-  groups, states_in_m = residuals
-  d_out_bhncv, d_final_state = cotangents
-  d_out_m = _split_groups(d_out_bhncv, group)
+def _lean_vjp_backward(scale, chunk, residuals, cotangents):
+  inputs, states_in = residuals
+  d_out_btv, d_final_state = cotangents
+  compute_dtype = d_final_state.dtype
 
-  def reverse_step(d_state_bhkv, per_group):
-    *group_inputs, state_in_bhkv, d_out_bhgcv = per_group
-    run = lambda state, *xs: _run_chunks(xs, state, scale,
-                                         invert=_invert_unit_lower_analytic_vjp)
-    _, group_vjp = jax.vjp(run, state_in_bhkv, *group_inputs)
-    d_state_in_bhkv, *d_inputs = group_vjp((d_out_bhgcv, d_state_bhkv))
-    return d_state_in_bhkv, tuple(d_inputs)
+  def reverse_step(carry, index):
+    d_state_bhkv, grads = carry
+    chunk_inputs = [_chunk_at(x, index, chunk, compute_dtype) for x in inputs]
+    _, chunk_vjp = jax.vjp(functools.partial(_one_chunk, scale), *chunk_inputs, states_in[index])
+    *d_chunk_inputs, d_state_in_bhkv = chunk_vjp(
+        (_chunk_at(d_out_btv, index, chunk, compute_dtype), d_state_bhkv))
+    grads = tuple(jax.lax.dynamic_update_slice_in_dim(buffer, jnp.moveaxis(d, 2, 1), index * chunk,
+                                                      axis=1)
+                  for buffer, d in zip(grads, d_chunk_inputs))
+    return (d_state_in_bhkv, grads), None
 
-  d_initial_state, d_inputs_m = jax.lax.scan(
-      reverse_step, d_final_state, (*groups, states_in_m, d_out_m), reverse=True)
-  return (*(_merge_groups(x) for x in d_inputs_m), d_initial_state)
+  zero_grads = tuple(jnp.zeros(x.shape, compute_dtype) for x in inputs)
+  (d_initial_state, grads), _ = jax.lax.scan(
+      reverse_step, (d_final_state, zero_grads), jnp.arange(states_in.shape[0]), reverse=True)
+  return (*(d.astype(x.dtype) for d, x in zip(grads, inputs)), d_initial_state)
 
 
-_chunked_with_lean_vjp.defvjp(_lean_forward, _lean_backward)
+_chunked_with_lean_vjp.defvjp(_lean_vjp_forward, _lean_vjp_backward)
 
 
 def gated_delta_rule_chunked(
@@ -277,12 +280,16 @@ def gated_delta_rule_chunked(
     (o, final_state): o [B,T,H,V] in v's dtype, final_state [B,H,K,V] float32. The VJP accepts
     a cotangent for final_state and gives gradients for all six inputs.
   """
-  num_chunks = -(-q.shape[1] // min(chunk_size, q.shape[1]))
-  group = min(_CHUNKS_PER_GROUP, num_chunks)
-  chunked, initial_state, scale = _prepare(q, k, v, g, beta, scale, initial_state, chunk_size,
-                                           chunks_multiple=group)
-  out_bhncv, final_state = _chunked_with_lean_vjp(*chunked, initial_state, scale, group)
-  return _unchunk_output(out_bhncv, v), final_state
+  scale, initial_state = fill_defaults(q, v, scale, initial_state)
+  num_tokens = q.shape[1]
+  chunk = min(chunk_size, num_tokens)
+  pad = -num_tokens % chunk  # zero tokens are no-ops (see _to_chunks)
+  inputs = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+            for x in (q, k, v, g, beta)]
+  compute_dtype = state_dtype(q, k, v, g, beta, initial_state)
+  out_btv, final_state = _chunked_with_lean_vjp(*inputs, initial_state.astype(compute_dtype),
+                                                float(scale), chunk)
+  return out_btv[:, :num_tokens].astype(v.dtype), final_state
 
 
 def gated_delta_rule_chunked_autodiff(
@@ -291,4 +298,6 @@ def gated_delta_rule_chunked_autodiff(
   """The same forward as `gated_delta_rule_chunked`, differentiated by plain autodiff."""
   chunked, initial_state, scale = _prepare(q, k, v, g, beta, scale, initial_state, chunk_size)
   out_bhncv, final_state = _run_chunks(chunked, initial_state, scale)
-  return _unchunk_output(out_bhncv, v), final_state
+  batch, heads, num_chunks, chunk, value_dim = out_bhncv.shape
+  out_bhtv = out_bhncv.reshape(batch, heads, num_chunks * chunk, value_dim)
+  return jnp.moveaxis(out_bhtv, 1, 2)[:, :q.shape[1]].astype(v.dtype), final_state
