@@ -32,6 +32,7 @@ _ACCELERATOR_COUNT = flags.DEFINE_integer("accelerator_count", 1, "Accelerators 
 _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.11", "Docker base image of the job container.")
 flags.mark_flags_as_required(["config"])
 
+
 def submit(jobs: list[sweeps.Job], title: str) -> None:
   """Packages the repository once and adds one work unit per job (needs xmanager)."""
   from xmanager import xm, xm_local  # the optional `xm` extra, needed only to submit
