@@ -189,7 +189,10 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
             f"Paper, Fig. 2 ({PAPER_RULE110_SCALE}, one seed): at t=32 N=1 is about 10% exact "
             "accuracy (chance 6.25%), N=2 about 20%, N=3 and N=4 above 30%.", ""]
   for d in depths:
-    configs = [r.config for r in runs if r.depth == d and r.config]
+    # Compare the sleeping arms with the paper (not the attention-only or no-eviction baselines).
+    configs = [r.config for r in runs if r.depth == d and r.config
+               and r.config.get("sleep", {}).get("eviction") != "none"
+               and "G" in r.config.get("model", {}).get("pattern", "G")]
     gaps = _paper_scale_gaps(configs[0], d) if configs else ["no config.json"]
     verdict = "comparable" if not gaps else "not comparable: " + "; ".join(gaps)
     lines.append(f"- t={d}: {verdict}.")
