@@ -28,10 +28,11 @@ from typing import Any
 from absl import logging
 from ml_collections import config_dict
 
+from sleep_jax.train import loop
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FILE = "sweep.json"  # in the sweep dir: the grid, so reports know which runs are missing
 SWEEP_RUN_FILE = "sweep_run.json"  # in each run's workdir: its coordinates in the grid
-RESULTS_FILE = "results.json"  # written by sleep_jax.train.loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +180,7 @@ def expand_runs(sweep_config: config_dict.ConfigDict, sweep_dir: str,
 def is_finished(workdir: str, num_steps: int) -> bool:
   """True when the run's results.json reports its final step (an interrupted run is not)."""
   try:
-    with open(os.path.join(workdir, RESULTS_FILE)) as f:
+    with open(os.path.join(workdir, loop.RESULTS_FILE)) as f:
       return json.load(f).get("step") == num_steps
   except (OSError, ValueError):
     return False
@@ -227,7 +228,6 @@ def run_sweep(sweep_config: config_dict.ConfigDict, sweep_dir: str, *, only: str
     The failed runs with their error text (empty when every run finished).
   """
   if train_fn is None:
-    from sleep_jax.train import loop  # imported here: expanding a grid needs no jax
     train_fn = loop.train_and_evaluate
   runs = expand_runs(sweep_config, sweep_dir, only=only)
   all_runs = runs if only is None else expand_runs(sweep_config, sweep_dir)

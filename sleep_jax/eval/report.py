@@ -23,11 +23,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sleep_jax.data.depo import EVAL_HOPS as DEPO_HOPS  # noqa: E402
 from sleep_jax.eval import report_figures as figures  # noqa: E402
-
-SWEEP_FILE, SWEEP_RUN_FILE = "sweep.json", "sweep_run.json"  # written by sleep_jax.sweeps
-EVAL_LOG_FILE = "eval_log.jsonl"  # one {"step": s, **eval_metrics} per evaluation (optional)
-DEPO_HOPS = (1, 2, 4, 8, 16)
+from sleep_jax.sweeps import SWEEP_FILE, SWEEP_RUN_FILE  # noqa: E402
+from sleep_jax.train.checkpoint import CONFIG_FILE  # noqa: E402
+from sleep_jax.train.loop import EVAL_LOG_FILE, RESULTS_FILE, TRAIN_LOG_FILE  # noqa: E402
 # Fig. 2 at t=32, read off the plot (PAPER.md section 4); N -> exact accuracy.
 PAPER_RULE110_T32 = {1: "~10%", 2: "~20%", 3: ">30%", 4: ">30%"}
 PAPER_RULE110_SCALE = "d_model 256, AGAG, batch 512, ~5B tokens"
@@ -91,11 +91,11 @@ def load_runs(sweep_dir: str) -> list[RunRecord]:
   records = []
   for root, dirs, files in os.walk(sweep_dir):
     dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "report_tb"))
-    if not {SWEEP_RUN_FILE, "config.json", "results.json"} & set(files):
+    if not {SWEEP_RUN_FILE, CONFIG_FILE, RESULTS_FILE} & set(files):
       continue
     coords = _read_json(os.path.join(root, SWEEP_RUN_FILE)) or {}
-    config = _read_json(os.path.join(root, "config.json")) or {}
-    results = _read_json(os.path.join(root, "results.json"))
+    config = _read_json(os.path.join(root, CONFIG_FILE)) or {}
+    results = _read_json(os.path.join(root, RESULTS_FILE))
     overrides = coords.get("overrides", {})
     task = config.get("task", {}).get("name") or (results or {}).get("task") or "rule110"
     passes = int(config.get("sleep", {}).get("passes") or overrides.get("sleep.passes") or
@@ -105,7 +105,7 @@ def load_runs(sweep_dir: str) -> list[RunRecord]:
         workdir=root, arm=coords.get("arm", f"n{passes}"),
         seed=int(coords.get("seed", config.get("seed", 0))), depth=depth, task=task, passes=passes,
         num_steps=config.get("train", {}).get("num_steps", overrides.get("train.num_steps")),
-        config=config, results=results, train_log=_read_jsonl(os.path.join(root, "train_log.jsonl")),
+        config=config, results=results, train_log=_read_jsonl(os.path.join(root, TRAIN_LOG_FILE)),
         eval_log=_read_jsonl(os.path.join(root, EVAL_LOG_FILE))))
   return records
 

@@ -81,6 +81,11 @@ def _init_params(model_cfg: ModelConfig, seed: int):
   return nnx.to_pure_dict(nnx.state(build_model(model_cfg, seed=seed)))
 
 
+def _append_json_line(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
 def _console_line(step, num_steps, metrics, tokens_per_s, elapsed, start_step):
   done = step - start_step
   eta = (num_steps - step) * elapsed / max(done, 1)
@@ -196,9 +201,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
       now = time.time()
       tokens_per_s = (at_step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
       last_log_time, last_log_step = now, at_step
-      line = {"step": at_step, **{name: float(value) for name, value in host.items()}}
-      with open(os.path.join(workdir, TRAIN_LOG_FILE), "a") as f:
-        f.write(json.dumps(line) + "\n")
+      _append_json_line(os.path.join(workdir, TRAIN_LOG_FILE),
+                        {"step": at_step, **{name: float(value) for name, value in host.items()}})
       for name, value in host.items():
         writer.add_scalar(f"train/{name}", float(value), at_step)
       for name, schedule in lr_schedules.items():
@@ -214,8 +218,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                  " | ".join(f"{k} {v:.4f}" for k, v in results["eval"].items()))
     results.update(step=at_step, tokens_seen=at_step * tokens_per_step,
                    wall_s=prior_wall_s + time.time() - start_time)
-    with open(os.path.join(workdir, EVAL_LOG_FILE), "a") as f:
-      f.write(json.dumps({"step": at_step, **results["eval"]}) + "\n")
+    _append_json_line(os.path.join(workdir, EVAL_LOG_FILE), {"step": at_step, **results["eval"]})
     with open(results_path, "w") as f:
       json.dump(results, f, indent=2)
 
