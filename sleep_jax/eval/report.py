@@ -203,10 +203,11 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
   for d in depths:
     suffix = "" if d is None else f"_depth{d}"
     group = [r for r in runs if r.depth == d]
-    figs[f"train_loss{suffix}"] = figures.train_curves(group, arms, "loss", f"train loss, t={d}")
+    figs[f"train_loss{suffix}"] = figures.learning_curves(group, arms, "loss", f"train loss, t={d}",
+                                                       log="train_log")
     if any(len(r.eval_log) > 1 for r in group):
-      figs[f"eval_exact_accuracy{suffix}"] = figures.eval_curves(
-          group, arms, "exact_accuracy", f"eval exact accuracy, t={d}")
+      figs[f"eval_exact_accuracy{suffix}"] = figures.learning_curves(
+          group, arms, "exact_accuracy", f"eval exact accuracy, t={d}", log="eval_log")
     if any(k.startswith("depth") for r in group if r.results for k in r.results.get("eval", {})):
       figs[f"per_depth_eval{suffix}"] = figures.per_depth_eval(group, arms, f"trained at t={d}")
   return lines
@@ -229,9 +230,9 @@ def _depo_sections(runs, grid, arms, figs) -> list[str]:
   lines += ["## Against the paper", "", PAPER_DEPO + caveat, "", "## Figures", ""]
   for metric in ("loss", "accuracy"):
     figs[f"{metric}_vs_hops"] = figures.metric_vs_hops(runs, arms, metric, DEPO_HOPS, _values)
-  figs["train_loss"] = figures.train_curves(runs, arms, "loss", "train loss")
+  figs["train_loss"] = figures.learning_curves(runs, arms, "loss", "train loss", log="train_log")
   if any(len(r.eval_log) > 1 for r in runs):
-    figs["eval_loss"] = figures.eval_curves(runs, arms, "loss", "eval loss")
+    figs["eval_loss"] = figures.learning_curves(runs, arms, "loss", "eval loss", log="eval_log")
   return lines
 
 

@@ -86,24 +86,14 @@ def accuracy_vs_passes(runs, arms, depths, values_fn):
   return _finish(fig, ax)
 
 
-def train_curves(runs, arms, key, title):
-  """Train `key` vs step from train_log.jsonl, mean over seeds with a std band, per arm."""
+def learning_curves(runs, arms, key, title, *, log):
+  """`key` vs step from each run's `log` ("train_log" or "eval_log"), mean over seeds with a
+  std band, one line per arm; evaluations (few points) are marked."""
   fig, ax = _new(title, "step", key)
   for arm in arms:
-    steps, mean, std = _mean_curve([r.train_log for r in runs if r.arm == arm], key)
+    steps, mean, std = _mean_curve([getattr(r, log) for r in runs if r.arm == arm], key)
     if steps.size:
-      ax.plot(steps, mean, label=arm)
-      ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-  return _finish(fig, ax)
-
-
-def eval_curves(runs, arms, key, title):
-  """Eval `key` vs step from eval_log.jsonl, mean over seeds with a std band, per arm."""
-  fig, ax = _new(title, "step", key)
-  for arm in arms:
-    steps, mean, std = _mean_curve([r.eval_log for r in runs if r.arm == arm], key)
-    if steps.size:
-      ax.plot(steps, mean, marker=".", label=arm)
+      ax.plot(steps, mean, marker="." if log == "eval_log" else None, label=arm)
       ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
   return _finish(fig, ax)
 
