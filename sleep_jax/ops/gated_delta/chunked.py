@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sleep_jax.ops.gated_delta.reference import fill_defaults, state_dtype
+from sleep_jax.ops.gated_delta.reference import fill_defaults, pad_tokens, state_dtype
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -36,17 +36,10 @@ def _einsum(spec, *operands):
   return jnp.einsum(spec, *operands, precision=_HIGHEST)
 
 
-def _to_chunks(x_bt, num_chunks, chunk, dtype):
-  """[B,T,H,...] -> [B,H,N,C,...] in `dtype`, zero-padding T up to N*C.
-
-  Zero padding is exactly the no-op token: g = 0 keeps the state, beta = 0 writes nothing,
-  q = 0 reads nothing.
-  """
-  x_bt = x_bt.astype(dtype)
-  pad = num_chunks * chunk - x_bt.shape[1]
-  x_bt = jnp.pad(x_bt, [(0, 0), (0, pad)] + [(0, 0)] * (x_bt.ndim - 2))
-  x_bht = jnp.moveaxis(x_bt, 1, 2)
-  return x_bht.reshape(x_bht.shape[:2] + (num_chunks, chunk) + x_bht.shape[3:])
+def _to_chunks(x_bt, chunk, dtype):
+  """[B,T,H,...] -> [B,H,N,C,...] in `dtype`, zero-padding T up to N*C (see `pad_tokens`)."""
+  x_bht = jnp.moveaxis(pad_tokens(x_bt.astype(dtype), chunk), 1, 2)
+  return x_bht.reshape(x_bht.shape[:2] + (-1, chunk) + x_bht.shape[3:])
 
 
 def _masked_decay(cum_log_decay_bhnc):
@@ -173,9 +166,8 @@ def _prepare(q, k, v, g, beta, scale, initial_state, chunk_size):
   """Defaults, compute dtype and [B,H,N,C,...] chunked inputs for the autodiff path."""
   scale, initial_state = fill_defaults(q, v, scale, initial_state)
   chunk = min(chunk_size, q.shape[1])
-  num_chunks = -(-q.shape[1] // chunk)
   compute_dtype = state_dtype(q, k, v, g, beta, initial_state)
-  chunked = tuple(_to_chunks(x, num_chunks, chunk, compute_dtype) for x in (q, k, v, g, beta))
+  chunked = tuple(_to_chunks(x, chunk, compute_dtype) for x in (q, k, v, g, beta))
   return chunked, initial_state.astype(compute_dtype), scale
 
 
@@ -283,9 +275,7 @@ def gated_delta_rule_chunked(
   scale, initial_state = fill_defaults(q, v, scale, initial_state)
   num_tokens = q.shape[1]
   chunk = min(chunk_size, num_tokens)
-  pad = -num_tokens % chunk  # zero tokens are no-ops (see _to_chunks)
-  inputs = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
-            for x in (q, k, v, g, beta)]
+  inputs = [pad_tokens(x, chunk) for x in (q, k, v, g, beta)]
   compute_dtype = state_dtype(q, k, v, g, beta, initial_state)
   out_btv, final_state = _chunked_with_lean_vjp(*inputs, initial_state.astype(compute_dtype),
                                                 float(scale), chunk)

@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sleep_jax.ops.gated_delta.reference import fill_defaults
+from sleep_jax.ops.gated_delta.reference import fill_defaults, pad_tokens
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -145,11 +145,8 @@ def to_kernel_layout(q, k, v, g, beta, chunk):
   q, k, v keep their dtype (the kernels upcast tiles to float32); g and beta become float32
   [B,H,Tp,1] columns. Zero padding is the no-op token (g = 0, beta = 0, k = q = v = 0).
   """
-  pad = -q.shape[1] % chunk
-
   def head_major(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x, 2, 1)
+    return jnp.moveaxis(pad_tokens(x, chunk), 2, 1)
 
   return (head_major(q), head_major(k), head_major(v),
           head_major(g.astype(jnp.float32))[..., None],

@@ -40,6 +40,18 @@ def fill_defaults(q, v, scale, initial_state):
   return scale, initial_state
 
 
+def pad_tokens(x_bt, multiple):
+  """Zero-pads the token axis (axis 1) of a [B,T,...] input up to a multiple of `multiple`.
+
+  A zero token is exactly a no-op: g = 0 keeps the state, beta = 0 writes nothing, q = 0 reads
+  nothing. So the chunked forms pad to whole chunks and drop the padded outputs.
+  """
+  pad = -x_bt.shape[1] % multiple
+  if not pad:
+    return x_bt
+  return jnp.pad(x_bt, [(0, 0), (0, pad)] + [(0, 0)] * (x_bt.ndim - 2))
+
+
 def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=None):
   """Runs the gated delta rule token by token.
 
