@@ -6,52 +6,77 @@ are those of flash-linear-attention's `chunk_gated_delta_rule`, so results are c
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
 
+from sleep_jax.ops import partition
+
 from sleep_jax.ops.gated_delta.chunked import gated_delta_rule_chunked
 from sleep_jax.ops.gated_delta.pallas_gpu import gated_delta_rule_pallas_gpu
 from sleep_jax.ops.gated_delta.pallas_tpu import gated_delta_rule_pallas_tpu
-from sleep_jax.ops.gated_delta.reference import gated_delta_rule_reference
+from sleep_jax.ops.gated_delta.reference import fill_defaults, gated_delta_rule_reference
 
 
-def _run_reference(q, k, v, g, beta, *, scale, initial_state, chunk_size):
+# Each implementation: (q, k, v, g, beta, initial_state, *, scale, chunk_size) -> (o, final_state),
+# with the contract's defaults already filled in (scale a float, initial_state an array).
+def _reference(q, k, v, g, beta, initial_state, *, scale, chunk_size):
   del chunk_size  # the oracle goes token by token
   return gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state)
 
 
-def _run_chunked(q, k, v, g, beta, *, scale, initial_state, chunk_size):
-  return gated_delta_rule_chunked(
-    q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size
-  )
+def _chunked(q, k, v, g, beta, initial_state, *, scale, chunk_size):
+  return gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                  chunk_size=chunk_size)
 
 
-def _run_pallas(q, k, v, g, beta, *, scale, initial_state, chunk_size):
-  """The fused kernels of the current platform; on a CPU the GPU kernel in interpret mode."""
-  platform = jax.default_backend()
-  if platform == "tpu":
-    run, interpret = gated_delta_rule_pallas_tpu, False
-  else:  # "gpu" compiles the Triton kernels; "cpu" interprets them (slow: for tests)
-    run, interpret = gated_delta_rule_pallas_gpu, platform != "gpu"
-  return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
-             interpret=interpret)
+def _triton(q, k, v, g, beta, initial_state, *, scale, chunk_size, interpret=False):
+  return gated_delta_rule_pallas_gpu(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                     chunk_size=chunk_size, interpret=interpret)
 
 
-# Name -> implementation; new backends plug in here. "auto" resolves by `resolve_impl`.
+def _mosaic(q, k, v, g, beta, initial_state, *, scale, chunk_size):
+  return gated_delta_rule_pallas_tpu(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                     chunk_size=chunk_size, interpret=False)
+
+
+def _by_platform(default, **per_platform):
+  """An implementation that picks its branch by the platform being lowered for.
+
+  `jax.lax.platform_dependent` traces every branch but lowers only the target platform's, so
+  one jitted function compiles to Mosaic kernels for a TPU, Triton kernels for a GPU and XLA
+  for a CPU, whatever the host's default backend (compiling for a TPU topology from a CPU host
+  gets the Mosaic kernels).
+  """
+
+  def run(*args, scale, chunk_size):
+    bind = lambda impl: functools.partial(impl, scale=scale, chunk_size=chunk_size)
+    return jax.lax.platform_dependent(
+        *args, default=bind(default), **{name: bind(impl) for name, impl in per_platform.items()})
+
+  return run
+
+
+# Name -> implementation. "pallas" off a GPU or TPU interprets the GPU kernels (slow: for tests).
 _IMPLEMENTATIONS = {
-    "reference": _run_reference,
-    "chunked": _run_chunked,
-    "pallas": _run_pallas,
+    "reference": _reference,
+    "chunked": _chunked,
+    "pallas": _by_platform(functools.partial(_triton, interpret=True), cuda=_triton, tpu=_mosaic),
+    "auto": _by_platform(_chunked, cuda=_triton, tpu=_mosaic),
 }
 
 
-def resolve_impl(impl: str) -> str:
-  """The implementation `impl` stands for on this platform: "auto" is the fused Pallas kernels
-  on GPUs and TPUs and the chunked XLA form on CPUs (where Pallas only interprets)."""
+def resolve_impl(impl: str, platform: str) -> str:
+  """The implementation `impl` runs when lowered for `platform` ("cpu", "cuda", "tpu", ...).
+
+  "auto" is the fused Pallas kernels on CUDA GPUs and TPUs and the chunked XLA form elsewhere
+  (where Pallas only interprets). The choice is made when a function is lowered, not by the
+  host's default backend: see `_by_platform`.
+  """
   if impl != "auto":
     return impl
-  return "pallas" if jax.default_backend() in ("gpu", "tpu") else "chunked"
+  return "pallas" if platform in ("cuda", "gpu", "tpu") else "chunked"
 
 
 def _check_shape(name, actual, expected):
@@ -64,8 +89,8 @@ def _check_shape(name, actual, expected):
 
 def _validate(q, k, v, g, beta, initial_state, impl, chunk_size):
   """Raises ValueError on any inconsistency, before anything is computed."""
-  if impl != "auto" and impl not in _IMPLEMENTATIONS:
-    known = ", ".join(sorted([*_IMPLEMENTATIONS, "auto"]))
+  if impl not in _IMPLEMENTATIONS:
+    known = ", ".join(sorted(_IMPLEMENTATIONS))
     raise ValueError(f"gated_delta_rule: unknown impl {impl!r}; expected one of {known}.")
   is_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
   if not is_int or chunk_size < 1:
@@ -90,7 +115,8 @@ def _validate(q, k, v, g, beta, initial_state, impl, chunk_size):
 
 
 def gated_delta_rule(
-  q, k, v, g, beta, *, scale=None, initial_state=None, impl="auto", chunk_size=64
+  q, k, v, g, beta, *, scale=None, initial_state=None, impl="auto", chunk_size=64,
+  batch_axes=None, head_axes=None,
 ):
   """Gated delta rule over a sequence, from an optional initial fast-weight state.
 
@@ -109,8 +135,13 @@ def gated_delta_rule(
     initial_state: [B,H,K,V] float32, or None for zeros.
     impl: "reference" (per-token scan), "chunked" (WY form in XLA with a memory-lean
       custom VJP), "pallas" (fused kernels: Triton on GPUs, Mosaic on TPUs, the GPU kernel
-      interpreted on CPUs), or "auto" (pallas on GPUs and TPUs, chunked on CPUs). Static.
+      interpreted elsewhere), or "auto" (pallas on GPUs and TPUs, chunked elsewhere). Static.
+      The platform is the one being lowered for, not the host's default backend.
     chunk_size: tokens per chunk for the chunked form. Static under jit.
+    batch_axes, head_axes: under a mesh (`with jax.set_mesh(mesh)`), the mesh axes the batch
+      and head dimensions are split over; each device then runs the op on its own block, with
+      no collective (sleep_jax.ops.partition). None: the inputs' Explicit sharding, else the
+      project's convention (heads over "tensor", the batch over the other axes).
 
   Returns:
     (o, final_state): o [B,T,H,V] in v's dtype and final_state [B,H,K,V] float32.
@@ -120,5 +151,11 @@ def gated_delta_rule(
     ValueError: inconsistent shapes, T == 0, unknown impl or bad chunk_size.
   """
   _validate(q, k, v, g, beta, initial_state, impl, chunk_size)
-  run = _IMPLEMENTATIONS[resolve_impl(impl)]
-  return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+  scale, initial_state = fill_defaults(q, v, scale, initial_state)
+  run = functools.partial(_IMPLEMENTATIONS[impl], scale=float(scale), chunk_size=chunk_size)
+  batch_axes, head_axes = partition.batch_and_head_axes(q, batch_axes=batch_axes,
+                                                         head_axes=head_axes)
+  run = partition.shard_over_batch_and_heads(
+      run, in_layouts=("bthk", "bthk", "bthv", "bth", "bth", "bhkv"),
+      out_layouts=("bthv", "bhkv"), batch_axes=batch_axes, head_axes=head_axes)
+  return run(q, k, v, g, beta, initial_state)
