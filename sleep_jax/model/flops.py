@@ -1,0 +1,202 @@
+"""Model FLOPs of the hybrid LM under the sleep schedule, for throughput and MFU reporting.
+
+Conventions (the usual ones for "model FLOPs"):
+  * Only matmul-like work counts, 2*m*n*k for an [m, k] @ [k, n] product: every Dense
+    projection, attention scores and values, the matmuls of the chunked gated delta rule and
+    the output head. Elementwise work (norms, rotary, convolutions, activations, softmax,
+    decays, the loss) is ignored: XLA counts 6-10% more than this at the tests' tiny widths.
+  * The embedding lookup is a gather: free.
+  * Causal attention counts the causal half: scores and values over the T*(T+1)/2 (query, key)
+    pairs with key <= query, i.e. 2 * 2 * T*(T+1)/2 * head_dim per head and layer. (An XLA
+    attention computes and masks the full T x T square: twice that, minus the diagonal.)
+  * The gated delta rule counts its chunked form (shared/CHUNKED.md) as
+    sleep_jax/ops/gated_delta/chunked.py computes it: dense C x C tiles inside a chunk (they
+    are triangular, but the matmuls are not), the tail chunk padded to C tokens, and the
+    triangular inverse by recursive block doubling. Per-token recurrences would differ.
+  * A training step is forward + backward = 3x the forward pass of everything gradients flow
+    through, and 1x for the passes that `sleep.grad_passes` runs forward only.
+    Rematerialisation (`sleep.remat`, and the chunk recomputation inside the gated delta
+    rule's custom VJP) is recompute, not model work, and is not counted: hardware FLOPs are
+    higher than this by about one more forward pass.
+
+Shape legend: T tokens in a chunk, d d_model, H heads, Dh head_dim (K = V = Dh for the
+fast-weight state), F mlp_dim, C the gated delta rule's chunk length.
+"""
+
+from __future__ import annotations
+
+import math
+
+from sleep_jax.model.config import ATTENTION, GATED_DELTA, ModelConfig
+from sleep_jax.sleep.config import SleepConfig
+
+# The default `chunk_size` of sleep_jax.ops.gated_delta.gated_delta_rule, which the
+# gated-delta blocks use; the effective chunk is min(chunk_size, T).
+GATED_DELTA_CHUNK_SIZE = 64
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+  """FLOPs of an [m, k] @ [k, n] product: one multiply and one add per term."""
+  return 2 * m * n * k
+
+
+def mlp_flops(cfg: ModelConfig, num_tokens: int) -> int:
+  """SwiGLU over `num_tokens` tokens: gate and up [d -> F], down [F -> d]."""
+  return 3 * matmul_flops(num_tokens, cfg.mlp_dim, cfg.d_model)
+
+
+def attention_flops(cfg: ModelConfig, num_tokens: int) -> int:
+  """Causal self-attention over one chunk of `num_tokens` tokens (the keys are the chunk).
+
+  Projections q, k, v [d -> H*Dh] and o [H*Dh -> d]; then, per head, q k^T and p v over the
+  T*(T+1)/2 causal (query, key) pairs, Dh-long dot products each.
+  """
+  t, heads_dim = num_tokens, cfg.num_heads * cfg.head_dim
+  projections = 4 * matmul_flops(t, heads_dim, cfg.d_model)
+  causal_pairs = t * (t + 1) // 2
+  scores_and_values = 2 * 2 * causal_pairs * cfg.head_dim * cfg.num_heads
+  return projections + scores_and_values
+
+
+def triangular_inverse_flops(chunk: int) -> int:
+  """(I + A)^{-1} of a [C, C] unit lower-triangular matrix as chunked.py computes it.
+
+  Recursive block doubling on C rounded up to a power of two P: at block size b there are
+  P/(2b) pairs of diagonal blocks, each costing two [b, b] @ [b, b] matmuls, i.e. 2*P*b^2 per
+  level; summed over b = 1, 2, 4, ..., P/2 that is 2*P*(P^2 - 1)/3 (about twice the P^3/3 of
+  forward substitution, which a fused kernel may use instead).
+  """
+  padded = 1 << (chunk - 1).bit_length()
+  return 2 * padded * (padded * padded - 1) // 3
+
+
+def gated_delta_rule_flops(cfg: ModelConfig, num_tokens: int,
+                           chunk_size: int = GATED_DELTA_CHUNK_SIZE) -> int:
+  """The chunked gated delta rule over `num_tokens` tokens, all heads (CHUNKED.md steps 1-6).
+
+  Per head and chunk of C tokens, with K = V = Dh:
+    step 1  k k^T                     [C, K] @ [K, C]   2 C^2 K
+    step 2  (I + A)^{-1}                                triangular_inverse_flops(C)
+    step 3  W = Tm (beta e^G k)       [C, C] @ [C, K]   2 C^2 K
+            U = Tm (beta v)           [C, C] @ [C, V]   2 C^2 V
+    step 4  W S_0                     [C, K] @ [K, V]   2 C K V
+    step 5  (s q e^G) S_0             [C, K] @ [K, V]   2 C K V
+            (s q) k^T                 [C, K] @ [K, C]   2 C^2 K
+            (scores * D) U~           [C, C] @ [C, V]   2 C^2 V
+    step 6  (k e^{G_C - G})^T U~      [K, C] @ [C, V]   2 C K V
+  = 2 C^2 (3K + 2V) + 6 C K V + inverse, over ceil(T / C) chunks (the last one zero-padded).
+  """
+  chunk = min(chunk_size, num_tokens)
+  num_chunks = math.ceil(num_tokens / chunk)
+  k = v = cfg.head_dim
+  per_chunk = (2 * chunk * chunk * (3 * k + 2 * v) + 3 * matmul_flops(chunk, v, k)
+               + triangular_inverse_flops(chunk))
+  return cfg.num_heads * num_chunks * per_chunk
+
+
+def gated_delta_flops(cfg: ModelConfig, num_tokens: int,
+                      chunk_size: int = GATED_DELTA_CHUNK_SIZE) -> int:
+  """The Gated DeltaNet mixer over one chunk of `num_tokens` tokens.
+
+  Projections q, k, v, out_gate [d -> H*Dh] and o [H*Dh -> d], the two per-head gate
+  projections (decay and beta) [d -> H], and the gated delta rule itself.
+  """
+  t, heads_dim = num_tokens, cfg.num_heads * cfg.head_dim
+  projections = 5 * matmul_flops(t, heads_dim, cfg.d_model)
+  gates = 2 * matmul_flops(t, cfg.num_heads, cfg.d_model)
+  return projections + gates + gated_delta_rule_flops(cfg, t, chunk_size)
+
+
+def forward_flops_per_chunk(cfg: ModelConfig, chunk_len: int,
+                            chunk_size: int = GATED_DELTA_CHUNK_SIZE) -> int:
+  """One forward pass of the block stack (`HybridLM.stack_pass`) over a chunk of tokens.
+
+  Attention sees only the chunk. The embedding and the output head are not included.
+
+  Args:
+    cfg: the model configuration (its `pattern` says which block is which).
+    chunk_len: tokens in the chunk, T >= 1.
+    chunk_size: the gated delta rule's chunk length (the op's default unless overridden).
+
+  Returns:
+    Forward FLOPs for one sequence (batch size 1).
+  """
+  mixers = {ATTENTION: attention_flops(cfg, chunk_len),
+            GATED_DELTA: gated_delta_flops(cfg, chunk_len, chunk_size)}
+  return sum(mixers[kind] + mlp_flops(cfg, chunk_len) for kind in cfg.pattern)
+
+
+def head_flops(cfg: ModelConfig, num_positions: int) -> int:
+  """The output head [d -> vocab] over the predicted positions (sleep chunks have no logits)."""
+  return matmul_flops(num_positions, cfg.vocab_size, cfg.d_model)
+
+
+def _frozen_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig) -> int:
+  """Forward FLOPs of the passes `grad_passes` leaves without a backward pass."""
+  per_window = forward_flops_per_chunk(model_cfg, sleep_cfg.window)
+  return sleep_cfg.num_sleep_chunks * sleep_cfg.frozen_passes * per_window
+
+
+def forward_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig, *,
+                              seq_len: int) -> int:
+  """Forward FLOPs of `sleep_forward` on one sequence of `seq_len` tokens.
+
+  Hard eviction: N passes of the stack over each of the context's L-token windows, one pass
+  over the prediction chunk, and the head over the prediction chunk. Eviction "none": one
+  pass over the whole sequence (attention sees all of it), and the head over the positions
+  after `context_len`.
+
+  Every pass counts the whole stack, as the schedule's `lax.scan` over passes runs it. Only
+  the fast-state writes of a window's last pass are used, though: with N = 1 the scan has one
+  step, XLA inlines it and drops the rest as dead code (the blocks after the last gated-delta
+  block, and that block's q, out_gate and o projections and read-out matmuls: 22% of a pass
+  at the Rule 110 shapes), so there the step runs less matmul work than this count.
+
+  Args:
+    model_cfg: the model configuration.
+    sleep_cfg: the sleep schedule (passes N, window L, eviction, context_len).
+    seq_len: tokens per sequence (checked against the schedule).
+
+  Returns:
+    Forward FLOPs for one sequence.
+
+  Raises:
+    ValueError: `seq_len` does not fit the schedule.
+  """
+  sleep_cfg.check_sequence(seq_len)
+  predict_len = seq_len - sleep_cfg.context_len
+  if not sleep_cfg.evicts:
+    return forward_flops_per_chunk(model_cfg, seq_len) + head_flops(model_cfg, predict_len)
+  sleep = (sleep_cfg.num_sleep_chunks * sleep_cfg.passes
+           * forward_flops_per_chunk(model_cfg, sleep_cfg.window))
+  return sleep + forward_flops_per_chunk(model_cfg, predict_len) + head_flops(model_cfg,
+                                                                             predict_len)
+
+
+def train_step_flops(model_cfg: ModelConfig, sleep_cfg: SleepConfig, *, seq_len: int,
+                     batch_size: int) -> float:
+  """Model FLOPs of one training step (forward + backward) on a batch.
+
+  Forward + backward is 3x the forward pass (the backward costs two matmuls per forward one:
+  gradients of the inputs and of the weights), except for the leading N - grad_passes passes
+  of every window, which `sleep.grad_passes` runs forward only (1x). Matmul work only (see
+  the module docstring); rematerialisation recompute is NOT counted, so with `sleep.remat`
+  the hardware does about one more forward pass than this.
+
+  Args:
+    model_cfg: the model configuration.
+    sleep_cfg: the sleep schedule.
+    seq_len: tokens per sequence.
+    batch_size: sequences per step (the global batch, for a whole-step count).
+
+  Returns:
+    FLOPs of one step, as a float.
+
+  Raises:
+    ValueError: `seq_len` does not fit the schedule, or `batch_size` < 1.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  forward = forward_flops_per_example(model_cfg, sleep_cfg, seq_len=seq_len)
+  frozen = _frozen_flops_per_example(model_cfg, sleep_cfg)
+  return float(batch_size * (3 * (forward - frozen) + frozen))
