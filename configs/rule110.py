@@ -21,6 +21,8 @@ Baselines (same data order and evaluation, as overrides):
 
 from ml_collections import config_dict
 
+from configs import common
+
 from sleep_jax.data import rule110
 
 
@@ -59,7 +61,7 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   c.sleep.remat = True  # jax.checkpoint per pass: faster here and far less memory
 
   c.train = config_dict.ConfigDict()
-  c.train.batch_size = 512  # global batch (split over the data-parallel devices)
+  c.train.batch_size = 512  # global batch (split over data x fsdp devices of all processes)
   c.train.num_steps = 100_000  # ~5B tokens at 100 tokens/example
   c.train.warmup_steps = 1_000  # linear warmup, then cosine decay to min_lr_ratio
   c.train.min_lr_ratio = 0.1  # final learning rate / peak learning rate
@@ -80,12 +82,7 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
 
   c.log_every_steps = 50  # console line and TensorBoard scalars
 
-  c.parallel = config_dict.ConfigDict()
-  c.parallel.data = -1  # data-parallel mesh axis size; -1 = all local devices
-  # logical axis -> mesh axis (None: replicated). Parameters are replicated by default; an
-  # FSDP or tensor-parallel layout is a change of this table and of the mesh.
-  c.parallel.rules = (("batch", "data"), ("vocab", None), ("embed", None), ("mlp", None),
-                      ("heads", None), ("head_dim", None), ("gate_heads", None), ("conv", None))
+  c.parallel = common.parallel()  # mesh (data, fsdp, tensor) and sharding rules
 
   if variant == "paper":
     pass

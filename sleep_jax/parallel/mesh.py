@@ -1,44 +1,102 @@
 """The device mesh and the logical-axis rules that turn parameter annotations into shardings.
 
+The mesh has three named axes (`config.parallel.mesh`): `data` (data parallelism: each device
+a different slice of the batch, parameters replicated), `fsdp` (the batch is split over it too,
+and so are the parameters and the optimizer state that mirrors them, gathered layer by layer
+when used), and `tensor` (attention and gated-delta heads and the MLP width are split over it).
+Sizes multiply to the device count; one size may be -1 (the rest). Across TPU slices the
+`data` axis spans the slices (DCN) and the others stay within a slice (ICI).
+
 Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); `config.parallel.rules`
-maps each logical axis to a mesh axis or None (replicated). The default mesh is one "data" axis
-over all local devices with parameters replicated: plain data parallelism. FSDP or tensor
-parallelism is a change of the rules table (and the mesh), not of the model code.
+maps each logical axis to mesh axes or None (replicated). The batch goes over data x fsdp.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import math
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
-
-
-def data_parallel_size(parallel_config: Mapping[str, Any]) -> int:
-  """The size of the data axis: `config.parallel.data`, or all local devices when it is -1."""
-  size = parallel_config["data"]
-  available = jax.local_device_count()
-  if size == -1:
-    return available
-  if not 1 <= size <= available:
-    raise ValueError(f"parallel.data={size} but {available} local devices are available")
-  return size
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits parameters
+TENSOR_AXIS = "tensor"
 
 
-def make_mesh(parallel_config: Mapping[str, Any]) -> Mesh:
-  """A 1-D ("data",) mesh over the first `data_parallel_size` local devices."""
-  size = data_parallel_size(parallel_config)
+def mesh_shape(mesh_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """The sizes of (data, fsdp, tensor) for `num_devices`, with a -1 size filled in.
+
+  Raises:
+    ValueError: unknown axis names, more than one -1, or sizes that do not multiply to the
+      device count; the message names the fix.
+  """
+  unknown = sorted(set(mesh_sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"parallel.mesh has unknown axes {unknown}; the axes are {MESH_AXES}")
+  sizes = [int(mesh_sizes.get(axis, 1)) for axis in MESH_AXES]
+  described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"parallel.mesh ({described}): sizes are positive, and at most one is -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"parallel.mesh ({described}): {num_devices} devices are not a multiple "
+                       f"of the fixed sizes' product {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"parallel.mesh ({described}) multiplies to {math.prod(sizes)}, but there "
+                     f"are {num_devices} devices; make the sizes multiply to {num_devices} "
+                     "(or set one of them to -1)")
+  return tuple(sizes)
+
+
+def make_mesh(parallel_config: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: every device of every process).
+
+  Devices of several TPU slices get a hybrid mesh: `data` is split across slices first (the
+  slow DCN link carries only the gradient reduction), fsdp and tensor stay inside a slice.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(parallel_config["mesh"], len(devices))
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if num_slices > 1:
+    if shape[0] % num_slices:
+      raise ValueError(f"parallel.mesh.data={shape[0]} must be a multiple of the {num_slices} "
+                       "slices: the data axis spans slices")
+    ici = (shape[0] // num_slices, *shape[1:])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   # Auto axes: shardings are given to jit and propagated by XLA (the classic pjit model).
-  return jax.make_mesh((size,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                       devices=jax.local_devices()[:size])
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many slices the batch is cut into (data x fsdp)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Examples split over data x fsdp; the sequence axis is whole on every device."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def logical_to_spec(logical_axes: Iterable[str | None], rules: Iterable[tuple[str, Any]]) -> PartitionSpec:
   """PartitionSpec of an array whose dimensions carry these logical names."""
-  table = dict(rules)
+  table = {name: (tuple(target) if isinstance(target, list) else target) for name, target in rules}
   unknown = [a for a in logical_axes if a is not None and a not in table]
   if unknown:
     raise ValueError(f"logical axes {unknown} have no entry in parallel.rules {sorted(table)}")
@@ -46,20 +104,57 @@ def logical_to_spec(logical_axes: Iterable[str | None], rules: Iterable[tuple[st
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a model's parameters, as a nested dict like `nnx.to_pure_dict`."""
-  specs = jax.tree.map(
-      lambda v: NamedSharding(mesh, logical_to_spec(v.get_metadata()["logical_axes"], rules)),
-      abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  """NamedShardings for a model's parameters, as a nested dict like `nnx.to_pure_dict`.
+
+  Raises:
+    ValueError: a rule names an axis the mesh lacks, or a parameter dimension is not divisible
+      by the mesh axes it is split over (naming the parameter, its shape and the fix).
+  """
+
+  def sharding(path, variable):
+    spec = logical_to_spec(variable.get_metadata()["logical_axes"], rules)
+    for dim, (size, entry) in enumerate(zip(variable.shape, spec)):
+      axes = _mesh_axes(entry)
+      missing = [a for a in axes if a not in mesh.shape]
+      if missing:
+        raise ValueError(f"parallel.rules maps to mesh axes {missing}, not in {MESH_AXES}")
+      parts = math.prod(mesh.shape[a] for a in axes)
+      if size % parts:
+        name = "/".join(str(k) for k in _path_keys(path))
+        raise ValueError(
+            f"parameter {name} {tuple(variable.shape)}: dimension {dim} ({size}) is split over "
+            f"mesh axes {axes} of total size {parts}, which does not divide it. Change "
+            "parallel.mesh, or map that logical axis to None in parallel.rules.")
+    return NamedSharding(mesh, spec)
+
+  specs = jax.tree_util.tree_map_with_path(sharding, abstract_state,
+                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(specs)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Examples split over the data axis; the sequence axis is whole on every device."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def process_batch_rows(sharding: NamedSharding, batch_size: int) -> slice:
+  """The rows of a global [batch, ...] array that this process's devices hold, as one slice.
+
+  Every process feeds only these rows (`jax.make_array_from_process_local_data`).
+  """
+  shape = (batch_size, 1)
+  rows = {index[0].indices(batch_size)[:2] for index in
+          sharding.addressable_devices_indices_map(shape).values()}
+  starts = sorted(rows)
+  start, stop = starts[0][0], max(stop for _, stop in starts)
+  covered = sum(b - a for a, b in starts)
+  if covered != stop - start:
+    raise ValueError(f"this process's devices hold non-contiguous rows {starts} of the batch; "
+                     "order the mesh so each process holds one block of the data axes")
+  return slice(start, stop)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
+def to_global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding,
+                    batch_size: int) -> dict[str, jax.Array]:
+  """Global arrays from this process's rows (from `process_batch_rows`) of every field."""
+  return {name: jax.make_array_from_process_local_data(
+              sharding, rows, (batch_size, *rows.shape[1:]))
+          for name, rows in local_batch.items()}
 
 
 def _path_keys(path) -> tuple:

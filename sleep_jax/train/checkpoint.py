@@ -97,7 +97,3 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
                        "over, or point --workdir elsewhere.") from e
   return restored.state
 
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs with the shardings of `tree` (a restore target)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -7,27 +7,21 @@ restore or init -> loop (dispatch step k+1 before reading step k's metrics; stop
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import logging
-from flax import nnx
 from tensorboardX import SummaryWriter
 
 from sleep_jax.data import tasks
 from sleep_jax.eval.metrics import add_sums, summarize
-from sleep_jax.model.config import ModelConfig
-from sleep_jax.model.lm import build_model
 from sleep_jax.parallel import mesh as mesh_lib
-from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.train import checkpoint as ckpt
-from sleep_jax.train.optim import learning_rate_schedule, make_optimizer, optimizer_labels
-from sleep_jax.train.step import TrainState, make_eval_step, make_train_step
+from sleep_jax.train.optim import learning_rate_schedule
+from sleep_jax.train.program import build_program, num_slice_examples, validate  # noqa: F401
 
 RESULTS_FILE = "results.json"
 TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON line of train metrics per logged step
@@ -38,47 +32,24 @@ class NonFiniteLossError(FloatingPointError):
   """Raised when a training step produced a NaN or infinite loss or gradient norm."""
 
 
-def keep_only_our_info_logs() -> None:
-  """INFO logging for this project, WARNING and above for everyone (orbax's INFO is chatty)."""
-  logging.set_verbosity(logging.INFO)
+def keep_only_our_info_logs(is_writer: bool = True) -> None:
+  """INFO logging for this project, WARNING and above for everyone (orbax's INFO is chatty).
+
+  Processes other than 0 of a multi-process job log warnings and errors only.
+  """
+  logging.set_verbosity(logging.INFO if is_writer else logging.WARNING)
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= logging.WARNING or "sleep_jax" in record.pathname)
 
 
-def validate(config) -> tuple[tasks.Task, ModelConfig, SleepConfig, int]:
-  """Every static check, before anything is compiled. Returns typed pieces of the config."""
-  task = tasks.get_task(config.task)
-  model_cfg = ModelConfig.from_config(config.model)
-  sleep_cfg = SleepConfig.from_config(config.sleep)
-  if model_cfg.vocab_size < task.vocab_size:
-    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} < {task.name}'s {task.vocab_size} tokens")
-  if sleep_cfg.context_len != task.context_len:
-    raise ValueError(f"sleep.context_len={sleep_cfg.context_len} but {task.name} sleeps on "
-                     f"{task.context_len} tokens before its prediction chunk")
-  sleep_cfg.check_sequence(task.seq_len)
-  dp = mesh_lib.data_parallel_size(config.parallel)
-  for name in ("train.batch_size", "eval.batch_size"):
-    size = config[name.split(".")[0]]["batch_size"]
-    if size < 1 or size % dp:
-      raise ValueError(f"{name}={size} is not divisible by the data-parallel size {dp}")
-  # Whole batches only: a smaller last batch would compile the eval step a second time.
-  for name, num in (("num_examples", config.eval.num_examples),
-                    ("num_slice_examples", _num_slice_examples(config))):
-    if num < 1 or num % config.eval.batch_size:
-      raise ValueError(f"eval.{name}={num} is not a positive multiple of "
-                       f"eval.batch_size={config.eval.batch_size}")
-  if config.train.num_steps < 1:
-    raise ValueError(f"train.num_steps must be >= 1, got {config.train.num_steps}")
-  return task, model_cfg, sleep_cfg, dp
+class _NoEvents:
+  """The TensorBoard writer of processes other than 0: they write nothing."""
 
+  def add_scalar(self, *args, **kwargs):
+    pass
 
-def _num_slice_examples(config) -> int:
-  """Examples per evaluation slice (configs without the field use the main set's size)."""
-  return config.eval.get("num_slice_examples", config.eval.num_examples)
-
-
-def _init_params(model_cfg: ModelConfig, seed: int):
-  return nnx.to_pure_dict(nnx.state(build_model(model_cfg, seed=seed)))
+  def close(self):
+    pass
 
 
 def _append_json_line(path: str, record: dict) -> None:
@@ -94,7 +65,8 @@ def _console_line(step, num_steps, metrics, tokens_per_s, elapsed, start_step):
           f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None,
+                       devices=None) -> dict:
   """Trains per `config`, writing checkpoints, TensorBoard events and results.json to `workdir`.
 
   Args:
@@ -102,61 +74,49 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     workdir: the run directory; a rerun with the same workdir resumes from its checkpoint.
     stop_after_step: stop right after this step without a final save, as a preempted job
       would (tests use it to check that resuming reproduces an uninterrupted run).
+    devices: the devices the mesh covers (default: every device of every process).
 
   Returns:
     The results dict also written to `workdir/results.json`.
   """
   # --- Validate, and refuse an incompatible workdir before touching it. ---------------------
-  task, model_cfg, sleep_cfg, _ = validate(config)
+  program = build_program(config, devices)  # validates first; compiles nothing yet
+  task, model_cfg, sleep_cfg = (program.validated.task, program.validated.model,
+                                program.validated.sleep)
+  is_writer = jax.process_index() == 0  # one process writes logs, events and results
   config_dict = config.to_dict()
   ckpt.check_compatible_config(workdir, config_dict)
-  ckpt.write_config(workdir, config_dict)
+  if is_writer:
+    ckpt.write_config(workdir, config_dict)
 
-  # --- Mesh, model structure, optimizer, shardings (shapes first: nothing allocated yet). ----
-  mesh = mesh_lib.make_mesh(config.parallel)
-  rules = config.parallel.rules
-  abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, seed=config.seed))
-  graphdef, abstract_params = nnx.split(abstract_model)
-  param_shardings = mesh_lib.param_shardings(abstract_params, mesh, rules)
-  optimizer = make_optimizer(config.train, optimizer_labels(abstract_params))
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  replicated = mesh_lib.replicated(mesh)
+  # --- Data: every process makes and feeds only its own rows of each batch. ------------------
+  train_rows = mesh_lib.process_batch_rows(program.batch_sharding, config.train.batch_size)
+  eval_rows = mesh_lib.process_batch_rows(program.batch_sharding, config.eval.batch_size)
+  data_iter = iter(tasks.train_dataset(task, seed=config.seed, batch_size=config.train.batch_size,
+                                       rows=train_rows))
 
-  def init_state():
-    params = jax.jit(functools.partial(_init_params, model_cfg, config.seed),
-                     out_shardings=param_shardings)()
-    # Optimizer moments are sharded like the parameters they mirror; counters are replicated.
-    opt_shardings = mesh_lib.shardings_by_param_path(jax.eval_shape(optimizer.init, params),
-                                                     param_shardings, default=replicated)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                      opt_state=opt_state)
-
-  # --- Restore or init. -----------------------------------------------------------------------
+  # --- Restore into the abstract, sharded state, or init. --------------------------------------
   manager = ckpt.make_manager(workdir, max_to_keep=config.checkpoint.max_to_keep)
-  data_iter = iter(tasks.train_dataset(task, seed=config.seed, batch_size=config.train.batch_size))
-  state = init_state()
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  restored = ckpt.restore_latest(manager, ckpt.abstract_like(state), data_iter)
-  if restored is not None:
-    state = restored
+  state = ckpt.restore_latest(manager, program.abstract_state, data_iter)
+  restored = state is not None
+  if restored:
     logging.info("resumed from step %d in %s", int(state.step), workdir)
+  else:
+    state = program.init_state()
+  train_step, eval_step = program.train_step, program.eval_step
 
-  train_step = make_train_step(graphdef=graphdef, sleep_cfg=sleep_cfg, optimizer=optimizer,
-                               state_shardings=state_shardings, batch_sharding=batch_sharding,
-                               replicated=replicated)
-  eval_step = make_eval_step(graphdef=graphdef, sleep_cfg=sleep_cfg, param_shardings=param_shardings,
-                             batch_sharding=batch_sharding, replicated=replicated)
   heldout = tasks.heldout_set(task, seed=config.seed, num=config.eval.num_examples)
   # Per-depth / per-hop sets (config.task.eval_depths / eval_hops), fixed like `heldout`.
-  slice_sets = tasks.heldout_slices(task, seed=config.seed, num=_num_slice_examples(config))
+  slice_sets = tasks.heldout_slices(task, seed=config.seed, num=num_slice_examples(config))
   lr_schedules = {f"lr/{g}": learning_rate_schedule(config.train, config.train[f"{g}_lr"])
                   for g in ("muon", "adamw")}
 
   def evaluate_set(params, examples) -> dict[str, float]:
     sums = None
     for batch in tasks.iterate_batches(examples, config.eval.batch_size):
-      sums = add_sums(sums, eval_step(params, batch))
+      local = {name: rows[eval_rows] for name, rows in batch.items()}
+      global_batch = mesh_lib.to_global_batch(local, program.batch_sharding, config.eval.batch_size)
+      sums = add_sums(sums, eval_step(params, global_batch))
     return summarize(jax.device_get(sums))
 
   def evaluate(params) -> dict[str, float]:
@@ -169,10 +129,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     return metrics
 
   # --- Loop. ------------------------------------------------------------------------------------
-  writer = SummaryWriter(workdir)
+  writer = SummaryWriter(workdir) if is_writer else _NoEvents()
   results_path = os.path.join(workdir, RESULTS_FILE)
   prior_wall_s = 0.0
-  if restored is not None and os.path.exists(results_path):
+  if restored and os.path.exists(results_path):
     with open(results_path) as f:
       prior_wall_s = json.load(f).get("wall_s", 0.0)
   tokens_per_step = config.train.batch_size * task.seq_len
@@ -201,8 +161,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
       now = time.time()
       tokens_per_s = (at_step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
       last_log_time, last_log_step = now, at_step
-      _append_json_line(os.path.join(workdir, TRAIN_LOG_FILE),
-                        {"step": at_step, **{name: float(value) for name, value in host.items()}})
+      if is_writer:
+        _append_json_line(os.path.join(workdir, TRAIN_LOG_FILE),
+                          {"step": at_step, **{name: float(v) for name, v in host.items()}})
       for name, value in host.items():
         writer.add_scalar(f"train/{name}", float(value), at_step)
       for name, schedule in lr_schedules.items():
@@ -218,12 +179,14 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                  " | ".join(f"{k} {v:.4f}" for k, v in results["eval"].items()))
     results.update(step=at_step, tokens_seen=at_step * tokens_per_step,
                    wall_s=prior_wall_s + time.time() - start_time)
-    _append_json_line(os.path.join(workdir, EVAL_LOG_FILE), {"step": at_step, **results["eval"]})
-    with open(results_path, "w") as f:
-      json.dump(results, f, indent=2)
+    if is_writer:
+      _append_json_line(os.path.join(workdir, EVAL_LOG_FILE), {"step": at_step, **results["eval"]})
+      with open(results_path, "w") as f:
+        json.dump(results, f, indent=2)
 
   while step < num_steps:
-    batch = jax.device_put(next(data_iter), batch_sharding)
+    batch = mesh_lib.to_global_batch(next(data_iter), program.batch_sharding,
+                                     config.train.batch_size)
     state, metrics = train_step(state, batch)
     step += 1
     if pending is not None:  # read step k-1's metrics only after step k is dispatched

@@ -73,11 +73,11 @@ def test_training_batches_are_pure_functions_of_seed_and_index():
 
 def test_iterator_state_restores_the_exact_position():
   task = tasks.get_task({"name": "rule110", "depth": 3})
-  it = iter(tasks.train_dataset(task, seed=0, batch_size=4))
+  it = iter(tasks.train_dataset(task, seed=0, batch_size=8))
   next(it), next(it)
   saved = it.get_state()
   expected = [next(it)["tokens"] for _ in range(2)]
-  fresh = iter(tasks.train_dataset(task, seed=0, batch_size=4))
+  fresh = iter(tasks.train_dataset(task, seed=0, batch_size=8))
   fresh.set_state(saved)
   for want in expected:
     np.testing.assert_array_equal(next(fresh)["tokens"], want)

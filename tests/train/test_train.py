@@ -13,16 +13,23 @@ import pytest
 from configs import depo as depo_configs
 from configs import rule110 as rule110_configs
 from sleep_jax.train import checkpoint as ckpt
+from sleep_jax.data import tasks
+from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.train import loop
+from sleep_jax.train import program as program_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config(configs=rule110_configs, **overrides):
+  """The tiny variant with overrides written section__field (or section__sub__field)."""
   config = configs.get_config("tiny")
   for dotted, value in overrides.items():
-    section, field = dotted.split("__")
-    config[section][field] = value
+    *sections, field = dotted.split("__")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = value
   return config
 
 
@@ -37,15 +44,59 @@ def final_params(workdir, step):
   return restored["params"]
 
 
-def test_eight_devices_data_parallel_match_one_device(tmp_path):
-  assert jax.local_device_count() == 8  # tests/conftest.py fakes them
-  one = loop.train_and_evaluate(tiny_config(parallel__data=1), str(tmp_path / "one"))
-  eight = loop.train_and_evaluate(tiny_config(parallel__data=8), str(tmp_path / "eight"))
-  log_one, log_eight = train_log(tmp_path / "one"), train_log(tmp_path / "eight")
-  assert sorted(log_one) == sorted(log_eight) == [1, 2, 3, 4]
-  for step in log_one:
-    np.testing.assert_allclose(log_eight[step]["loss"], log_one[step]["loss"], rtol=1e-5)
-  np.testing.assert_allclose(eight["eval"]["loss"], one["eval"]["loss"], rtol=1e-5)
+MESHES = {"DP 8": dict(data=8), "FSDP 8": dict(data=1, fsdp=8),
+          "data 4 x tensor 2": dict(data=4, tensor=2),
+          "data 2 x fsdp 2 x tensor 2": dict(data=2, fsdp=2, tensor=2)}
+# The default suite runs the mesh that uses every axis; the rest are `slow` (~1 min each).
+FAST = {("data 2 x fsdp 2 x tensor 2", "chunked")}
+
+
+def _mesh_cases():
+  for impl in ("chunked", "pallas"):
+    for name in MESHES:
+      marks = () if (name, impl) in FAST else (pytest.mark.slow,)
+      yield pytest.param(name, impl, marks=marks, id=f"{name}-{impl}")
+
+
+def train_steps(config, devices, num_steps=3):
+  """Losses and final parameters of `num_steps` train steps of the program for `devices`."""
+  program = program_lib.build_program(config, devices)
+  task = program.validated.task
+  batches = iter(tasks.train_dataset(task, seed=config.seed, batch_size=config.train.batch_size))
+  state, losses = program.init_state(), []
+  for _ in range(num_steps):
+    batch = mesh_lib.to_global_batch(next(batches), program.batch_sharding,
+                                     config.train.batch_size)
+    state, metrics = program.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("mesh_name, impl", list(_mesh_cases()))
+def test_every_mesh_matches_one_device(mesh_name, impl):
+  assert jax.device_count() == 8  # tests/conftest.py fakes them
+  config = tiny_config(model__fast_weight_impl=impl)
+  losses_one, params_one = train_steps(config, jax.devices()[:1])
+  config.parallel.mesh.update(MESHES[mesh_name])
+  losses_many, params_many = train_steps(config, jax.devices())
+  np.testing.assert_allclose(losses_many, losses_one, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               params_many, params_one)
+
+
+def test_fsdp_and_tensor_parallelism_really_split_the_parameters():
+  config = tiny_config(parallel__mesh__data=2, parallel__mesh__fsdp=2, parallel__mesh__tensor=2)
+  program = program_lib.build_program(config)
+  params = program.abstract_state.params
+  shard_shape = lambda x: x.sharding.shard_shape(x.shape)
+  attention_q = params["blocks"][0]["mixer"]["q"]["kernel"]  # [embed 32, heads 32]
+  assert shard_shape(attention_q) == (16, 16)  # embed over fsdp, heads over tensor
+  mlp_down = params["blocks"][1]["mlp"]["down"]["kernel"]  # [mlp 64, embed 32]
+  assert shard_shape(mlp_down) == (32, 16)
+  # Optimizer moments mirror their parameter's split; the batch goes over data x fsdp.
+  moments = [x for x in jax.tree.leaves(program.abstract_state.opt_state) if x.shape == (32, 32)]
+  assert moments and all(shard_shape(m) == (16, 16) for m in moments)
+  assert program.batch_sharding.shard_shape((16, 100)) == (4, 100)
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
@@ -96,7 +147,14 @@ def test_main_pulse_writes_checkpoints_events_and_results(tmp_path):
     (dict(sleep__passes=0), ValueError, "passes"),
     (dict(sleep__window=25), ValueError, "does not tile"),
     (dict(task__depth=-1), ValueError, "depth"),
-    (dict(train__batch_size=12), ValueError, "not divisible by the data-parallel size 8"),
+    (dict(train__batch_size=12), ValueError, r"not divisible by the batch shards data x fsdp = 8 x 1"),
+    (dict(parallel__mesh__data=3), ValueError, "multiplies to 3, but there are 8 devices"),
+    (dict(parallel__mesh__data=2, parallel__mesh__fsdp=-1, parallel__mesh__tensor=-1),
+     ValueError, "at most one is -1"),
+    (dict(parallel__mesh__tensor=8, parallel__mesh__data=1), ValueError,
+     "model.num_heads=2 is not divisible by parallel.mesh.tensor=8"),
+    (dict(parallel__mesh__fsdp=8, parallel__mesh__data=1, model__d_model=36, model__head_dim=18),
+     ValueError, r"parameter .* dimension 0 \(36\) is split over mesh axes \('fsdp',\)"),
     (dict(sleep__eviction="sliding"), ValueError, "not implemented yet"),
     (dict(sleep__context_len=72), ValueError, "context_len"),
     (dict(sleep__eviction="none", sleep__passes=2), ValueError, "passes must be 1"),
@@ -164,10 +222,10 @@ def test_attention_only_without_eviction_trains(tmp_path):
 
 def test_baseline_overrides_validate_on_depo():
   for overrides in (dict(sleep__eviction="none"), dict(model__pattern="AAAA")):
-    task, model_cfg, sleep_cfg, _ = loop.validate(tiny_config(depo_configs, **overrides))
-    assert task.context_len == sleep_cfg.context_len == 300
-  _, _, sleep_cfg, _ = loop.validate(tiny_config(depo_configs, sleep__eviction="none"))
-  assert sleep_cfg.num_sleep_chunks == 0
+    validated = program_lib.validate(tiny_config(depo_configs, **overrides), num_devices=8)
+    assert validated.task.context_len == validated.sleep.context_len == 300
+  validated = program_lib.validate(tiny_config(depo_configs, sleep__eviction="none"), 8)
+  assert validated.sleep.num_sleep_chunks == 0
 
 
 def test_changing_only_evaluation_slices_keeps_a_workdir_compatible(tmp_path):
