@@ -11,10 +11,10 @@ run:
 	$(PYTHON) launch/main.py --config=configs/rule110.py:cpu --workdir=$(WORKDIR)
 
 test:
-	$(PYTHON) -m pytest -m "not slow and not gpu and not tpu" -n 2 -q
+	$(PYTHON) -m pytest -m "not slow and not gpu and not tpu and not tpu_compile" -n 2 -q
 
 test-all:
-	$(PYTHON) -m pytest -m "not gpu and not tpu" -n 2 -q
+	$(PYTHON) -m pytest -m "not gpu and not tpu and not tpu_compile" -n 2 -q
 
 bench:
 	$(PYTHON) bench/gated_delta.py

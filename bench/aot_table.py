@@ -1,0 +1,50 @@
+"""The README's TPU table: paper configs compiled for TPU slices from this host (needs libtpu).
+
+  python bench/aot_table.py [--out docs/results/aot/aot.json] [--largest_batch]
+
+Compiles the paper Rule 110 and Depo train steps (launch/aot.py's code path) for a v5e-8, a
+v5p-32 and two v5e-16 slices; prints a markdown table (peak memory per device against HBM,
+Mosaic kernels, model FLOPs per step) and writes the rows as JSON. With --largest_batch it also
+searches the largest power-of-two batch per v5e chip that fits, per config.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from sleep_jax import sweeps  # noqa: E402
+from sleep_jax.train import aot  # noqa: E402
+
+CONFIGS = ("configs/rule110.py:paper", "configs/depo.py:paper")
+SLICES = (("v5e-8", 1), ("v5p-32", 1), ("v5e-16", 2))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "aot.json"))
+  parser.add_argument("--largest_batch", action="store_true")
+  args = parser.parse_args()
+  rows, largest = [], {}
+  for spec in CONFIGS:
+    for topology, num_slices in SLICES:
+      row = aot.compile_for_topology(sweeps.load_config(spec), topology, num_slices=num_slices)
+      rows.append({"config": spec.replace("configs/", ""), **row})
+      print(aot.format_table(rows[-1:]).splitlines()[-1], flush=True)
+    if args.largest_batch:
+      largest[spec] = aot.largest_fitting_batch(sweeps.load_config(spec), "v5e-8")
+  print()
+  print(aot.format_table(rows))
+  for spec, best in largest.items():
+    print(f"{spec}: largest batch per v5e chip that fits (power of two) = "
+          f"{best['per_device_batch']} (peak {best['peak_memory_bytes_per_device'] / 2**30:.2f} GiB)")
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"rows": rows, "largest_batch_per_v5e_chip": largest}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,120 @@
+"""Ahead-of-time compilation of a run's train step for a TPU topology, from any host.
+
+The train step (and the eval step) are built by `build_program`, exactly as training builds
+them, over the devices of a named TPU slice (sleep_jax.parallel.topology), and compiled by the
+real XLA:TPU and Mosaic compilers on this host. This catches sharding and Mosaic errors and
+tells whether a config fits a chip's memory, before any TPU time is spent. XLA's cost analysis
+cannot see inside Pallas calls, so FLOPs come from the model count (sleep_jax.model.flops).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import jax
+
+from sleep_jax.model.flops import train_step_flops
+from sleep_jax.parallel import topology as topology_lib
+from sleep_jax.train.program import build_program
+
+MOSAIC_CALL = re.compile(r'custom_call_target="tpu_custom_call"')
+
+
+def _peak_bytes(compiled) -> int:
+  """Per-device bytes live at the peak: arguments + outputs (minus donated aliases) + temps."""
+  memory = compiled.memory_analysis()
+  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+
+
+def compile_for_topology(config, topology: str, *, num_slices: int = 1) -> dict[str, Any]:
+  """Compiles `config`'s train and eval steps for `num_slices` slices of `topology`.
+
+  Args:
+    config: a run's ConfigDict (as launch/main.py takes it).
+    topology: a Cloud TPU name (`v5e-16`, `v5p-32`, `v4-8`, `v6e-8`) or jax's (`v5e:4x4`).
+    num_slices: slices joined over the data-center network (the data axis spans them).
+
+  Returns:
+    A JSON-ready dict: topology, num_slices, num_devices, num_processes, device_kind, mesh,
+    batch_size, mosaic_kernels (Mosaic calls in the compiled train step), peak and HBM bytes
+    per device, fits, flops_per_step (model count, forward + backward), compile_s, and the
+    eval step's mosaic_kernels and peak bytes.
+  """
+  resolved = topology_lib.resolve(topology)
+  devices = topology_lib.tpu_devices(topology, num_slices=num_slices)
+  program = build_program(config, devices)
+  batch = program.abstract_batch(config.train.batch_size)
+  start = time.perf_counter()
+  train = program.train_step.lower(program.abstract_state, batch).compile()
+  compile_s = time.perf_counter() - start
+  evaluate = program.eval_step.lower(program.abstract_state.params,
+                                     program.abstract_batch(config.eval.batch_size)).compile()
+  hbm = topology_lib.hbm_bytes_per_device(devices[0])
+  peak = _peak_bytes(train)
+  validated = program.validated
+  return {
+      "topology": topology,
+      "jax_topology": resolved.jax_name,
+      "num_slices": num_slices,
+      "num_devices": len(devices),
+      "num_processes": len({d.process_index for d in devices}),
+      "device_kind": devices[0].device_kind,
+      "mesh": dict(program.mesh.shape),
+      "batch_size": config.train.batch_size,
+      "fast_weight_impl": validated.model.fast_weight_impl,
+      "mosaic_kernels": len(MOSAIC_CALL.findall(train.as_text())),
+      "peak_memory_bytes_per_device": peak,
+      "hbm_bytes_per_device": hbm,
+      "fits": peak <= hbm,
+      "flops_per_step": train_step_flops(validated.model, validated.sleep,
+                                         seq_len=validated.task.seq_len,
+                                         batch_size=config.train.batch_size),
+      "compile_s": round(compile_s, 2),
+      "eval_mosaic_kernels": len(MOSAIC_CALL.findall(evaluate.as_text())),
+      "eval_peak_memory_bytes_per_device": _peak_bytes(evaluate),
+  }
+
+
+def largest_fitting_batch(config, topology: str, *, num_slices: int = 1,
+                          start_per_device: int = 8, limit_per_device: int = 4096) -> dict:
+  """The largest power-of-two batch per device whose train step fits HBM (doubling search).
+
+  Returns:
+    {"per_device_batch": b, "batch_size": global batch, "peak_memory_bytes_per_device": ...}
+    for the largest fitting b, or per_device_batch 0 when even `start_per_device` does not fit.
+  """
+  num_devices = len(topology_lib.tpu_devices(topology, num_slices=num_slices))
+  best = {"per_device_batch": 0, "batch_size": 0, "peak_memory_bytes_per_device": None}
+  per_device = start_per_device
+  while per_device <= limit_per_device:
+    trial = config.copy_and_resolve_references()
+    with trial.unlocked():
+      trial.train.batch_size = trial.eval.batch_size = per_device * num_devices
+    result = compile_for_topology(trial, topology, num_slices=num_slices)
+    if not result["fits"]:
+      break
+    best = {"per_device_batch": per_device, "batch_size": result["batch_size"],
+            "peak_memory_bytes_per_device": result["peak_memory_bytes_per_device"]}
+    per_device *= 2
+  return best
+
+
+def format_table(rows: list[dict]) -> str:
+  """A markdown table of `compile_for_topology` results."""
+  gib = lambda b: f"{b / 2**30:.2f}"
+  lines = ["| config | topology | devices | hosts | mesh (data, fsdp, tensor) | batch | Mosaic "
+           "kernels | peak GiB / device | HBM GiB | fits | TFLOP / step | compile s |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+  for row in rows:
+    mesh = "x".join(str(row["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    slices = f" x {row['num_slices']} slices" if row["num_slices"] > 1 else ""
+    lines.append(
+        f"| {row.get('config', '')} | {row['topology']}{slices} | {row['num_devices']} | "
+        f"{row['num_processes']} | {mesh} | {row['batch_size']} | {row['mosaic_kernels']} | "
+        f"{gib(row['peak_memory_bytes_per_device'])} | {gib(row['hbm_bytes_per_device'])} | "
+        f"{'yes' if row['fits'] else 'NO'} | {row['flops_per_step'] / 1e12:.2f} | "
+        f"{row['compile_s']:.1f} |")
+  return "\n".join(lines)
