@@ -1,0 +1,1 @@
+"""Top tier: running sweeps of runs on machines (jobs), and reading their results."""
