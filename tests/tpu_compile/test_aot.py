@@ -1,8 +1,9 @@
 """The train step compiles for real TPU topologies from this CPU host (XLA:TPU and Mosaic).
 
 Marker `tpu_compile`: needs libtpu (the `tpu` extra), which the default install leaves out;
-.ci/run installs it for a step of its own and runs `pytest -m tpu_compile`. Without libtpu the
-tests skip with the reason.
+.ci/run installs it for a step of its own and runs `pytest -m tpu_compile` in one process
+(libtpu takes a lock: two test workers cannot both load it). Without libtpu the tests skip
+with the reason.
 """
 
 import re
@@ -37,8 +38,9 @@ def check(result, *, devices, processes):
 ])
 def test_tiny_config_compiles_with_mosaic_kernels(topology, num_slices, devices, processes):
   config = rule110_configs.get_config("tiny")
-  config.train.batch_size = config.eval.batch_size = 16 * num_slices
-  config.eval.num_examples = config.eval.num_slice_examples = 16 * num_slices
+  batch = 8 * max(devices, processes)  # whole data blocks per process, whole rows per device
+  config.train.batch_size = config.eval.batch_size = batch
+  config.eval.num_examples = config.eval.num_slice_examples = batch
   check(aot.compile_for_topology(config, topology, num_slices=num_slices),
         devices=devices, processes=processes)
 
