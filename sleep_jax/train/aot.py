@@ -79,8 +79,9 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1) -> dict[
 
 
 def largest_fitting_batch(config, topology: str, *, num_slices: int = 1,
-                          start_per_device: int = 8, limit_per_device: int = 4096) -> dict:
-  """The largest power-of-two batch per device whose train step fits HBM (doubling search).
+                          start_per_device: int | None = None, limit_per_device: int = 8192) -> dict:
+  """The largest batch per device whose train step fits HBM, doubling from `start_per_device`
+  (default: the config's own batch per device).
 
   Returns:
     {"per_device_batch": b, "batch_size": global batch, "peak_memory_bytes_per_device": ...}
@@ -88,7 +89,7 @@ def largest_fitting_batch(config, topology: str, *, num_slices: int = 1,
   """
   num_devices = len(topology_lib.tpu_devices(topology, num_slices=num_slices))
   best = {"per_device_batch": 0, "batch_size": 0, "peak_memory_bytes_per_device": None}
-  per_device = start_per_device
+  per_device = start_per_device or max(config.train.batch_size // num_devices, 1)
   while per_device <= limit_per_device:
     trial = config.copy_and_resolve_references()
     with trial.unlocked():

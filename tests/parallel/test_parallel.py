@@ -101,3 +101,11 @@ def test_process_rows_of_a_single_process_are_the_whole_batch():
   mesh = mesh_lib.make_mesh({"mesh": dict(data=4, tensor=2)})
   assert mesh_lib.process_batch_rows(mesh_lib.batch_sharding(mesh), 16) == slice(0, 16)
   assert jax.process_count() == 1
+
+
+def test_a_batch_that_processes_cannot_share_in_whole_blocks_is_refused():
+  from sleep_jax.train import program
+  config = rule110_configs.get_config("tiny")  # batch 16
+  program.validate(config, num_devices=8, num_processes=2)  # 8 rows each: fine
+  with pytest.raises(ValueError, match="each of the 4 processes .* multiple of 32"):
+    program.validate(config, num_devices=8, num_processes=4)
