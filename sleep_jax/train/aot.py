@@ -93,7 +93,7 @@ def largest_fitting_batch(config, topology: str, *, num_slices: int = 1,
   while per_device <= limit_per_device:
     trial = config.copy_and_resolve_references()
     with trial.unlocked():
-      trial.train.batch_size = trial.eval.batch_size = per_device * num_devices
+      trial.train.batch_size = per_device * num_devices
     result = compile_for_topology(trial, topology, num_slices=num_slices)
     if not result["fits"]:
       break
