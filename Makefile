@@ -2,7 +2,7 @@
 PYTHON ?= python
 WORKDIR ?= runs/rule110_cpu
 
-.PHONY: install run test test-all bench bench-gpu reproduce
+.PHONY: install run test test-all test-tpu-compile bench bench-gpu aot-table reproduce
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
@@ -15,6 +15,14 @@ test:
 
 test-all:
 	$(PYTHON) -m pytest -m "not gpu and not tpu and not tpu_compile" -n 2 -q
+
+# Compile for TPU topologies on this host (needs libtpu: pip install -e ".[tpu]"); one process.
+test-tpu-compile:
+	$(PYTHON) -m pytest -m tpu_compile -q
+
+# The README's TPU table: paper configs on v5e-8, v5p-32 and 2 x v5e-16, and the largest v5e batch.
+aot-table:
+	$(PYTHON) bench/aot_table.py --largest_batch --out docs/results/aot/aot.json
 
 bench:
 	$(PYTHON) bench/gated_delta.py
