@@ -1,8 +1,10 @@
 """The training loop: `train_and_evaluate(config, workdir)`, called by launch/main.py and tests.
 
-Sections, in order: validate (before compiling) -> mesh, model, optimizer, shardings ->
-restore or init -> loop (dispatch step k+1 before reading step k's metrics; stop on NaN/Inf)
--> periodic eval, checkpoints, TensorBoard and console lines -> results.json.
+Sections, in order: build the program (validate, mesh, shardings, jitted steps; nothing
+compiled or allocated) -> this process's rows of the data -> restore into the abstract sharded
+state, or init -> loop (dispatch step k+1 before reading step k's metrics; stop on NaN/Inf) ->
+periodic eval, checkpoints, TensorBoard and console lines -> results.json. In a multi-process
+job every process runs all of it; only process 0 writes logs, events and results.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sleep_jax.eval.metrics import add_sums, summarize
 from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.train import checkpoint as ckpt
 from sleep_jax.train.optim import learning_rate_schedule
-from sleep_jax.train.program import build_program, num_slice_examples, validate  # noqa: F401
+from sleep_jax.train.program import build_program, num_slice_examples
 
 RESULTS_FILE = "results.json"
 TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON line of train metrics per logged step
