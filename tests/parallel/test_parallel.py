@@ -109,3 +109,12 @@ def test_a_batch_that_processes_cannot_share_in_whole_blocks_is_refused():
   program.validate(config, num_devices=8, num_processes=2)  # 8 rows each: fine
   with pytest.raises(ValueError, match="each of the 4 processes .* multiple of 32"):
     program.validate(config, num_devices=8, num_processes=4)
+
+
+def test_aot_cli_rejects_an_unknown_topology_before_compiling():
+  import os
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, "launch/aot.py", "--config=configs/rule110.py:tiny",
+                        "--topology=v5e-12"], capture_output=True, text=True, cwd=repo, timeout=120)
+  assert out.returncode != 0 and "power-of-two number of chips" in out.stderr
