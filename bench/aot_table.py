@@ -16,6 +16,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from absl import logging  # noqa: E402
+
 from sleep_jax import sweeps  # noqa: E402
 from sleep_jax.train import aot  # noqa: E402
 
@@ -27,17 +29,21 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "aot.json"))
   parser.add_argument("--largest_batch", action="store_true")
+  parser.add_argument("--configs", nargs="+", default=CONFIGS)
+  parser.add_argument("--no_slices", action="store_true", help="only the largest-batch search")
   args = parser.parse_args()
+  logging.set_verbosity(logging.INFO)
   rows, largest = [], {}
-  for spec in CONFIGS:
-    for topology, num_slices in SLICES:
+  for spec in args.configs:
+    for topology, num_slices in ([] if args.no_slices else SLICES):
       row = aot.compile_for_topology(sweeps.load_config(spec), topology, num_slices=num_slices)
       rows.append({"config": spec.replace("configs/", ""), **row})
       print(aot.format_table(rows[-1:]).splitlines()[-1], flush=True)
     if args.largest_batch:
       largest[spec] = aot.largest_fitting_batch(sweeps.load_config(spec), "v5e-8")
   print()
-  print(aot.format_table(rows))
+  if rows:
+    print(aot.format_table(rows))
   for spec, best in largest.items():
     print(f"{spec}: largest batch per v5e chip that fits (power of two) = "
           f"{best['per_device_batch']} (peak {best['peak_memory_bytes_per_device'] / 2**30:.2f} GiB)")

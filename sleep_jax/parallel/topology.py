@@ -10,6 +10,7 @@ megacore chips are one device each) or jax's own (`v5e:4x4`, `v5:2x2x4`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 GIB = 2**30
@@ -104,6 +105,9 @@ def tpu_devices(name: str, *, num_slices: int = 1) -> list:
   except ImportError as e:
     raise RuntimeError("compiling for a TPU topology needs libtpu: "
                        'python -m pip install -e ".[tpu]"') from e
+  # Compile-only use never touches a TPU: let several processes (test workers, a table run)
+  # load libtpu at once instead of failing on its single-user lock file.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   kwargs = {"num_slices": num_slices}
   if topology.chip_config_name:
