@@ -1,9 +1,8 @@
 """The train step compiles for real TPU topologies from this CPU host (XLA:TPU and Mosaic).
 
 Marker `tpu_compile`: needs libtpu (the `tpu` extra), which the default install leaves out;
-.ci/run installs it for a step of its own and runs `pytest -m tpu_compile` in one process
-(libtpu takes a lock: two test workers cannot both load it). Without libtpu the tests skip
-with the reason.
+.ci/run installs it for a step of its own and runs `pytest -m tpu_compile` in one process.
+Without libtpu the tests skip with the reason.
 """
 
 import re
