@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sleep_jax.parallel import topology as topology_lib  # noqa: E402
 from sleep_jax.train import aot  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rule110.py.")
@@ -36,7 +35,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    topology_lib.resolve(_TOPOLOGY.value)  # a clear error before anything is built
     result = aot.compile_for_topology(_CONFIG.value, _TOPOLOGY.value, num_slices=_NUM_SLICES.value)
     if _LARGEST_BATCH.value:
       result["largest_batch"] = aot.largest_fitting_batch(_CONFIG.value, _TOPOLOGY.value,

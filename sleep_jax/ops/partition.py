@@ -33,7 +33,8 @@ TENSOR_AXIS = "tensor"  # the mesh axis the project splits heads over (sleep_jax
 Axes = tuple[str, ...]
 
 
-def _as_axes(axes: str | Sequence[str] | None) -> Axes:
+def as_axes(axes: str | Sequence[str] | None) -> Axes:
+  """A mesh-axes entry (None, one name, or several) as a tuple of names."""
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -80,11 +81,11 @@ def batch_and_head_axes(x_bth, *, batch_axes=None, head_axes=None) -> tuple[Axes
     else:
       head_axes = tuple(a for a in free if a == TENSOR_AXIS)
       batch_axes = tuple(a for a in free if a != TENSOR_AXIS)
-  missing = sorted(set(_as_axes(batch_axes) + _as_axes(head_axes)) - set(mesh.axis_names))
+  missing = sorted(set(as_axes(batch_axes) + as_axes(head_axes)) - set(mesh.axis_names))
   if missing:
     raise ValueError(f"mesh axes {missing} are not in the mesh in context {mesh.axis_names}")
-  batch_axes = tuple(a for a in _as_axes(batch_axes) if a in free)
-  head_axes = tuple(a for a in _as_axes(head_axes) if a in free and a not in batch_axes)
+  batch_axes = tuple(a for a in as_axes(batch_axes) if a in free)
+  head_axes = tuple(a for a in as_axes(head_axes) if a in free and a not in batch_axes)
   return _dividing(batch_axes, mesh, batch), _dividing(head_axes, mesh, heads)
 
 

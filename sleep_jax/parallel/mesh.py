@@ -22,9 +22,10 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from sleep_jax.ops.partition import TENSOR_AXIS, as_axes  # the per-shard kernels' convention
+
+MESH_AXES = ("data", "fsdp", TENSOR_AXIS)
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits parameters
-TENSOR_AXIS = "tensor"
 
 
 def mesh_shape(mesh_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -88,12 +89,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def logical_to_spec(logical_axes: Iterable[str | None], rules: Iterable[tuple[str, Any]]) -> PartitionSpec:
   """PartitionSpec of an array whose dimensions carry these logical names."""
   table = {name: (tuple(target) if isinstance(target, list) else target) for name, target in rules}
@@ -114,7 +109,7 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> Any:
   def sharding(path, variable):
     spec = logical_to_spec(variable.get_metadata()["logical_axes"], rules)
     for dim, (size, entry) in enumerate(zip(variable.shape, spec)):
-      axes = _mesh_axes(entry)
+      axes = as_axes(entry)
       missing = [a for a in axes if a not in mesh.shape]
       if missing:
         raise ValueError(f"parallel.rules maps to mesh axes {missing}, not in {MESH_AXES}")
