@@ -82,6 +82,7 @@ def one_process_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # ~150 s with its reference run: the default suite must stay under 10 minutes
 def test_two_processes_end_where_one_process_ends(tmp_path, one_process_run):
   workdir = str(tmp_path / "two")
   processes = launch_two(workdir)
