@@ -1,17 +1,27 @@
 # Thin aliases of the README commands (CI runs the same test command via .ci/run).
 PYTHON ?= python
-WORKDIR ?= runs/rule110_cpu
+SWEEP_DIR ?= runs/first_look
 
-.PHONY: install run test test-all test-tpu-compile bench bench-gpu aot-table reproduce
+.PHONY: install run test lint format test-all test-tpu-compile bench bench-gpu aot-table reproduce fuzz
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
 
+# The README's first command: the sleeping hybrid beside the plain one, then a side-by-side table.
 run:
-	$(PYTHON) launch/main.py --config=configs/rule110.py:cpu --workdir=$(WORKDIR)
+	$(PYTHON) launch/sweep.py --config=configs/sweeps/first_look.py --sweep_dir=$(SWEEP_DIR)
 
 test:
 	$(PYTHON) -m pytest -m "not slow and not gpu and not tpu and not tpu_compile" -n 2 -q
+
+# Lint and format check (ruff, configured in ruff.toml); `make format` rewrites in place.
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
 
 test-all:
 	$(PYTHON) -m pytest -m "not gpu and not tpu and not tpu_compile" -n 2 -q
@@ -37,5 +47,5 @@ bench-gpu:
 reproduce:
 	$(PYTHON) launch/sweep.py --config=configs/sweeps/rule110_cpu.py --sweep_dir=runs/sweeps/rule110_cpu
 	$(PYTHON) launch/sweep.py --config=configs/sweeps/depo_cpu.py --sweep_dir=runs/sweeps/depo_cpu
-	$(PYTHON) -m sleep_jax.eval.report runs/sweeps/rule110_cpu --out docs/results/rule110_cpu
-	$(PYTHON) -m sleep_jax.eval.report runs/sweeps/depo_cpu --out docs/results/depo_cpu
+	$(PYTHON) -m sleep_jax.experiments.report runs/sweeps/rule110_cpu --out docs/results/rule110_cpu
+	$(PYTHON) -m sleep_jax.experiments.report runs/sweeps/depo_cpu --out docs/results/depo_cpu

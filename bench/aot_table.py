@@ -16,9 +16,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from absl import logging  # noqa: E402
 
-from sleep_jax import sweeps  # noqa: E402
+from sleep_jax import console  # noqa: E402
+from sleep_jax.experiments import config_files  # noqa: E402
 from sleep_jax.train import aot  # noqa: E402
 
 CONFIGS = ("configs/rule110.py:paper", "configs/depo.py:paper")
@@ -32,15 +32,15 @@ def main():
   parser.add_argument("--configs", nargs="+", default=CONFIGS)
   parser.add_argument("--no_slices", action="store_true", help="only the largest-batch search")
   args = parser.parse_args()
-  logging.set_verbosity(logging.INFO)
+  console.configure()  # the largest-batch search logs each trial
   rows, largest = [], {}
   for spec in args.configs:
     for topology, num_slices in ([] if args.no_slices else SLICES):
-      row = aot.compile_for_topology(sweeps.load_config(spec), topology, num_slices=num_slices)
+      row = aot.compile_for_topology(config_files.load_config(spec), topology, num_slices=num_slices)
       rows.append({"config": spec.replace("configs/", ""), **row})
       print(aot.format_table(rows[-1:]).splitlines()[-1], flush=True)
     if args.largest_batch:
-      largest[spec] = aot.largest_fitting_batch(sweeps.load_config(spec), "v5e-8")
+      largest[spec] = aot.largest_fitting_batch(config_files.load_config(spec), "v5e-8")
   print()
   if rows:
     print(aot.format_table(rows))

@@ -1,10 +1,80 @@
-"""Config sections every task shares (big_vision style: helpers that fill a section).
+"""The config sections every task shares, each field commented once (big_vision style).
+
+A task config (configs/rule110.py, configs/depo.py) calls `experiment(...)` with its task
+section and its sequence layout, then sets what its variants change. Every section becomes a
+typed, validated dataclass when a run loads it (sleep_jax/train/config.py), so a typo in an
+override or a bad value fails before anything is compiled.
 
 Imported by the task configs as `from configs import common` (launch/ and tests put the
 repository root on the path).
 """
 
 from ml_collections import config_dict
+
+
+def model(vocab_size: int) -> config_dict.ConfigDict:
+  """`config.model`: the hybrid LM (sleep_jax/model)."""
+  c = config_dict.ConfigDict()
+  c.vocab_size = vocab_size
+  c.pattern = "AGAG"  # blocks in order: "A" attention, "G" gated-delta (fast weights)
+  c.d_model = 256  # residual width
+  c.num_heads = 4  # heads of attention and of the gated-delta mixer
+  c.head_dim = 64  # per-head width; the fast state per head is head_dim x head_dim
+  c.mlp_dim = 1024  # SwiGLU hidden width
+  c.conv_width = 4  # short causal conv on q, k, v of the gated-delta mixer
+  c.rope_base = 10_000.0  # rotary wavelength base (positions restart every chunk)
+  # The gated_delta_rule kernel: "auto" = Mosaic on TPU, Triton on GPU, the XLA chunked form on
+  # CPU (chosen for the platform being compiled for); or "reference", "chunked", "pallas".
+  c.fast_weight_impl = "auto"
+  c.dtype = "float32"  # compute dtype of activations (params and fast state: float32)
+  return c
+
+
+def sleep(*, window: int, context_len: int) -> config_dict.ConfigDict:
+  """`config.sleep`: how the context is consolidated (sleep_jax/sleep)."""
+  c = config_dict.ConfigDict()
+  c.passes = 1  # N: passes of the stack over every evicted window (1 = the plain hybrid)
+  c.window = window  # L: the attention window; must tile context_len
+  # "hard": drop the whole KV cache after every window. "none": the full-attention reference
+  # (one pass over the whole sequence, no sleep; passes must be 1).
+  c.eviction = "hard"
+  c.context_len = context_len  # tokens slept on before the prediction chunk
+  c.grad_passes = config_dict.placeholder(int)  # backprop the last k passes; None = all
+  c.remat = True  # jax.checkpoint per pass: faster on the CPU and far less memory for large N
+  return c
+
+
+def train(*, batch_size: int) -> config_dict.ConfigDict:
+  """`config.train`: optimisation (sleep_jax/train/optim.py)."""
+  c = config_dict.ConfigDict()
+  c.batch_size = batch_size  # global batch (split over data x fsdp devices of all processes)
+  c.num_steps = 100_000  # the paper's training length
+  c.warmup_steps = 1_000  # linear warmup, then cosine decay to min_lr_ratio
+  c.min_lr_ratio = 0.1  # final learning rate / peak learning rate
+  c.muon_lr = 2e-3  # Muon: hidden 2-D weight matrices (tuned at N=1, reused for all N)
+  c.adamw_lr = 5e-5  # AdamW: embeddings, head, norms, conv filters, gates
+  c.weight_decay = 0.0  # decoupled weight decay of both groups (paper: unstated)
+  c.grad_clip = 1.0  # clip the global gradient norm
+  return c
+
+
+def evaluation(*, num_examples: int, num_slice_examples: int, batch_size: int
+               ) -> config_dict.ConfigDict:
+  """`config.eval`: held-out sets (fixed per seed, independent of the training stream)."""
+  c = config_dict.ConfigDict()
+  c.every_steps = 1_000  # evaluate every this many steps (and at the end)
+  c.num_examples = num_examples  # size of the main held-out set
+  c.num_slice_examples = num_slice_examples  # size of each per-depth / per-hop held-out set
+  c.batch_size = batch_size  # both sizes are whole multiples of it
+  return c
+
+
+def checkpoint() -> config_dict.ConfigDict:
+  """`config.checkpoint`: orbax checkpoints of the train state and the data position."""
+  c = config_dict.ConfigDict()
+  c.every_steps = 1_000  # save every this many steps (and at the end, and on SIGTERM)
+  c.max_to_keep = 2
+  return c
 
 
 def parallel() -> config_dict.ConfigDict:
@@ -22,7 +92,42 @@ def parallel() -> config_dict.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   # Logical axis of a parameter dimension -> mesh axes (None: whole on every device). The batch
-  # is always split over data x fsdp. A dimension must divide by its mesh axes' total size.
+  # is always split over data x fsdp. A dimension must divide by its mesh axes' total size;
+  # "layers" is the leading axis of the stacked repeated blocks.
   c.rules = (("vocab", None), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-             ("head_dim", None), ("gate_heads", "tensor"), ("conv", None))
+             ("head_dim", None), ("gate_heads", "tensor"), ("conv", None), ("layers", None))
   return c
+
+
+def experiment(task: config_dict.ConfigDict, *, vocab_size: int, window: int, context_len: int,
+               batch_size: int, eval_examples: int, eval_slice_examples: int, eval_batch_size: int
+               ) -> config_dict.ConfigDict:
+  """A whole experiment config at the paper's scale, for `task` and its sequence layout."""
+  c = config_dict.ConfigDict()
+  c.seed = 0  # parameters, data order and held-out sets
+  c.task = task
+  c.model = model(vocab_size)
+  c.sleep = sleep(window=window, context_len=context_len)
+  c.train = train(batch_size=batch_size)
+  c.eval = evaluation(num_examples=eval_examples, num_slice_examples=eval_slice_examples,
+                      batch_size=eval_batch_size)
+  c.checkpoint = checkpoint()
+  c.log_every_steps = 50  # console line, train_log.jsonl and TensorBoard scalars
+  c.parallel = parallel()
+  return c
+
+
+def short_run(c: config_dict.ConfigDict, *, num_steps: int, eval_every: int,
+              log_every: int) -> None:
+  """Shared changes of the CPU-sized variants: a short schedule and frequent bookkeeping."""
+  c.train.num_steps = num_steps
+  c.train.warmup_steps = max(num_steps // 10, 1)
+  c.train.adamw_lr = 3e-3  # a short run needs a larger AdamW rate than the paper's 5e-5
+  c.eval.every_steps = eval_every
+  c.checkpoint.every_steps = eval_every
+  c.log_every_steps = log_every
+
+
+def tiny_model(c: config_dict.ConfigDict) -> None:
+  """A toy model for tests: a few steps compile and run in seconds."""
+  c.model.d_model, c.model.num_heads, c.model.head_dim, c.model.mlp_dim = 32, 2, 16, 64

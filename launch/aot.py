@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from sleep_jax import console  # noqa: E402
 from sleep_jax.train import aot  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rule110.py.")
@@ -34,6 +35,8 @@ flags.mark_flags_as_required(["config", "topology"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.configure(verbosity=flags.FLAGS["verbosity"].value
+                    if flags.FLAGS["verbosity"].present else None)
   try:
     result = aot.compile_for_topology(_CONFIG.value, _TOPOLOGY.value, num_slices=_NUM_SLICES.value)
     if _LARGEST_BATCH.value:

@@ -9,11 +9,11 @@
       --num_hosts=2 --gpus_per_host=8 --executor=vertex --dry_run
 
 Each job runs `python launch/main.py --config=<base> --workdir=<run dir> --config.<key>=<value>...`
-for one run of `sleep_jax.sweeps.expand_runs`, the same grid `launch/sweep.py` runs in one process.
+for one run of `sleep_jax.experiments.sweeps.expand_runs`, the same grid `launch/sweep.py` runs in one process.
 `--dry_run` prints every job's requirements and each of its processes (environment and
 command; sleep_jax/experiments/placement.py) and needs no xmanager; xmanager (the `xm` extra) is
 imported only to submit. Submission itself is untested here (it needs cloud credentials).
-Report a finished sweep with `python -m sleep_jax.eval.report <sweep_dir>`.
+Report a finished sweep with `python -m sleep_jax.experiments.report <sweep_dir>`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sleep_jax import sweeps  # noqa: E402
+from sleep_jax.experiments import jobs as jobs_lib  # noqa: E402
 from sleep_jax.experiments import placement as placement_lib  # noqa: E402
 from sleep_jax.parallel import topology as topology_lib  # noqa: E402
 
@@ -56,7 +56,7 @@ def _requirements(xm, placement: placement_lib.Placement):
   return xm.JobRequirements()
 
 
-def submit(jobs: list[sweeps.Job], title: str, placement: placement_lib.Placement) -> None:
+def submit(jobs: list[jobs_lib.Job], title: str, placement: placement_lib.Placement) -> None:
   """Packages the repository once and adds one work unit per job (needs xmanager)."""
   from xmanager import xm, xm_local  # the optional `xm` extra, needed only to submit
 
@@ -73,7 +73,7 @@ def submit(jobs: list[sweeps.Job], title: str, placement: placement_lib.Placemen
             docker_instructions=[f"COPY {os.path.basename(repo)}/ sleep_jax",
                                  "WORKDIR sleep_jax",
                                  f'RUN python -m pip install -e ".[{placement.extra}]"'],
-            entrypoint=xm.CommandList([" ".join(sweeps.ENTRYPOINT)]))
+            entrypoint=xm.CommandList([" ".join(jobs_lib.ENTRYPOINT)]))
     ])
     for job in jobs:
       # One work unit per process; the processes of a job differ only in their environment.
@@ -93,7 +93,7 @@ def main(argv):
         num_hosts=_NUM_HOSTS.value, gpus_per_host=_GPUS_PER_HOST.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  jobs = sweeps.make_jobs(sweep_config, sweep_dir, only=_ONLY.value)
+  jobs = jobs_lib.make_jobs(sweep_config, sweep_dir, only=_ONLY.value)
   if _DRY_RUN.value:
     print("\n".join(placement_lib.describe(jobs, placement)))
     print(f"{len(jobs)} jobs on {_PLATFORM.value}")

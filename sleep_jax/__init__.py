@@ -4,13 +4,25 @@ Public entry points (DESIGN.md section 3):
   build_model(model_config, *, seed) -> model
   apply(model, tokens, *, sleep_config) -> logits [B, T, vocab]
   ops.gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, impl) -> (o, final_state)
+
+Importing the package has no side effects and loads neither JAX nor Flax: the entry points
+above are imported on first use, so configs and reports can import `sleep_jax.data`,
+`sleep_jax.rundir` or `sleep_jax.experiments` cheaply. On a CPU with jaxlib 0.10, call
+`sleep_jax.xla_flags.apply_workarounds()` before the first JAX computation.
 """
 
-from sleep_jax import _xla_cpu
+import importlib
 
-_xla_cpu.disable_ynn_fusions()  # before any jax computation starts the CPU backend
+_LAZY = {"build_model": "sleep_jax.model.lm", "apply": "sleep_jax.sleep.consolidate"}
+_SUBMODULES = ("ops", "model", "sleep", "data", "parallel", "train", "experiments", "rundir",
+               "xla_flags")
 
-from sleep_jax.model.lm import build_model  # noqa: E402
-from sleep_jax.sleep.consolidate import apply  # noqa: E402
+__all__ = ["build_model", "apply", "ops"]
 
-__all__ = ["build_model", "apply"]
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  if name in _SUBMODULES:
+    return importlib.import_module(f"sleep_jax.{name}")
+  raise AttributeError(f"module 'sleep_jax' has no attribute {name!r}")

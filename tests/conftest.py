@@ -17,3 +17,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+
+from sleep_jax import xla_flags  # noqa: E402  (imports no JAX)
+
+xla_flags.apply_workarounds()  # what every entry point does before JAX starts

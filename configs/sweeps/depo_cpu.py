@@ -10,7 +10,7 @@ from ml_collections import config_dict
 
 from sleep_jax.data import depo
 from sleep_jax.sleep.config import training_flops_ratio
-from sleep_jax.sweeps import arm
+from sleep_jax.experiments.sweeps import arm
 
 MAX_PASSES = 4
 WINDOW = 75  # configs/depo.py: the 300-token context is 4 windows

@@ -9,7 +9,7 @@ stalls at k >= 8; only N=4 starts to improve at k = 16.
 
 from ml_collections import config_dict
 
-from sleep_jax.sweeps import arm
+from sleep_jax.experiments.sweeps import arm
 
 
 def get_config() -> config_dict.ConfigDict:

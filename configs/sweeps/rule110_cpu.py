@@ -1,4 +1,4 @@
-"""Rule 110 on a 2-core CPU: N in {1, 2, 4} and three baselines, depths 2 and 4, three seeds.
+"""Rule 110 on a 2-core CPU: N in {1, 2, 4} and three baselines at depth 2, three seeds.
 
 Arms:
   n1, n2, n4           the sleeping hybrid with N passes per evicted window (n1 = plain hybrid).
@@ -6,10 +6,10 @@ Arms:
   attention_only       "AAAA" under hard eviction: no fast state, so the context never reaches
                        the queries; it should sit at chance (1/16) and checks the task has no leak.
   full_attention       no eviction (sleep.eviction "none"): attention sees all 100 tokens; the
-                       ceiling for this model size. Needs the trainer to accept eviction "none".
+                       ceiling for this model size.
 
-Cost: about 2 h of 2-core CPU per (depth, seed) at 400 steps; all 36 runs take ~11 h. Cut it with
---config.seeds=0 or --config.depths=4.
+Cost: 18 runs (6 arms x 3 seeds) of 160 steps, about an hour on an idle 2-core machine (see
+the measurements below). Cut it with --config.seeds=0, or add depths with --config.depths=2,4.
 
   python launch/sweep.py --config=configs/sweeps/rule110_cpu.py --sweep_dir=runs/sweeps/rule110_cpu
   python launch/sweep.py --config=configs/sweeps/rule110_cpu.py --sweep_dir=runs/sweeps/rule110_cpu \
@@ -20,7 +20,7 @@ from ml_collections import config_dict
 
 from sleep_jax.data import rule110
 from sleep_jax.sleep.config import training_flops_ratio
-from sleep_jax.sweeps import arm
+from sleep_jax.experiments.sweeps import arm
 
 MAX_PASSES = 4
 

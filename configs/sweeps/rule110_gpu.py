@@ -7,7 +7,7 @@ About 2,700 steps per arm (~140M tokens) with an eval every 250 steps for the le
 
 from ml_collections import config_dict
 
-from sleep_jax.sweeps import arm
+from sleep_jax.experiments.sweeps import arm
 
 
 def get_config() -> config_dict.ConfigDict:

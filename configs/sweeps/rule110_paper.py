@@ -9,7 +9,7 @@ tokens) per arm. Paper: N=1 ~10% exact accuracy, N=2 ~20%, N=3 and N=4 above 30%
 
 from ml_collections import config_dict
 
-from sleep_jax.sweeps import arm
+from sleep_jax.experiments.sweeps import arm
 
 
 def get_config() -> config_dict.ConfigDict:

@@ -24,6 +24,8 @@ import grain
 import numpy as np
 
 from sleep_jax.data import depo, rule110
+from sleep_jax.data.config import DepoTaskConfig, Rule110TaskConfig, TaskConfig
+from sleep_jax.data.config import task_config as typed_task_config
 
 Batch = dict[str, np.ndarray]
 EXAMPLES_PER_BLOCK = 8  # training examples per generator call; a process's rows are whole blocks
@@ -41,7 +43,7 @@ class EvalSlice:
     setting: the knob's value (depth t, hops k); it also keys the slice's random stream, so
       adding or removing a slice leaves the others' examples unchanged.
     generate: (rng, num) -> dict of numpy arrays, with the same keys as the task's batches.
-    metrics: reported name -> name in `sleep_jax.eval.metrics.summarize`'s output.
+    metrics: reported name -> name in `sleep_jax.train.metrics.summarize`'s output.
   """
 
   name: str
@@ -72,48 +74,35 @@ class Task:
   eval_slices: tuple[EvalSlice, ...] = ()
 
 
-def _rule110(task_config: Mapping[str, Any]) -> Task:
-  depth = task_config["depth"]
-  eval_depths = tuple(task_config.get("eval_depths") or ())
-  for t in (depth, *eval_depths):
-    if t < 0:
-      raise ValueError(f"task.depth and task.eval_depths (Rule 110 steps) must be >= 0, got {t}")
+def _rule110(cfg: Rule110TaskConfig) -> Task:
   metrics = {"exact_accuracy": "exact_accuracy", "loss": "loss", "accuracy": "accuracy"}
   slices = tuple(EvalSlice(name=f"depth{t}", setting=t, metrics=metrics,
                            generate=functools.partial(rule110.generate, depth=t))
-                 for t in dict.fromkeys(eval_depths))  # dict.fromkeys: drop repeats, keep order
+                 for t in dict.fromkeys(cfg.eval_depths))  # drop repeats, keep order
   return Task(name="rule110", seq_len=rule110.SEQ_LEN, context_len=rule110.CONTEXT_LEN,
               vocab_size=rule110.VOCAB_SIZE,
-              generate=lambda rng, num: rule110.generate(rng, num, depth), eval_slices=slices)
+              generate=functools.partial(rule110.generate, depth=cfg.depth), eval_slices=slices)
 
 
-def _depo(task_config: Mapping[str, Any]) -> Task:
-  hops = task_config.get("hops")
-  nodes = {"min_nodes": task_config.get("min_nodes", depo.MIN_NODES),
-           "max_nodes": task_config.get("max_nodes", depo.MAX_NODES)}
-  eval_hops = task_config.get("eval_hops", depo.EVAL_HOPS)
-  eval_hops = tuple(depo.EVAL_HOPS if eval_hops is None else eval_hops)
-  for k in (hops, *eval_hops):
-    depo.check_args(k, **nodes)
+def _depo(cfg: DepoTaskConfig) -> Task:
+  nodes = {"min_nodes": cfg.min_nodes, "max_nodes": cfg.max_nodes}
   # Per k: answer-token loss and exact answer-word accuracy (every symbol of the word right).
   metrics = {"loss": "loss", "accuracy": "answer_accuracy"}
   slices = tuple(EvalSlice(name=f"hops{k}", setting=k, metrics=metrics,
                            generate=functools.partial(depo.generate, hops=k, **nodes))
-                 for k in dict.fromkeys(eval_hops))
+                 for k in dict.fromkeys(cfg.eval_hops))
   return Task(name="depo", seq_len=depo.SEQ_LEN, context_len=depo.CONTEXT_LEN,
               vocab_size=depo.VOCAB_SIZE,
-              generate=functools.partial(depo.generate, hops=hops, **nodes), eval_slices=slices)
+              generate=functools.partial(depo.generate, hops=cfg.hops, **nodes), eval_slices=slices)
 
 
-TASKS: dict[str, Callable[[Mapping[str, Any]], Task]] = {"rule110": _rule110, "depo": _depo}
+TASKS: dict[str, Callable[[Any], Task]] = {"rule110": _rule110, "depo": _depo}
 
 
-def get_task(task_config: Mapping[str, Any]) -> Task:
-  """The `Task` named by `config.task.name`, bound to the rest of `config.task`."""
-  name = task_config["name"]
-  if name not in TASKS:
-    raise ValueError(f"unknown task.name={name!r}; known tasks: {sorted(TASKS)}")
-  return TASKS[name](task_config)
+def get_task(task_config: Mapping[str, Any] | TaskConfig) -> Task:
+  """The `Task` of `config.task` (a ConfigDict section, a mapping or a typed task config)."""
+  cfg = typed_task_config(task_config)
+  return TASKS[cfg.name](cfg)
 
 
 def train_block(task: Task, *, seed: int, block: int) -> Batch:

@@ -1,6 +1,6 @@
 """Where the jobs of a sweep run: the processes of each job, their machines and environment.
 
-A job is one `launch/main.py` run (sleep_jax.sweeps.Job). Placed on accelerators it becomes one
+A job is one `launch/main.py` run (sleep_jax.experiments.jobs.Job). Placed on accelerators it becomes one
 or more processes, all running the same command:
   * `local`: one process on this machine (its CPU or its GPUs).
   * `gpu`: `num_hosts` hosts with `gpus_per_host` GPUs each, one process per host; with more
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from sleep_jax.parallel import topology as topology_lib
-from sleep_jax.sweeps import Job
+from sleep_jax.experiments.jobs import Job
 
 PLATFORMS = ("local", "gpu", "tpu")
 COORDINATOR_PORT = 8476

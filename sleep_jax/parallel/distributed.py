@@ -13,7 +13,9 @@ import dataclasses
 import os
 
 import jax
-from absl import logging
+import logging
+
+logger = logging.getLogger(__name__)
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -78,6 +80,6 @@ def initialize(group: ProcessGroup | None = None, *, environ=os.environ) -> bool
     jax.distributed.initialize()  # jax reads the slice's hosts from the TPU metadata
   else:
     return False
-  logging.info("process %d of %d, %d local of %d devices", jax.process_index(),
+  logger.info("process %d of %d, %d local of %d devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

@@ -23,8 +23,9 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sleep_jax.ops.partition import TENSOR_AXIS, as_axes  # the per-shard kernels' convention
+from sleep_jax.parallel.config import MESH_AXES, ParallelConfig
 
-MESH_AXES = ("data", "fsdp", TENSOR_AXIS)
+assert MESH_AXES[-1] == TENSOR_AXIS  # heads go where the fused kernels expect them
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits parameters
 
 
@@ -55,14 +56,14 @@ def mesh_shape(mesh_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
   return tuple(sizes)
 
 
-def make_mesh(parallel_config: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(parallel_config: ParallelConfig | Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
   """The (data, fsdp, tensor) mesh over `devices` (default: every device of every process).
 
   Devices of several TPU slices get a hybrid mesh: `data` is split across slices first (the
   slow DCN link carries only the gradient reduction), fsdp and tensor stay inside a slice.
   """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(parallel_config["mesh"], len(devices))
+  shape = mesh_shape(ParallelConfig.from_config(parallel_config).mesh, len(devices))
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
   if num_slices > 1:
     if shape[0] % num_slices:

@@ -13,11 +13,13 @@ import re
 import time
 from typing import Any
 
-from absl import logging
+import logging
 
 from sleep_jax.model.flops import train_step_flops
 from sleep_jax.parallel import topology as topology_lib
 from sleep_jax.train.program import build_program
+
+logger = logging.getLogger(__name__)
 
 MOSAIC_CALL = re.compile(r'custom_call_target="tpu_custom_call"')
 
@@ -95,7 +97,7 @@ def largest_fitting_batch(config, topology: str, *, num_slices: int = 1,
     with trial.unlocked():
       trial.train.batch_size = per_device * num_devices
     result = compile_for_topology(trial, topology, num_slices=num_slices)
-    logging.info("batch %d per device: peak %.2f GiB of %.2f GiB", per_device,
+    logger.info("batch %d per device: peak %.2f GiB of %.2f GiB", per_device,
                  result["peak_memory_bytes_per_device"] / 2**30,
                  result["hbm_bytes_per_device"] / 2**30)
     if not result["fits"]:

@@ -1,74 +1,30 @@
-"""Workdir bookkeeping: orbax checkpoints (train state + grain iterator), config.json guard.
+"""Orbax checkpoints of a run: the train state and the grain iterator position, per step.
 
-Resume order (big_vision style): check that the workdir's config.json is compatible with the
-new config (before anything is compiled or overwritten), then restore the latest checkpoint's
-train state into the abstract, sharded target and the data iterator to its saved position.
+Orbax writes each checkpoint into a temporary directory and renames it when complete, and a
+new manager deletes leftover temporary directories, so a process killed at any moment (even
+during an asynchronous save) never leaves a half-written checkpoint that could be restored.
+Old checkpoints are deleted only after a newer one is complete.
+
+Restore order (big_vision style): the run directory's config guard runs first (sleep_jax.rundir),
+then the latest checkpoint is restored straight into the abstract, sharded train state (no
+initial state is built) and the data iterator to its saved position.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-CONFIG_FILE = "config.json"
-# Settings that change what a checkpoint means: resuming under different ones is an error.
-# (Loop settings such as num_steps, eval cadence or remat may change between runs.)
-_MUST_MATCH = ("seed", "task", "model", "train.batch_size", "sleep.passes", "sleep.window",
-               "sleep.eviction", "sleep.context_len", "sleep.grad_passes")
-# Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
-_MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
+from sleep_jax import rundir
 
 
-def _lookup(tree: dict, dotted: str) -> Any:
-  for key in dotted.split("."):
-    tree = tree.get(key) if isinstance(tree, dict) else None
-  return tree
-
-
-def _without_eval_fields(config_dict: dict) -> dict:
-  """A copy of `config_dict` without the `_MAY_DIFFER` fields."""
-  config_dict = copy.deepcopy(config_dict)
-  for dotted in _MAY_DIFFER:
-    *parents, field = dotted.split(".")
-    section = _lookup(config_dict, ".".join(parents))
-    if isinstance(section, dict):
-      section.pop(field, None)
-  return config_dict
-
-
-def check_compatible_config(workdir: str, config_dict: dict) -> None:
-  """Raises ValueError if `workdir` holds a run of an incompatible config (nothing is touched)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = _without_eval_fields(json.load(f))
-  config_dict = _without_eval_fields(config_dict)
-  differing = [key for key in _MUST_MATCH if _lookup(saved, key) != _lookup(config_dict, key)]
-  if differing:
-    details = "; ".join(f"{k}: saved {_lookup(saved, k)!r} vs new {_lookup(config_dict, k)!r}"
-                        for k in differing)
-    raise ValueError(f"workdir {workdir} holds a run with an incompatible config ({details}). "
-                     "Use a new --workdir; the existing run was left untouched.")
-
-
-def write_config(workdir: str, config_dict: dict) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True)
-
-
-def make_manager(workdir: str, *, max_to_keep: int) -> ocp.CheckpointManager:
-  directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+def make_manager(run: rundir.RunDir, *, max_to_keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+  return ocp.CheckpointManager(epath.Path(run.checkpoints), options=options,
+                               item_names=("state", "data"))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator) -> None:
@@ -96,4 +52,3 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
                        f"({type(e).__name__}: {e}). It was left on disk; move it away to start "
                        "over, or point --workdir elsewhere.") from e
   return restored.state
-

@@ -27,6 +27,7 @@ from sleep_jax.model.config import ModelConfig
 from sleep_jax.model.lm import build_model
 from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.sleep.config import SleepConfig
+from sleep_jax.train.config import ExperimentConfig
 from sleep_jax.train.optim import make_optimizer, optimizer_labels
 from sleep_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -43,17 +44,20 @@ class Validated:
 def validate(config, num_devices: int, num_processes: int = 1) -> Validated:
   """Every static check, before anything is compiled.
 
+  Each section was already checked on its own when typed (sleep_jax.train.config); these
+  are the checks across sections and against the job's devices.
+
   Args:
-    config: the run's ConfigDict.
+    config: the run's ConfigDict or ExperimentConfig.
     num_devices: devices of the whole job (every process), which the mesh covers.
     num_processes: processes of the job, each making its own rows of every batch.
 
   Raises:
     ValueError: naming the field and the fix.
   """
+  config = ExperimentConfig.from_config(config)
   task = tasks.get_task(config.task)
-  model_cfg = ModelConfig.from_config(config.model)
-  sleep_cfg = SleepConfig.from_config(config.sleep)
+  model_cfg, sleep_cfg = config.model, config.sleep
   if model_cfg.vocab_size < task.vocab_size:
     raise ValueError(f"model.vocab_size={model_cfg.vocab_size} < {task.name}'s {task.vocab_size} tokens")
   if sleep_cfg.context_len != task.context_len:
@@ -65,36 +69,23 @@ def validate(config, num_devices: int, num_processes: int = 1) -> Validated:
     if size % tensor:
       raise ValueError(f"{name}={size} is not divisible by parallel.mesh.tensor={tensor}: "
                        "tensor parallelism splits heads and the MLP width")
-  for name in ("train.batch_size", "eval.batch_size"):
-    size = config[name.split(".")[0]]["batch_size"]
-    if size < 1 or size % (data * fsdp):
+  for name, size in (("train.batch_size", config.train.batch_size),
+                     ("eval.batch_size", config.eval.batch_size)):
+    if size % (data * fsdp):
       raise ValueError(f"{name}={size} is not divisible by the batch shards data x fsdp = "
                        f"{data} x {fsdp}; change it or parallel.mesh")
     if name == "train.batch_size" and size % (num_processes * tasks.EXAMPLES_PER_BLOCK):
       raise ValueError(f"{name}={size}: each of the {num_processes} processes makes its own rows "
                        f"of a batch in blocks of {tasks.EXAMPLES_PER_BLOCK} examples, so it must "
                        f"be a multiple of {num_processes * tasks.EXAMPLES_PER_BLOCK}")
-  # Whole batches only: a smaller last batch would compile the eval step a second time.
-  for name, num in (("num_examples", config.eval.num_examples),
-                    ("num_slice_examples", num_slice_examples(config))):
-    if num < 1 or num % config.eval.batch_size:
-      raise ValueError(f"eval.{name}={num} is not a positive multiple of "
-                       f"eval.batch_size={config.eval.batch_size}")
-  if config.train.num_steps < 1:
-    raise ValueError(f"train.num_steps must be >= 1, got {config.train.num_steps}")
   return Validated(task, model_cfg, sleep_cfg)
-
-
-def num_slice_examples(config) -> int:
-  """Examples per evaluation slice (configs without the field use the main set's size)."""
-  return config.eval.get("num_slice_examples", config.eval.num_examples)
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
   """The compiled pieces of a run and the shardings they expect."""
 
-  config: Any
+  config: ExperimentConfig
   validated: Validated
   mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
@@ -149,17 +140,18 @@ def build_program(config, devices: Sequence[Any] | None = None) -> Program:
   """Validates `config` and builds its mesh, abstract state and jitted steps over `devices`.
 
   Args:
-    config: the run's ConfigDict.
+    config: the run's ConfigDict or ExperimentConfig.
     devices: the job's devices (default every device of every process); TPU topology devices
       from sleep_jax.parallel.topology compile ahead of time on any host.
   """
+  config = ExperimentConfig.from_config(config)
   devices = list(jax.devices() if devices is None else devices)
   validated = validate(config, len(devices), len({d.process_index for d in devices}))
   mesh = mesh_lib.make_mesh(config.parallel, devices)
   abstract_model = nnx.eval_shape(lambda: build_model(validated.model, seed=config.seed))
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = mesh_lib.param_shardings(abstract_params, mesh, config.parallel.rules)
-  optimizer = make_optimizer(config.train, optimizer_labels(abstract_params))
+  optimizer = make_optimizer(dataclasses.asdict(config.train), optimizer_labels(abstract_params))
   replicated = mesh_lib.replicated(mesh)
   shapes = jax.eval_shape(functools.partial(_fresh_state, validated.model, config.seed, optimizer))
   # Optimizer moments are sharded like the parameters they mirror; counters are replicated.

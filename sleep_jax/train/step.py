@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sleep_jax.eval.metrics import mean_loss, prediction_sums
+from sleep_jax.train.metrics import mean_loss, prediction_sums
 from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.sleep.consolidate import sleep_forward
 
@@ -41,7 +41,11 @@ def prediction_chunk_sums(graphdef: nnx.GraphDef, params, batch: dict, sleep_cfg
 
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, sleep_cfg: SleepConfig,
                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-  """One optimizer update on the masked answer cross-entropy (backprop through all passes)."""
+  """One optimizer update on the masked answer cross-entropy.
+
+  Gradients flow through every pass of every window, or through the last `sleep.grad_passes`
+  passes of each window only (sleep_jax.sleep.consolidate).
+  """
 
   def loss_fn(params):
     sums = prediction_chunk_sums(graphdef, params, batch, sleep_cfg)

@@ -10,8 +10,9 @@ carries the state's cotangent in scratch. The per-chunk math is kernel_math.py, 
 the GPU kernel.
 
 No TPU is reachable from the development machines: these kernels are checked in interpret mode
-(`pltpu.InterpretParams`) on the CPU, and their Mosaic lowering is checked by exporting for the
-TPU platform (tests/ops/test_pallas_kernels.py).
+(`pltpu.InterpretParams`) against the reference on the CPU (tests/ops/test_gated_delta.py), their
+Mosaic lowering by exporting for the TPU platform (tests/ops/test_pallas_lowering.py), and their
+compilation by XLA:TPU inside the sharded train step (tests/tpu_compile/test_aot.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The figures of a sweep report (sleep_jax.eval.report): small matplotlib figures, 600x400 px.
+"""The figures of a sweep report (sleep_jax.experiments.report): small matplotlib figures, 600x400 px.
 
 Every function takes run records (report.RunRecord) and the arm order and returns a Figure;
 the caller saves, logs and closes it. Means are over seeds; bands and error bars are one
@@ -105,7 +105,7 @@ def per_depth_eval(runs, arms, title):
     by_depth: dict[int, list[float]] = {}
     for r in runs:
       if r.arm == arm and r.finished:
-        for key, value in r.results.get("eval", {}).items():
+        for key, value in r.results.eval.items():
           match = re.fullmatch(r"depth(\d+)/exact_accuracy", key)
           if match:
             by_depth.setdefault(int(match.group(1)), []).append(value)

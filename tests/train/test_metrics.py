@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sleep_jax.eval.metrics import add_sums, prediction_sums, summarize
+from sleep_jax.train.metrics import add_sums, prediction_sums, summarize
 
 VOCAB = 5
 

@@ -8,7 +8,8 @@ import sys
 import matplotlib.image
 import pytest
 
-from sleep_jax.eval import report
+from sleep_jax import rundir
+from sleep_jax.experiments import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,15 +25,18 @@ def write_run(sweep_dir, arm, seed, *, task, passes, depth=None, step=10, num_st
             "train": {"num_steps": num_steps, "batch_size": 16}}
   if depth is not None:
     coords["depth"] = config["task"]["depth"] = depth
-  results = {"task": task, "passes": passes, "window": 24, "step": step, "tokens_seen": 0,
-             "wall_s": 60.0, "eval": metrics}
-  for name, data in (("sweep_run.json", coords), ("config.json", config), ("results.json", results)):
+  results = rundir.Results(
+      task=task, task_settings={"depth": depth} if depth is not None else {}, passes=passes,
+      window=24, eviction="hard", pattern="AGAG", seed=seed, step=step, num_steps=num_steps,
+      tokens_seen=0, wall_s=60.0, eval=metrics)
+  for name, data in (("sweep_run.json", coords), ("config.json", config),
+                     ("results.json", results.to_json())):
     with open(os.path.join(workdir, name), "w") as f:
       json.dump(data, f)
   with open(os.path.join(workdir, "train_log.jsonl"), "w") as f:
     for s in range(1, step + 1):
       f.write(json.dumps({"step": s, "loss": 1.0 / s + seed * 0.1, "accuracy": 0.5}) + "\n")
-  with open(os.path.join(workdir, report.EVAL_LOG_FILE), "w") as f:
+  with open(os.path.join(workdir, rundir.EVAL_LOG_FILE), "w") as f:
     for s in (5, 10):
       f.write(json.dumps({"step": s, **{k: v * s / 10 for k, v in metrics.items()}}) + "\n")
 
@@ -114,10 +118,19 @@ def test_depo_report(tmp_path):
 
 def test_cli_writes_to_the_out_dir(rule110_sweep, tmp_path):
   out_dir = tmp_path / "docs" / "results" / "fake"
-  out = subprocess.run([sys.executable, "-m", "sleep_jax.eval.report", rule110_sweep, f"--out={out_dir}"],
+  out = subprocess.run([sys.executable, "-m", "sleep_jax.experiments.report", rule110_sweep, f"--out={out_dir}"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == str(out_dir / "report.md")
   assert "| n2 | 60.0 ± 14.1 (2/3) |" in (out_dir / "report.md").read_text()
   check_pngs(out_dir, ["accuracy_vs_passes"])
   assert not (out_dir / "report_tb").exists()  # event files stay in the sweep dir
+
+
+def test_summary_table_puts_the_arms_side_by_side(rule110_sweep):
+  lines = report.summary_table(rule110_sweep).splitlines()
+  assert lines[0].split() == ["arm", "runs", "exact", "acc", "%", "acc", "%", "loss"]
+  rows = {line.split()[0]: line for line in lines[2:]}
+  # mean ± std over the finished seeds only (the interrupted n2 seed 2 is left out)
+  assert rows["n1"].split()[1:6] == ["(t=4)", "2", "25.0", "±", "7.1"]
+  assert rows["n2"].split()[1:6] == ["(t=4)", "2", "60.0", "±", "14.1"]

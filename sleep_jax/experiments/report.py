@@ -1,6 +1,6 @@
 """Sweep reports: a sweep directory -> report.md, PNG figures and TensorBoard summaries.
 
-  python -m sleep_jax.eval.report runs/sweeps/rule110_cpu [--out docs/results/rule110_cpu]
+  python -m sleep_jax.experiments.report runs/sweeps/rule110_cpu [--out docs/results/rule110_cpu]
 
 Reads every run workdir below the sweep dir (see `load_runs`). Rule 110: exact accuracy by arm
 and depth, accuracy vs N, learning curves, per-depth evaluations. Depo: loss and accuracy by arm
@@ -12,7 +12,6 @@ finished runs only and says how many of the expected runs that is.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any
@@ -23,11 +22,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sleep_jax import console, rundir  # noqa: E402
 from sleep_jax.data.depo import EVAL_HOPS as DEPO_HOPS  # noqa: E402
-from sleep_jax.eval import report_figures as figures  # noqa: E402
-from sleep_jax.sweeps import SWEEP_FILE, SWEEP_RUN_FILE  # noqa: E402
-from sleep_jax.train.checkpoint import CONFIG_FILE  # noqa: E402
-from sleep_jax.train.loop import EVAL_LOG_FILE, RESULTS_FILE, TRAIN_LOG_FILE  # noqa: E402
+from sleep_jax.experiments import report_figures as figures  # noqa: E402
+
 # Fig. 2 at t=32, read off the plot (PAPER.md section 4); N -> exact accuracy.
 PAPER_RULE110_T32 = {1: "~10%", 2: "~20%", 3: ">30%", 4: ">30%"}
 PAPER_RULE110_SCALE = "d_model 256, AGAG, batch 512, ~5B tokens"
@@ -38,7 +36,7 @@ PAPER_DEPO = ("Paper (Fig. 3, test loss only, 100k steps, qualitative): all N le
 
 @dataclasses.dataclass
 class RunRecord:
-  """What one run workdir holds. `results` is None until its first evaluation."""
+  """What one run directory holds. `results` is None until its first evaluation."""
 
   workdir: str
   arm: str
@@ -48,65 +46,39 @@ class RunRecord:
   passes: int
   num_steps: int | None
   config: dict
-  results: dict | None
+  results: rundir.Results | None
   train_log: list[dict]
   eval_log: list[dict]
 
   @property
   def finished(self) -> bool:
-    return self.results is not None and self.results.get("step") == self.num_steps
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  """Lines by step; a resumed run re-logs the steps it redid, so the last line of a step wins."""
-  by_step = {}
-  try:
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          entry = json.loads(line)
-          by_step[entry["step"]] = entry
-  except OSError:
-    return []
-  return [by_step[s] for s in sorted(by_step)]
+    return self.results is not None and self.results.step == self.num_steps
 
 
 def load_runs(sweep_dir: str) -> list[RunRecord]:
-  """Every run below `sweep_dir`: a directory with sweep_run.json, config.json or results.json.
+  """Every run below `sweep_dir`: a directory holding config.json (written when a run starts).
 
   Args:
     sweep_dir: the sweep directory (launch/sweep.py's --sweep_dir).
 
   Returns:
-    One record per run; without sweep_run.json the arm is named "n<passes>".
+    One record per run; a run not started by a sweep (no sweep_run.json) is named "n<passes>".
   """
   records = []
   for root, dirs, files in os.walk(sweep_dir):
-    dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "report_tb"))
-    if not {SWEEP_RUN_FILE, CONFIG_FILE, RESULTS_FILE} & set(files):
+    dirs[:] = sorted(d for d in dirs if d not in (rundir.CHECKPOINT_DIR, "report_tb"))
+    run = rundir.RunDir(root)
+    config = run.config() if rundir.CONFIG_FILE in files else None
+    if config is None:
       continue
-    coords = _read_json(os.path.join(root, SWEEP_RUN_FILE)) or {}
-    config = _read_json(os.path.join(root, CONFIG_FILE)) or {}
-    results = _read_json(os.path.join(root, RESULTS_FILE))
-    overrides = coords.get("overrides", {})
-    task = config.get("task", {}).get("name") or (results or {}).get("task") or "rule110"
-    passes = int(config.get("sleep", {}).get("passes") or overrides.get("sleep.passes") or
-                 (results or {}).get("passes") or 1)
-    depth = coords.get("depth", config.get("task", {}).get("depth") if task == "rule110" else None)
+    coords = rundir.read_json(run.file(rundir.SWEEP_RUN_FILE)) or {}
+    task = config["task"]
+    passes = int(config["sleep"]["passes"])
     records.append(RunRecord(
-        workdir=root, arm=coords.get("arm", f"n{passes}"),
-        seed=int(coords.get("seed", config.get("seed", 0))), depth=depth, task=task, passes=passes,
-        num_steps=config.get("train", {}).get("num_steps", overrides.get("train.num_steps")),
-        config=config, results=results, train_log=_read_jsonl(os.path.join(root, TRAIN_LOG_FILE)),
-        eval_log=_read_jsonl(os.path.join(root, EVAL_LOG_FILE))))
+        workdir=root, arm=coords.get("arm", f"n{passes}"), seed=int(config["seed"]),
+        depth=task.get("depth") if task["name"] == "rule110" else None, task=task["name"],
+        passes=passes, num_steps=int(config["train"]["num_steps"]), config=config,
+        results=run.results(), train_log=run.train_log(), eval_log=run.eval_log()))
   return records
 
 
@@ -145,8 +117,8 @@ def _cell(values: list[float], expected: int, percent: bool) -> str:
 
 
 def _values(runs: list[RunRecord], key: str, **where) -> list[float]:
-  return [r.results["eval"][key] for r in runs
-          if r.finished and key in r.results.get("eval", {})
+  return [r.results.eval[key] for r in runs
+          if r.finished and key in r.results.eval
           and all(getattr(r, k) == v for k, v in where.items())]
 
 
@@ -208,7 +180,7 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
     if any(len(r.eval_log) > 1 for r in group):
       figs[f"eval_exact_accuracy{suffix}"] = figures.learning_curves(
           group, arms, "exact_accuracy", f"eval exact accuracy, t={d}", log="eval_log")
-    if any(k.startswith("depth") for r in group if r.results for k in r.results.get("eval", {})):
+    if any(k.startswith("depth") for r in group if r.results for k in r.results.eval):
       figs[f"per_depth_eval{suffix}"] = figures.per_depth_eval(group, arms, f"trained at t={d}")
   return lines
 
@@ -239,11 +211,11 @@ def _depo_sections(runs, grid, arms, figs) -> list[str]:
 def _runs_table(runs: list[RunRecord], sweep_dir: str, metric: str) -> list[str]:
   rows = []
   for r in sorted(runs, key=lambda r: (r.arm, r.depth or 0, r.seed)):
-    res = r.results or {}
-    value = res.get("eval", {}).get(metric)
+    value = r.results.eval.get(metric) if r.results else None
+    step, wall_s = (r.results.step, r.results.wall_s) if r.results else (0, 0.0)
     rows.append([os.path.relpath(r.workdir, sweep_dir), r.arm, str(r.seed), str(r.depth),
-                 f"{res.get('step', 0)}/{r.num_steps}", "-" if value is None else f"{value:.4f}",
-                 f"{res.get('wall_s', 0) / 60:.1f}"])
+                 f"{step}/{r.num_steps}", "-" if value is None else f"{value:.4f}",
+                 f"{wall_s / 60:.1f}"])
   return ["## Runs", "", *_table(["workdir", "arm", "seed", "depth", "step", metric, "wall min"], rows)]
 
 
@@ -282,7 +254,7 @@ def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: boo
   """
   out_dir = out_dir or sweep_dir
   os.makedirs(out_dir, exist_ok=True)
-  grid = _read_json(os.path.join(sweep_dir, SWEEP_FILE))
+  grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
   runs = load_runs(sweep_dir)
   arms = _arm_order(grid, runs)
   task = runs[0].task if runs else ("depo" if grid and "depo" in grid.get("base", "") else "rule110")
@@ -313,13 +285,45 @@ def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: boo
   return path
 
 
+def summary_table(sweep_dir: str) -> str:
+  """The sweep's arms side by side, as a console table: finished runs, then mean ± std (over
+  seeds) of the main metrics of the finished runs, per depth for Rule 110."""
+  runs = load_runs(sweep_dir)
+  grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
+  arms = _arm_order(grid, runs)
+  if runs and runs[0].task == "depo":
+    columns = [("loss", "loss", False), ("answer acc %", "answer_accuracy", True),
+               *((f"k={k} acc %", f"hops{k}/accuracy", True) for k in DEPO_HOPS)]
+    groups = [(arm, None) for arm in arms]
+  else:
+    columns = [("exact acc %", "exact_accuracy", True), ("acc %", "accuracy", True),
+               ("loss", "loss", False)]
+    depths = sorted({r.depth for r in runs}, key=lambda d: -1 if d is None else d)
+    groups = [(arm, d) for d in depths for arm in arms]
+  rows = []
+  for arm, depth in groups:
+    where = {"arm": arm} if depth is None else {"arm": arm, "depth": depth}
+    done = [r for r in runs if r.finished and all(getattr(r, k) == v for k, v in where.items())]
+    row = [arm if depth is None else f"{arm} (t={depth})", str(len(done))]
+    for _, key, percent in columns:
+      values = _values(runs, key, **where)
+      if not values:
+        row.append("-")
+        continue
+      mean, std, n = summarize(values)
+      scale = 100.0 if percent else 1.0
+      row.append(f"{mean * scale:.{1 if percent else 3}f}" + (f" ± {std * scale:.1f}" if n > 1 else ""))
+    rows.append(row)
+  return console.format_table(["arm", "runs", *(name for name, _, _ in columns)], rows)
+
+
 def _main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top  CLI only
   out = flags.DEFINE_string("out", None, "Directory for report.md and the PNGs (default: the sweep dir).")
 
   def main(argv):
     if len(argv) != 2:
-      raise app.UsageError("usage: python -m sleep_jax.eval.report <sweep_dir> [--out DIR]")
+      raise app.UsageError("usage: python -m sleep_jax.experiments.report <sweep_dir> [--out DIR]")
     print(write_report(argv[1], out.value))
 
   app.run(main)

@@ -10,13 +10,15 @@ import pytest
 from absl import flags
 from ml_collections import config_dict, config_flags
 
-from sleep_jax import sweeps
+from sleep_jax import rundir
+from sleep_jax.experiments import config_files, sweeps
+from sleep_jax.experiments import jobs as jobs_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def sweep_config(name):
-  return sweeps.load_config(os.path.join(REPO, "configs", "sweeps", f"{name}.py"))
+  return config_files.load_config(os.path.join(REPO, "configs", "sweeps", f"{name}.py"))
 
 
 def tiny_sweep(seeds=(0, 1)):
@@ -46,7 +48,7 @@ def test_rule110_cpu_grid_counts_workdirs_and_overrides(tmp_path):
   assert matched.num_steps == round((4 * 96 + 4) / 100 * 160) == 621
   assert matched.overrides["sleep.passes"] == 1
   assert by_name[("attention_only", 2, 0)].overrides["model.pattern"] == "AAAA"
-  config = sweeps.apply_overrides(sweeps.load_config(n2.base), n2.overrides)
+  config = config_files.apply_overrides(config_files.load_config(n2.base), n2.overrides)
   assert (config.sleep.passes, config.seed, config.task.depth, config.train.num_steps) == (2, 1, 2, 160)
   assert config.is_locked
 
@@ -80,21 +82,13 @@ def test_seed_override_only_filter_and_bad_keys(tmp_path):
     sweeps.expand_runs(config, str(tmp_path))
 
 
-def write_results(workdir, step):
+def write_results(workdir, step, num_steps=4):
+  """A results.json as the trainer writes it, at `step`."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"task": "rule110", "step": step, "eval": {"exact_accuracy": 0.5}}, f)
-
-
-def test_is_finished(tmp_path):
-  assert not sweeps.is_finished(str(tmp_path / "missing"), 4)
-  write_results(tmp_path / "done", 4)
-  write_results(tmp_path / "partial", 2)
-  assert sweeps.is_finished(str(tmp_path / "done"), 4)
-  assert not sweeps.is_finished(str(tmp_path / "partial"), 4)
-  (tmp_path / "corrupt").mkdir()
-  (tmp_path / "corrupt" / "results.json").write_text("{not json")
-  assert not sweeps.is_finished(str(tmp_path / "corrupt"), 4)
+  rundir.RunDir(str(workdir)).write_results(rundir.Results(
+      task="rule110", task_settings={"depth": 1}, passes=1, window=24, eviction="hard",
+      pattern="AGAG", seed=0, step=step, num_steps=num_steps, tokens_seen=step * 1600,
+      wall_s=1.0, eval={"exact_accuracy": 0.5}))
 
 
 def test_run_sweep_skips_finished_survives_a_failure_and_resumes(tmp_path):
@@ -105,19 +99,19 @@ def test_run_sweep_skips_finished_survives_a_failure_and_resumes(tmp_path):
 
   def fake_train(config, workdir):
     calls.append(os.path.relpath(workdir, sweep_dir))
-    assert json.load(open(os.path.join(workdir, sweeps.SWEEP_RUN_FILE)))["seed"] == config.seed
+    assert json.load(open(os.path.join(workdir, rundir.SWEEP_RUN_FILE)))["seed"] == config.seed
     if (config.sleep.passes, config.task.depth, config.seed) in fail_on:
       raise RuntimeError("simulated crash")
-    write_results(workdir, config.train.num_steps)
+    write_results(workdir, config.train.num_steps, config.train.num_steps)
 
   failures = sweeps.run_sweep(tiny_sweep(), sweep_dir, train_fn=fake_train)
   assert len(calls) == 7 and os.path.join("n1", "depth1", "seed1") not in calls
   assert os.path.join("n2", "depth1", "seed1") in calls  # unfinished: run again (resumes)
   assert [(r.arm, r.depth, r.seed) for r, _ in failures] == [("n2", 2, 0)]
   assert "simulated crash" in failures[0][1]
-  coords = json.load(open(os.path.join(sweep_dir, "n2", "depth2", "seed0", sweeps.SWEEP_RUN_FILE)))
+  coords = json.load(open(os.path.join(sweep_dir, "n2", "depth2", "seed0", rundir.SWEEP_RUN_FILE)))
   assert coords["arm"] == "n2" and coords["depth"] == 2 and coords["overrides"]["sleep.passes"] == 2
-  grid = json.load(open(os.path.join(sweep_dir, sweeps.SWEEP_FILE)))
+  grid = json.load(open(os.path.join(sweep_dir, rundir.SWEEP_FILE)))
   assert grid["arms"] == ["n1", "n2"] and len(grid["runs"]) == 8
 
   calls.clear()  # rerun the same sweep: only the failed run trains again
@@ -126,17 +120,17 @@ def test_run_sweep_skips_finished_survives_a_failure_and_resumes(tmp_path):
   assert failures == [] and calls == [os.path.join("n2", "depth2", "seed0")]
 
 
-def test_run_sweep_defaults_to_the_trainer(tmp_path, monkeypatch):
-  from sleep_jax.train import loop
+def test_run_sweep_only_runs_one_arm(tmp_path):
   seen = []
-  monkeypatch.setattr(loop, "train_and_evaluate", lambda config, workdir: seen.append(workdir))
-  sweeps.run_sweep(tiny_sweep(seeds=(0,)), str(tmp_path), only="n1")
-  assert seen == [str(tmp_path / "n1" / "depth1" / "seed0"), str(tmp_path / "n1" / "depth2" / "seed0")]
+  sweeps.run_sweep(tiny_sweep(seeds=(0,)), str(tmp_path), only="n1",
+                   train_fn=lambda config, workdir: seen.append((workdir, config.sleep.passes)))
+  assert seen == [(str(tmp_path / "n1" / "depth1" / "seed0"), 1),
+                  (str(tmp_path / "n1" / "depth2" / "seed0"), 1)]
 
 
 def test_xmanager_dry_run_jobs_parse_back_to_the_run_configs(tmp_path):
   config = sweep_config("rule110_cpu")
-  jobs = sweeps.make_jobs(config, str(tmp_path))
+  jobs = jobs_lib.make_jobs(config, str(tmp_path))
   runs = sweeps.expand_runs(config, str(tmp_path))
   assert len(jobs) == len(runs) == 18 and len({j.args["workdir"] for j in jobs}) == 18
   for job, run in zip(jobs, runs):
@@ -149,8 +143,8 @@ def test_xmanager_dry_run_jobs_parse_back_to_the_run_configs(tmp_path):
     flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
     flag_values(argv)
     assert flag_values.workdir == run.workdir
-    assert flag_values.config.to_dict() == sweeps.apply_overrides(
-        sweeps.load_config(run.base), run.overrides).to_dict()
+    assert flag_values.config.to_dict() == config_files.apply_overrides(
+        config_files.load_config(run.base), run.overrides).to_dict()
 
 
 def xm_dry_run(tmp_path, *flags_):
@@ -205,7 +199,7 @@ def test_xm_launch_rejects_a_bad_placement(tmp_path, flags_, message):
 
 
 def test_sweep_cli_dry_run_lists_runs(tmp_path):
-  write_results(tmp_path / "n1" / "depth8" / "seed0", 2700)
+  write_results(tmp_path / "n1" / "depth8" / "seed0", 2700, 2700)
   out = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/sweeps/rule110_gpu.py",
                         f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=0,1"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -219,7 +213,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
   config_file = tmp_path / "tiny_sweep.py"
   config_file.write_text(textwrap.dedent('''
       from ml_collections import config_dict
-      from sleep_jax.sweeps import arm
+      from sleep_jax.experiments.sweeps import arm
       def get_config():
         c = config_dict.ConfigDict()
         c.name, c.base, c.seeds, c.depths, c.num_steps = "tiny", "configs/rule110.py:tiny", (0,), (1,), 4
@@ -236,5 +230,6 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert results["step"] == 4 and results["passes"] == int(arm[1])
   report = (sweep_dir / "report.md").read_text()
   assert "| n1 |" in report and "| n2 |" in report and (sweep_dir / "accuracy_vs_passes.png").exists()
+  assert "arms side by side" in out.stderr and "n1 (t=1)" in out.stderr  # the closing table
   again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert again.returncode == 0 and again.stderr.count("finished already, skipped") == 2

@@ -16,23 +16,20 @@ base < common overrides < scaled num_steps < the arm's overrides < depth < seed.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import importlib.util
-import json
+import logging
 import os
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from absl import logging
 from ml_collections import config_dict
 
-from sleep_jax.train import loop
+from sleep_jax import rundir
+from sleep_jax.experiments.config_files import apply_overrides, flatten, load_config
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_FILE = "sweep.json"  # in the sweep dir: the grid, so reports know which runs are missing
-SWEEP_RUN_FILE = "sweep_run.json"  # in each run's workdir: its coordinates in the grid
+logger = logging.getLogger(__name__)
+TrainFn = Callable[[config_dict.ConfigDict, str], Any]  # (config, workdir) -> results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,66 +65,6 @@ class Run:
       coords["depth"] = self.depth
     coords["overrides"] = dict(self.overrides)
     return coords
-
-
-def load_config(spec: str) -> config_dict.ConfigDict:
-  """Loads an experiment config from "path.py[:variant]" the way `--config=` does.
-
-  Args:
-    spec: a config file path, optionally followed by ":variant" (passed to get_config).
-
-  Returns:
-    The ConfigDict that the file's get_config returns.
-  """
-  path, _, variant = spec.partition(":")
-  if not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(REPO_ROOT, path)  # so sweeps work from any cwd
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {spec.partition(':')[0]!r} not found (cwd or {REPO_ROOT})")
-  module_name = "_sweep_config_" + os.path.splitext(os.path.basename(path))[0]
-  module_spec = importlib.util.spec_from_file_location(module_name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """Nested dict / ConfigDict -> {dotted key: leaf value}."""
-  if isinstance(tree, config_dict.ConfigDict):
-    tree = tree.to_dict()
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, (dict, config_dict.ConfigDict)):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -> config_dict.ConfigDict:
-  """Returns a locked copy of `config` with dotted-key overrides applied.
-
-  Args:
-    config: the base experiment config.
-    overrides: {"sleep.passes": 2, ...}; every key must already exist in `config`, so a typo
-      in a sweep config fails at expansion time instead of silently training the wrong arm.
-
-  Returns:
-    A new, locked ConfigDict.
-  """
-  config = copy.deepcopy(config)  # keeps the field types, so a wrong-typed value is refused
-  config.unlock()
-  known = set(flatten(config))
-  for key, value in overrides.items():
-    if key not in known:
-      raise KeyError(f"override {key}={value!r}: the base config has no field {key!r}")
-    parent, _, field = key.rpartition(".")
-    section = config
-    for part in parent.split(".") if parent else ():
-      section = section[part]
-    section[field] = value
-  config.lock()
-  return config
 
 
 def expand_runs(sweep_config: config_dict.ConfigDict, sweep_dir: str,
@@ -177,41 +114,29 @@ def expand_runs(sweep_config: config_dict.ConfigDict, sweep_dir: str,
   return runs
 
 
-def is_finished(workdir: str, num_steps: int) -> bool:
-  """True when the run's results.json reports its final step (an interrupted run is not)."""
-  try:
-    with open(os.path.join(workdir, loop.RESULTS_FILE)) as f:
-      return json.load(f).get("step") == num_steps
-  except (OSError, ValueError):
-    return False
-
-
 def write_sweep_file(sweep_config: config_dict.ConfigDict, sweep_dir: str, runs: list[Run]) -> str:
   """Writes `<sweep_dir>/sweep.json`: the grid, so a report can count the missing runs."""
   os.makedirs(sweep_dir, exist_ok=True)
-  path = os.path.join(sweep_dir, SWEEP_FILE)
+  path = os.path.join(sweep_dir, rundir.SWEEP_FILE)
   grid = {"name": sweep_config.name, "base": sweep_config.base,
           "arms": [arm["name"] for arm in sweep_config.arms],
           "seeds": list(sweep_config.seeds), "depths": list(sweep_config.get("depths") or ()),
           "runs": [dict(run.coordinates(), workdir=os.path.relpath(run.workdir, sweep_dir))
                    for run in runs]}
-  with open(path, "w") as f:
-    json.dump(grid, f, indent=2)
+  rundir.write_json(path, grid)
   return path
 
 
 def write_run_file(run: Run) -> str:
   """Writes `<workdir>/sweep_run.json` with the run's coordinates."""
   os.makedirs(run.workdir, exist_ok=True)
-  path = os.path.join(run.workdir, SWEEP_RUN_FILE)
-  with open(path, "w") as f:
-    json.dump(run.coordinates(), f, indent=2)
+  path = os.path.join(run.workdir, rundir.SWEEP_RUN_FILE)
+  rundir.write_json(path, run.coordinates())
   return path
 
 
-def run_sweep(sweep_config: config_dict.ConfigDict, sweep_dir: str, *, only: str | None = None,
-              train_fn: Callable[[config_dict.ConfigDict, str], Any] | None = None,
-              ) -> list[tuple[Run, str]]:
+def run_sweep(sweep_config: config_dict.ConfigDict, sweep_dir: str, *, train_fn: TrainFn,
+              only: str | None = None) -> list[tuple[Run, str]]:
   """Runs every unfinished run of a sweep in this process, one after another.
 
   A finished run (results.json at its last step) is skipped; an interrupted one resumes from
@@ -221,14 +146,12 @@ def run_sweep(sweep_config: config_dict.ConfigDict, sweep_dir: str, *, only: str
   Args:
     sweep_config: a ConfigDict from configs/sweeps/*.py.
     sweep_dir: where the run workdirs go.
+    train_fn: (config, workdir) -> results, e.g. sleep_jax.train.loop.train_and_evaluate.
     only: run only this arm.
-    train_fn: (config, workdir) -> results; default sleep_jax.train.loop.train_and_evaluate.
 
   Returns:
     The failed runs with their error text (empty when every run finished).
   """
-  if train_fn is None:
-    train_fn = loop.train_and_evaluate
   runs = expand_runs(sweep_config, sweep_dir, only=only)
   all_runs = runs if only is None else expand_runs(sweep_config, sweep_dir)
   write_sweep_file(sweep_config, sweep_dir, all_runs)
@@ -236,17 +159,17 @@ def run_sweep(sweep_config: config_dict.ConfigDict, sweep_dir: str, *, only: str
   failures = []
   for index, run in enumerate(runs, 1):
     where = f"[{index}/{len(runs)}] {os.path.relpath(run.workdir, sweep_dir)}"
-    if is_finished(run.workdir, run.num_steps):
-      logging.info("%s: finished already, skipped", where)
+    if rundir.RunDir(run.workdir).is_finished(run.num_steps):
+      logger.info("%s: finished already, skipped", where)
       continue
-    logging.info("%s: training %s", where, run.overrides)
+    logger.info("%s: training %s", where, run.overrides)
     try:
       config = apply_overrides(base, run.overrides)
       write_run_file(run)
       train_fn(config, run.workdir)
     except Exception:  # noqa: BLE001  one bad run must not cost the rest of the sweep
       error = traceback.format_exc()
-      logging.error("%s failed:\n%s", where, error)
+      logger.error("%s failed:\n%s", where, error)
       failures.append((run, error))
   return failures
 
@@ -254,52 +177,3 @@ def run_sweep(sweep_config: config_dict.ConfigDict, sweep_dir: str, *, only: str
 def arm(name: str, overrides: dict[str, Any] | None = None, *, step_ratio: float = 1.0) -> dict:
   """One arm of a sweep config: `arm("n2", {"sleep.passes": 2})`."""
   return {"name": name, "overrides": dict(overrides or {}), "step_ratio": float(step_ratio)}
-
-
-ENTRYPOINT = ("python", "launch/main.py")  # relative to the repository root
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-  """One run of a sweep as a `launch/main.py` command (what launch/xm_launch.py submits).
-
-  Attributes:
-    name: unique within the sweep: the run's workdir relative to the sweep dir.
-    args: flag name -> value, e.g. {"config": "configs/rule110.py:paper", "workdir": ...,
-      "config.sleep.passes": "2"}; each becomes `--name=value`.
-  """
-
-  name: str
-  args: dict[str, str]
-
-  def command(self) -> list[str]:
-    return [*ENTRYPOINT, *(f"--{key}={value}" for key, value in self.args.items())]
-
-
-def flag_value(value: Any) -> str:
-  """Formats a config value the way config_flags parses it back (tuples as "(a, b)")."""
-  if isinstance(value, (tuple, list)):
-    inner = ", ".join(flag_value(v) for v in value)
-    return f"({inner},)" if len(value) == 1 else f"({inner})"
-  return str(value)
-
-
-def make_jobs(sweep_config: config_dict.ConfigDict, sweep_dir: str,
-              only: str | None = None) -> list[Job]:
-  """The sweep's runs as `launch/main.py` jobs, in expand_runs order.
-
-  Args:
-    sweep_config: a ConfigDict from configs/sweeps/*.py.
-    sweep_dir: the sweep directory; each job gets its run's workdir inside it.
-    only: keep only this arm.
-
-  Returns:
-    One Job per run: --config=<base> --workdir=<run dir> --config.<key>=<value> per override.
-  """
-  jobs = []
-  for run in expand_runs(sweep_config, sweep_dir, only=only):
-    args = {"config": run.base, "workdir": run.workdir}
-    args.update({f"config.{key}": flag_value(value) for key, value in run.overrides.items()
-                 if value is not None})
-    jobs.append(Job(name=os.path.relpath(run.workdir, sweep_dir).replace(os.sep, "/"), args=args))
-  return jobs

@@ -1,0 +1,295 @@
+"""The run directory: its file names, the results record, JSON-lines logs, the config.json guard.
+
+A leaf module (standard library only): the trainer writes a run directory through it, and the
+sweeps and reports read run directories through it without loading JAX, orbax or the trainer.
+
+A run directory (`--workdir`) holds:
+  config.json        the full config of the run (written before anything else; the resume guard)
+  checkpoints/       orbax checkpoints: train state + data-iterator position per saved step
+  train_log.jsonl    one line of train metrics per logged step
+  eval_log.jsonl     one line of eval metrics per evaluation (the learning curves)
+  results.json       the `Results` record of the latest evaluation (schema: RESULTS_SCHEMA)
+  sweep_run.json     (runs of a sweep) the run's coordinates in the sweep's grid
+  events.out.tfevents.*  TensorBoard scalars
+A sweep directory holds sweep.json (the grid) and one run directory per run.
+
+Every JSON file is replaced atomically (written beside, then renamed), so a process killed at
+any moment leaves either the old file or the new one. JSON-lines logs are appended; a reader
+skips a torn last line and keeps the last line of each step (a resumed run re-logs the steps
+it redoes).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
+EVAL_LOG_FILE = "eval_log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+SWEEP_FILE = "sweep.json"  # in a sweep directory: the grid, so reports can count missing runs
+SWEEP_RUN_FILE = "sweep_run.json"  # in a run directory: its coordinates in the grid
+
+
+class WorkdirError(OSError):
+  """The run directory cannot be used (unwritable, full, or holding an incompatible run)."""
+
+
+# --- Plain JSON files, replaced atomically. ---------------------------------------------------
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` to `path` as indented JSON through a temporary file and a rename."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(value, f, indent=2, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str) -> Any:
+  """The JSON value in `path`, or None when the file is missing or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def append_jsonl(path: str, record: dict) -> None:
+  """Appends one JSON line (flushed to the OS before returning)."""
+  with open(path, "a") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str, *, key: str = "step") -> list[dict]:
+  """The records of a JSON-lines log, one per `key` value (the last wins), sorted by it.
+
+  A line that does not parse (a process killed while appending) is skipped.
+  """
+  by_key = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and key in record:
+          by_key[record[key]] = record
+  except OSError:
+    return []
+  return [by_key[k] for k in sorted(by_key)]
+
+
+# --- The results record. -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Results:
+  """What results.json holds: where the run is and its latest evaluation.
+
+  Attributes:
+    task: the task name ("rule110", "depo").
+    task_settings: the task's training settings (its config section without the name and
+      evaluation-only fields), e.g. {"depth": 32} for Rule 110.
+    passes: N, passes per evicted window.
+    window: L, the attention window.
+    eviction: "hard" or "none".
+    pattern: the block pattern, e.g. "AGAG".
+    seed: the run's seed.
+    step: the step of the latest evaluation.
+    num_steps: the step the run ends at.
+    tokens_seen: training tokens consumed by `step`.
+    wall_s: wall-clock seconds of training and evaluation, summed over resumptions.
+    eval: metric name -> value of the latest evaluation ("loss", "accuracy",
+      "exact_accuracy", "depth4/exact_accuracy", "hops8/loss", ...).
+  """
+
+  task: str
+  task_settings: dict[str, Any]
+  passes: int
+  window: int
+  eviction: str
+  pattern: str
+  seed: int
+  step: int
+  num_steps: int
+  tokens_seen: int
+  wall_s: float
+  eval: dict[str, float]
+
+  @property
+  def finished(self) -> bool:
+    return self.step >= self.num_steps
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, value: Any, *, source: str = "results") -> "Results":
+    """Checks `value` against RESULTS_SCHEMA and builds the record (ValueError naming the field)."""
+    if not isinstance(value, dict):
+      raise ValueError(f"{source}: expected a JSON object, got {type(value).__name__}")
+    missing = [name for name in RESULTS_SCHEMA["required"] if name not in value]
+    if missing:
+      raise ValueError(f"{source}: missing fields {missing} (written by an older sleep_jax? "
+                       "rerun the workdir to rewrite it)")
+    for name, spec in RESULTS_SCHEMA["properties"].items():
+      if not _matches(value[name], spec["type"]):
+        raise ValueError(f"{source}: field {name!r} should be {spec['type']}, got {value[name]!r}")
+    return cls(**{name: value[name] for name in RESULTS_SCHEMA["properties"]})
+
+
+_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "object": dict}
+
+
+def _matches(value: Any, json_type: str) -> bool:
+  return isinstance(value, _JSON_TYPES[json_type]) and not isinstance(value, bool)
+
+
+# JSON Schema (draft 2020-12) of results.json, for outside tools; `Results.from_json` checks it.
+RESULTS_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "sleep_jax results.json",
+    "type": "object",
+    "properties": {
+        "task": {"type": "string"},
+        "task_settings": {"type": "object"},
+        "passes": {"type": "integer"},
+        "window": {"type": "integer"},
+        "eviction": {"type": "string"},
+        "pattern": {"type": "string"},
+        "seed": {"type": "integer"},
+        "step": {"type": "integer"},
+        "num_steps": {"type": "integer"},
+        "tokens_seen": {"type": "integer"},
+        "wall_s": {"type": "number"},
+        "eval": {"type": "object", "additionalProperties": {"type": "number"}},
+    },
+    "required": ["task", "task_settings", "passes", "window", "eviction", "pattern", "seed",
+                 "step", "num_steps", "tokens_seen", "wall_s", "eval"],
+}
+
+
+# --- One run directory. --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+  """The paths of one run directory, and what is read from it."""
+
+  path: str
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  @property
+  def checkpoints(self) -> str:
+    return os.path.abspath(self.file(CHECKPOINT_DIR))
+
+  def config(self) -> dict | None:
+    return read_json(self.file(CONFIG_FILE))
+
+  def results(self) -> Results | None:
+    """The results record, or None before the first evaluation (or if the file is damaged)."""
+    value = read_json(self.file(RESULTS_FILE))
+    if value is None:
+      return None
+    try:
+      return Results.from_json(value, source=self.file(RESULTS_FILE))
+    except ValueError:
+      return None
+
+  def write_results(self, results: Results) -> None:
+    write_json(self.file(RESULTS_FILE), results.to_json())
+
+  def train_log(self) -> list[dict]:
+    return read_jsonl(self.file(TRAIN_LOG_FILE))
+
+  def eval_log(self) -> list[dict]:
+    return read_jsonl(self.file(EVAL_LOG_FILE))
+
+  def is_finished(self, num_steps: int) -> bool:
+    """True when results.json reports the run's final step (an interrupted run is not)."""
+    results = self.results()
+    return results is not None and results.step == num_steps
+
+  def ensure_writable(self) -> None:
+    """Creates the directory and proves a file can be written there, before any compilation.
+
+    Raises:
+      WorkdirError: naming the directory, the reason and the fix.
+    """
+    probe = self.file(".write_probe")
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise WorkdirError(f"cannot write to workdir {self.path!r} ({e.strerror or e}). Point "
+                         "--workdir at a writable directory with free space; nothing in it "
+                         "was changed.") from e
+
+  # --- The config guard. ---
+
+  def check_compatible_config(self, config: dict) -> None:
+    """Raises WorkdirError if the directory holds a run of an incompatible config.
+
+    Nothing is touched. Loop settings (num_steps, cadences, learning rates, remat, the mesh)
+    may differ: a resumed run may run longer or recover from a NaN with a lower learning rate.
+    """
+    saved = self.config()
+    if saved is None:
+      return
+    saved, config = _without_eval_fields(saved), _without_eval_fields(_json_roundtrip(config))
+    differing = [key for key in MUST_MATCH if _lookup(saved, key) != _lookup(config, key)]
+    if differing:
+      details = "; ".join(f"{k}: saved {_lookup(saved, k)!r} vs new {_lookup(config, k)!r}"
+                          for k in differing)
+      raise WorkdirError(f"workdir {self.path} holds a run with an incompatible config "
+                         f"({details}). Use a new --workdir; the existing run was left untouched.")
+
+  def write_config(self, config: dict) -> None:
+    os.makedirs(self.path, exist_ok=True)
+    write_json(self.file(CONFIG_FILE), config)
+
+
+# Settings that change what a checkpoint means: resuming under different ones is an error.
+MUST_MATCH = ("seed", "task", "model", "train.batch_size", "sleep.passes", "sleep.window",
+              "sleep.eviction", "sleep.context_len", "sleep.grad_passes")
+# Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
+MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
+
+
+def _json_roundtrip(value: Any) -> Any:
+  return json.loads(json.dumps(value))  # tuples -> lists, as config.json holds them
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+  for key in dotted.split("."):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
+
+
+def _without_eval_fields(config: dict) -> dict:
+  config = copy.deepcopy(config)
+  for dotted in MAY_DIFFER:
+    *parents, field = dotted.split(".")
+    section = _lookup(config, ".".join(parents))
+    if isinstance(section, dict):
+      section.pop(field, None)
+  return config
