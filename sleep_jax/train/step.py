@@ -58,7 +58,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, sleep_
       "loss": loss,
       "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
       "exact_accuracy": sums["exact"] / jnp.maximum(sums["examples"], 1.0),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
