@@ -147,10 +147,12 @@ def forward_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig, *,
   after `context_len`.
 
   Every pass counts the whole stack, as the schedule's `lax.scan` over passes runs it. Only
-  the fast-state writes of a window's last pass are used, though: with N = 1 the scan has one
-  step, XLA inlines it and drops the rest as dead code (the blocks after the last gated-delta
-  block, and that block's q, out_gate and o projections and read-out matmuls: 22% of a pass
-  at the Rule 110 shapes), so there the step runs less matmul work than this count.
+  the fast-state writes of a window's last pass are used, though: with N = 1 and a pattern
+  with no repetition (R = 1) both scans have one step, XLA inlines them and drops the rest as
+  dead code (the blocks after the last gated-delta block, and that block's q, out_gate and o
+  projections and read-out matmuls), so there the step runs less matmul work than this count.
+  With R > 1 (the Rule 110 configs' "AGAG" is "AG" twice) the stack is a loop that runs its
+  body in full: nothing is dropped.
 
   Args:
     model_cfg: the model configuration.

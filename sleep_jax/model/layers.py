@@ -19,7 +19,8 @@ MUON = "muon"
 ADAMW = "adamw"
 
 
-def param(value: jax.Array, logical_axes: tuple[str | None, ...], optimizer: str = ADAMW) -> nnx.Param:
+def param(value: jax.Array, logical_axes: tuple[str | None, ...],
+          optimizer: str = ADAMW) -> nnx.Param:
   """An `nnx.Param` tagged with its logical axes and optimizer group."""
   if len(logical_axes) != value.ndim:
     raise ValueError(f"logical_axes {logical_axes} do not match shape {value.shape}")
@@ -32,7 +33,8 @@ class Dense(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, logical_axes: tuple[str, str],
                optimizer: str, rngs: nnx.Rngs, init_scale: float = 1.0):
     std = init_scale * in_features**-0.5
-    kernel = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (in_features, out_features))
+    shape = (in_features, out_features)
+    kernel = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)
     self.kernel = param(kernel, logical_axes, optimizer)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,4 +98,5 @@ class CausalDepthwiseConv(nnx.Module):
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """x / ||x|| over the last axis, in float32 (the delta rule assumes unit-norm keys)."""
   x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+  inverse_norm = jax.lax.rsqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (x32 * inverse_norm).astype(x.dtype)

@@ -4,6 +4,12 @@ The model exposes the three pieces the sleep schedule composes (it never runs a 
 itself): `embed` a chunk, run one `stack_pass` of all blocks over it while threading the
 fast-weight state, and turn features into `logits`. The fast state is a tuple with one
 [B,H,K,V] float32 matrix per gated-delta block, in pattern order (`zero_fast_state`).
+
+The stack is a repeated unit: `pattern` is its smallest repeating unit times R ("AGAG" is "AG"
+twice, "AGA" is itself once). The unit's blocks are built once per repetition with `nnx.vmap`,
+so every parameter of `blocks[j]` (block j of the unit) has a leading R axis with logical name
+"layers", and `stack_pass` applies the unit R times with `jax.lax.scan`: the traced program and
+the compile time do not grow with depth.
 """
 
 from __future__ import annotations
@@ -12,12 +18,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sleep_jax.model.blocks import AttentionBlock, GatedDeltaBlock
-from sleep_jax.model.config import ATTENTION, ModelConfig
-from sleep_jax.model.layers import Dense, RMSNorm, param
-from sleep_jax.model.layers import ADAMW
+from sleep_jax.model.blocks import ResidualBlock
+from sleep_jax.model.config import GATED_DELTA, ModelConfig
+from sleep_jax.model.layers import ADAMW, Dense, RMSNorm, param
 
 FastState = tuple[jax.Array, ...]
+LAYERS_AXIS = "layers"  # logical name of the repetition axis of stacked parameters
 
 
 def zero_fast_state(cfg: ModelConfig, batch_size: int) -> FastState:
@@ -26,17 +32,49 @@ def zero_fast_state(cfg: ModelConfig, batch_size: int) -> FastState:
   return tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.num_fast_weight_layers))
 
 
+def repeating_unit(pattern: str) -> tuple[str, int]:
+  """The smallest unit u and the count R with u * R == pattern ("AGAG" -> ("AG", 2))."""
+  for size in range(1, len(pattern) + 1):
+    repeats, rest = divmod(len(pattern), size)
+    if not rest and pattern[:size] * repeats == pattern:
+      return pattern[:size], repeats
+  raise ValueError(f"empty pattern {pattern!r}")
+
+
+def stacked_blocks(cfg: ModelConfig, unit: str, repeats: int, rngs: nnx.Rngs) -> nnx.List:
+  """The blocks of `unit`, each built `repeats` times and stacked along a leading "layers" axis.
+
+  Every repetition draws its own initialisation keys (split rngs). The parameters keep their
+  `optimizer` group, and their `logical_axes` gain "layers" in front.
+  """
+
+  @nnx.split_rngs(splits=repeats)
+  @nnx.vmap(in_axes=0, out_axes=0, axis_size=repeats)
+  def build(rngs: nnx.Rngs) -> nnx.List:
+    return nnx.List([ResidualBlock(cfg, kind, rngs=rngs) for kind in unit])
+
+  blocks = build(rngs)
+  for _, node in nnx.iter_graph(blocks):
+    if isinstance(node, nnx.Param):
+      node.set_metadata("logical_axes", (LAYERS_AXIS, *node.get_metadata()["logical_axes"]))
+  return blocks
+
+
 class HybridLM(nnx.Module):
-  """Interleaved attention ("A") and gated-delta ("G") blocks, e.g. pattern "AGAG"."""
+  """Interleaved attention ("A") and gated-delta ("G") blocks, e.g. pattern "AGAG".
+
+  Attributes:
+    unit: the smallest repeating unit of `cfg.pattern`.
+    repeats: R, with `unit * R == cfg.pattern`.
+    blocks: one `ResidualBlock` per letter of `unit`, parameters stacked [R, ...].
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     embedding = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model))
     self.embedding = param(embedding, ("vocab", "embed"))
-    self.blocks = nnx.List([
-        AttentionBlock(cfg, rngs=rngs) if kind == ATTENTION else GatedDeltaBlock(cfg, rngs=rngs)
-        for kind in cfg.pattern
-    ])
+    self.unit, self.repeats = repeating_unit(cfg.pattern)
+    self.blocks = stacked_blocks(cfg, self.unit, self.repeats, rngs)
     self.final_norm = RMSNorm(cfg.d_model)
     self.head = Dense(cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"), optimizer=ADAMW,
                       rngs=rngs)
@@ -46,16 +84,38 @@ class HybridLM(nnx.Module):
     return jnp.take(self.embedding[...], tokens_bt, axis=0).astype(self.cfg.dtype)
 
   def stack_pass(self, h_btd: jax.Array, fast_state: FastState) -> tuple[jax.Array, FastState]:
-    """One pass of every block over a chunk: (h, S) -> (h', S')."""
-    new_state, layer = [], 0
-    for block in self.blocks:
-      if isinstance(block, GatedDeltaBlock):
-        h_btd, s = block(h_btd, fast_state[layer])
-        new_state.append(s)
-        layer += 1
-      else:
-        h_btd, _ = block(h_btd)
-    return h_btd, tuple(new_state)
+    """One pass of every block over a chunk: (h, S) -> (h', S').
+
+    Args:
+      h_btd: features [B,T,D].
+      fast_state: one [B,H,K,V] float32 matrix per gated-delta block, in pattern order.
+
+    Returns:
+      The features after the last block, and the updated fast state (same structure).
+    """
+    fast_positions = [j for j, kind in enumerate(self.unit) if kind == GATED_DELTA]
+    per_unit = len(fast_positions)
+    if len(fast_state) != per_unit * self.repeats:
+      raise ValueError(f"pattern {self.cfg.pattern!r} has {per_unit * self.repeats} gated-delta "
+                       f"blocks, got a fast state of {len(fast_state)} matrices")
+    # Pattern order is repetition-major: block j of repetition r holds fast_state[r*per_unit + i]
+    # (i its rank among the unit's gated-delta blocks). Scan inputs are stacked over r; attention
+    # blocks get None (an empty pytree), so every block is called the same way.
+    states_in = [None] * len(self.unit)
+    for i, j in enumerate(fast_positions):
+      states_in[j] = jnp.stack(fast_state[i::per_unit])
+    graphdef, stacked_params = nnx.split(self.blocks)
+
+    def apply_unit(h, params_and_states):
+      params, states = params_and_states
+      states_out = []
+      for block, state in zip(nnx.merge(graphdef, params), states):
+        h, state = block(h, state)
+        states_out.append(state)
+      return h, states_out
+
+    h_btd, states_out = jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
+    return h_btd, tuple(states_out[j][r] for r in range(self.repeats) for j in fast_positions)
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """Features [B,T,D] -> float32 logits [B,T,vocab]."""

@@ -5,11 +5,17 @@ sleep_jax/model): Muon takes the 2-D hidden matrices (attention q/k/v/o, MLP gat
 gated-delta q/k/v, output gate and output projection); AdamW takes the token embedding, the
 output head, RMSNorm scales, conv filters, the decay/beta gate projections, A_log and dt_bias.
 Both follow linear warmup then cosine decay, and the global gradient norm is clipped first.
+
+Muon weights may be stacked: the repeated blocks of the model keep one [R, in, out] array per
+weight (R repetitions along the "layers" axis). Muon orthogonalises the last two axes and treats
+every leading axis as a batch of independent matrices, so each layer's update is exactly that of
+its own [in, out] matrix.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import optax
@@ -34,10 +40,18 @@ def learning_rate_schedule(train_config: Mapping[str, Any], peak: float) -> opta
       end_value=peak * train_config["min_lr_ratio"])
 
 
+# Newton-Schulz runs on [..., in, out]: reduction (input) axis -2, output axis -1; the leading
+# axes, if any, are batch axes (optax vmaps over them).
+MATRIX_AXES = optax.contrib.MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
+
+
 def make_optimizer(train_config: Mapping[str, Any], labels: Any) -> optax.GradientTransformation:
   """clip(global norm) -> {Muon | AdamW} by label."""
+  # Without dimension numbers optax.contrib.muon sends every non-2-D array to its internal
+  # Adam: stacked [R, in, out] weights would silently skip orthogonalisation.
   muon = optax.contrib.muon(learning_rate_schedule(train_config, train_config["muon_lr"]),
-                            weight_decay=train_config["weight_decay"])
+                            weight_decay=train_config["weight_decay"],
+                            muon_weight_dimension_numbers=MATRIX_AXES)
   adamw = optax.adamw(learning_rate_schedule(train_config, train_config["adamw_lr"]),
                       weight_decay=train_config["weight_decay"])
   return optax.chain(optax.clip_by_global_norm(train_config["grad_clip"]),

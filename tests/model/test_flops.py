@@ -2,7 +2,8 @@
 
 XLA's cost analysis counts a `while` loop's body once, whatever its trip count, so the
 comparisons use schedules whose loops all run once (one sleep window, one pass, at most one
-gated-delta chunk): XLA then inlines them and counts every matmul that runs.
+gated-delta chunk, and patterns with no repetition, so the scan over the block stack has one
+step): XLA then inlines them and counts every matmul that runs.
 """
 
 import inspect
@@ -77,8 +78,9 @@ def xla_matmul_excess(model_cfg: ModelConfig, chunk_len: int) -> int:
 
 
 def test_forward_count_matches_xla_with_eviction_none():
-  # One pass over 32 tokens (one gated-delta chunk), logits for the last 16.
-  model_cfg, seq_len = tiny_config("AGAG"), 32
+  # One pass over 32 tokens (one gated-delta chunk), logits for the last 16. "AGA" is its own
+  # repeating unit (R = 1), and still has more than one block of a kind.
+  model_cfg, seq_len = tiny_config("AGA"), 32
   sleep_cfg = SleepConfig(eviction="none", context_len=16, remat=False)
   ours = BATCH * flops.forward_flops_per_example(model_cfg, sleep_cfg, seq_len=seq_len)
   assert flops.train_step_flops(model_cfg, sleep_cfg, seq_len=seq_len,

@@ -71,7 +71,8 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
           jax.tree_util.tree_flatten_with_path(labels)[0] for path in [tuple(k.key for k in path)]}
   assert flat["embedding"] == "adamw" and flat["head/kernel"] == "adamw"
   assert flat["blocks/0/mixer/q/kernel"] == "muon" and flat["blocks/0/mlp/down/kernel"] == "muon"
-  assert flat["blocks/1/mixer/o/kernel"] == "muon" and flat["blocks/1/mixer/out_gate/kernel"] == "muon"
+  assert flat["blocks/1/mixer/o/kernel"] == "muon"
+  assert flat["blocks/1/mixer/out_gate/kernel"] == "muon"
   for name in ("decay_proj/kernel", "beta_proj/kernel", "A_log", "dt_bias", "conv_q/weight",
                "out_norm/scale"):
     assert flat[f"blocks/1/mixer/{name}"] == "adamw", name
@@ -97,32 +98,47 @@ def test_bad_model_config_is_a_clear_error(overrides, message):
     ModelConfig.from_config(CFG | overrides)
 
 
+def train_tiny(fast_weight_impl="chunked", num_batches=3, **train_overrides):
+  """Losses, initial and final parameters of a few steps of `train_step` on Rule 110 batches."""
+  config = rule110_config.get_config("tiny")
+  config.train.update(train_overrides)
+  sleep_cfg = SleepConfig.from_config(config.sleep)
+  batches = [rule110.generate(np.random.default_rng(i), 8, 1) for i in range(num_batches)]
+  model = build_model(CFG | dict(fast_weight_impl=fast_weight_impl), seed=0)
+  graphdef, state = nnx.split(model)
+  initial = nnx.to_pure_dict(state)
+  optimizer = make_optimizer(config.train, optimizer_labels(state))
+  step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, sleep_cfg=sleep_cfg,
+                                         optimizer=optimizer))
+  train_state = TrainState(step=jnp.zeros((), jnp.int32), params=initial,
+                           opt_state=optimizer.init(initial))
+  losses = []
+  for batch in batches:
+    train_state, metrics = step(train_state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, initial, train_state.params
+
+
 @pytest.mark.parametrize("impl", ["chunked", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_a_few_training_steps_match_the_reference_fast_weight_impl(impl):
   # Same seed, data and optimizer; only `model.fast_weight_impl` differs. "pallas" interprets the
   # GPU kernel on the CPU.
-  config = rule110_config.get_config("tiny")
-  sleep_cfg = SleepConfig.from_config(config.sleep)
-  batches = [rule110.generate(np.random.default_rng(i), 8, 1) for i in range(3)]
-
-  def train(fast_weight_impl):
-    model = build_model(CFG | dict(fast_weight_impl=fast_weight_impl), seed=0)
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    optimizer = make_optimizer(config.train, optimizer_labels(state))
-    step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, sleep_cfg=sleep_cfg,
-                                           optimizer=optimizer))
-    train_state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=optimizer.init(params))
-    losses = []
-    for batch in batches:
-      train_state, metrics = step(train_state, batch)
-      losses.append(float(metrics["loss"]))
-    return losses, train_state.params
-
-  losses, params = train(impl)
-  expected_losses, expected_params = train("reference")
+  losses, _, params = train_tiny(impl)
+  expected_losses, _, expected_params = train_tiny("reference")
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
-  assert losses[-1] != losses[0]  # the parameters did move
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), params,
                expected_params)
+
+
+def test_training_moves_every_parameter_and_a_zero_learning_rate_moves_none():
+  # The tiny schedule warms up from 0 over one step, so the second step is the first that moves.
+  _, initial, params = train_tiny(num_batches=2)
+  for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(initial)[0],
+                                   jax.tree.leaves(params)):
+    # Stacked block parameters: every repetition (leading axis) moves on its own.
+    slices = range(before.shape[0]) if path[0].key == "blocks" else [Ellipsis]
+    for r in slices:
+      assert not np.array_equal(before[r], after[r]), (jax.tree_util.keystr(path), r)
+  # Both optimizer groups at learning rate 0: a bitwise no-op (a NaN update would show here).
+  _, initial, params = train_tiny(num_batches=2, muon_lr=0.0, adamw_lr=0.0)
+  jax.tree.map(np.testing.assert_array_equal, params, initial)

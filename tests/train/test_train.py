@@ -87,13 +87,15 @@ def test_fsdp_and_tensor_parallelism_really_split_the_parameters():
   program = program_lib.build_program(config)
   params = program.abstract_state.params
   shard_shape = lambda x: x.sharding.shard_shape(x.shape)
-  attention_q = params["blocks"][0]["mixer"]["q"]["kernel"]  # [embed 32, heads 32]
-  assert shard_shape(attention_q) == (16, 16)  # embed over fsdp, heads over tensor
-  mlp_down = params["blocks"][1]["mlp"]["down"]["kernel"]  # [mlp 64, embed 32]
-  assert shard_shape(mlp_down) == (32, 16)
+  # Block parameters are stacked over the pattern's R = 2 repetitions ("layers", unsplit).
+  attention_q = params["blocks"][0]["mixer"]["q"]["kernel"]  # [layers 2, embed 32, heads 32]
+  assert shard_shape(attention_q) == (2, 16, 16)  # embed over fsdp, heads over tensor
+  mlp_down = params["blocks"][1]["mlp"]["down"]["kernel"]  # [layers 2, mlp 64, embed 32]
+  assert shard_shape(mlp_down) == (2, 32, 16)
   # Optimizer moments mirror their parameter's split; the batch goes over data x fsdp.
-  moments = [x for x in jax.tree.leaves(program.abstract_state.opt_state) if x.shape == (32, 32)]
-  assert moments and all(shard_shape(m) == (16, 16) for m in moments)
+  moments = [x for x in jax.tree.leaves(program.abstract_state.opt_state)
+             if x.shape == (2, 32, 32)]
+  assert moments and all(shard_shape(m) == (2, 16, 16) for m in moments)
   assert program.batch_sharding.shard_shape((16, 100)) == (4, 100)
 
 

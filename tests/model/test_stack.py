@@ -1,0 +1,155 @@
+"""The block stack: repeating units, stacked parameters, the scan against a plain loop, Muon."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sleep_jax import build_model
+from sleep_jax.model.config import GATED_DELTA
+from sleep_jax.model.lm import LAYERS_AXIS, HybridLM, repeating_unit, zero_fast_state
+from sleep_jax.train.optim import make_optimizer
+
+CFG = dict(vocab_size=6, d_model=16, num_heads=2, head_dim=8, mlp_dim=32,
+           fast_weight_impl="chunked")
+
+
+def params_with_metadata(model):
+  """{path: nnx.Param} over the model's parameters."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  return {"/".join(str(k.key) for k in path): leaf for path, leaf in leaves}
+
+
+@pytest.mark.parametrize("pattern, unit, repeats", [
+    ("AGAG", "AG", 2), ("AGA", "AGA", 1), ("GGGG", "G", 4), ("AAGAAG", "AAG", 2),
+    ("AGAGAG", "AG", 3), ("AGGA", "AGGA", 1), ("A", "A", 1),
+])
+def test_pattern_is_its_smallest_repeating_unit_times_r(pattern, unit, repeats):
+  assert repeating_unit(pattern) == (unit, repeats)
+
+
+def test_stacked_parameters_carry_a_layers_axis_and_keep_their_optimizer():
+  model = build_model(CFG | dict(pattern="AGAGAG"), seed=0)
+  params = params_with_metadata(model)
+  for name, variable in params.items():
+    axes = variable.get_metadata()["logical_axes"]
+    assert len(axes) == variable.ndim, name
+    assert (axes[0] == LAYERS_AXIS) == name.startswith("blocks/"), name
+    if name.startswith("blocks/"):
+      assert variable.shape[0] == 3, name
+  q = params["blocks/0/mixer/q/kernel"]
+  assert q.shape == (3, 16, 16) and q.get_metadata()["logical_axes"] == ("layers", "embed", "heads")
+  assert q.get_metadata()["optimizer"] == "muon"
+  assert params["blocks/1/mixer/A_log"].get_metadata()["optimizer"] == "adamw"
+  # Every repetition draws its own initialisation.
+  for name in ("blocks/0/mixer/q/kernel", "blocks/1/mixer/A_log", "blocks/1/mixer/conv_k/weight"):
+    values = np.asarray(params[name][...])
+    assert not np.array_equal(values[0], values[1]) and not np.array_equal(values[1], values[2])
+
+
+def reference_stack_pass(model: HybridLM, h, fast_state):
+  """The stack as an explicit Python loop over the unstacked blocks, in pattern order."""
+  graphdefs_and_params = [nnx.split(block) for block in model.blocks]
+  new_state, layer = [], 0
+  for index, kind in enumerate(model.cfg.pattern):
+    repetition, position = divmod(index, len(model.unit))
+    graphdef, stacked = graphdefs_and_params[position]
+    block = nnx.merge(graphdef, jax.tree.map(lambda x, r=repetition: x[r], stacked))
+    if kind == GATED_DELTA:
+      h, state = block(h, fast_state[layer])
+      new_state.append(state)
+      layer += 1
+    else:
+      h, state = block(h, None)
+      assert state is None
+  return h, tuple(new_state)
+
+
+@pytest.mark.parametrize("pattern", ["AGGAGG", "AGA"])  # R = 2, two fast states per unit; R = 1
+def test_scanned_stack_equals_a_loop_over_the_unstacked_blocks(pattern):
+  model = build_model(CFG | dict(pattern=pattern), seed=1)
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+  keys = jax.random.split(jax.random.key(0), 8)
+  h = jax.random.normal(keys[0], (2, 7, 16))
+  fast_state = tuple(0.3 * jax.random.normal(k, s.shape) for k, s in
+                     zip(keys[1:], zero_fast_state(model.cfg, 2)))
+  weights = jax.random.normal(keys[-1], h.shape)
+
+  def loss(params, h, fast_state, stack_pass):
+    out, new_state = stack_pass(nnx.merge(graphdef, params), h, fast_state)
+    return jnp.sum(out * weights) + sum(jnp.sum(jnp.sin(s)) for s in new_state), (out, new_state)
+
+  scanned = lambda model, h, s: model.stack_pass(h, s)
+  grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+  (grads, (out, new_state)) = grad(params, h, fast_state, scanned)
+  (expected_grads, (expected_out, expected_state)) = grad(params, h, fast_state,
+                                                          reference_stack_pass)
+  assert len(new_state) == pattern.count(GATED_DELTA)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  close(out, expected_out)
+  jax.tree.map(close, new_state, expected_state)
+  jax.tree.map(close, grads, expected_grads)  # params, h and every fast-state matrix
+  # Every repetition of every block parameter is used (the embedding and head are not).
+  for g in jax.tree.leaves(grads[0]["blocks"]):
+    assert all(float(jnp.abs(g[r]).max()) > 0 for r in range(g.shape[0]))
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[1:]))
+
+
+def jaxpr_size(jaxpr) -> int:
+  """Equations in a jaxpr, counting those of every nested jaxpr (scan bodies, custom VJPs)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += jaxpr_size(sub)
+  return count
+
+
+def traced_stack_size(pattern: str, stack_pass=None) -> int:
+  model = build_model(CFG | dict(pattern=pattern), seed=0)
+  graphdef, params = nnx.split(model)
+  stack_pass = stack_pass or (lambda model, h, s: model.stack_pass(h, s))
+  fn = lambda params, h, s: stack_pass(nnx.merge(graphdef, params), h, s)
+  closed = jax.make_jaxpr(fn)(params, jnp.zeros((1, 4, 16)), zero_fast_state(model.cfg, 1))
+  return jaxpr_size(closed.jaxpr)
+
+
+def test_traced_program_does_not_grow_with_depth():
+  one, six = traced_stack_size("AG"), traced_stack_size("AG" * 6)
+  # Only the stacking and unstacking of the fast state at the scan boundary grows with R.
+  assert six - one <= 3 * 6, (one, six)
+  # The test can fail: unrolled, the same stack traces to about six times the equations.
+  assert traced_stack_size("AG" * 6, reference_stack_pass) > 5 * one
+
+
+TRAIN = dict(num_steps=10, warmup_steps=0, min_lr_ratio=1.0, muon_lr=0.02, adamw_lr=1e-3,
+             weight_decay=0.0, grad_clip=1e3)
+
+
+def test_muon_orthogonalises_each_layer_of_a_stacked_weight_separately():
+  keys = jax.random.split(jax.random.key(0), 4)
+  stacked = {"w": jax.random.normal(keys[0], (2, 8, 12))}
+  separate = {"a": stacked["w"][0], "b": stacked["w"][1]}
+  grads = [jax.random.normal(k, (2, 8, 12)) for k in keys[1:]]
+
+  def updates(params, split):
+    optimizer = make_optimizer(TRAIN, jax.tree.map(lambda _: "muon", params))
+    state, result = optimizer.init(params), []
+    for g in grads:  # a few steps, so the momentum is exercised too
+      update, state = optimizer.update(split(g), state, params)
+      result.append(update)
+    return result
+
+  got = updates(stacked, lambda g: {"w": g})
+  expected = updates(separate, lambda g: {"a": g[0], "b": g[1]})
+  for u, e in zip(got, expected):
+    np.testing.assert_allclose(u["w"][0], e["a"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(u["w"][1], e["b"], rtol=1e-5, atol=1e-7)
+  # A Muon update is (nearly) orthogonal: its singular values bunch around one value, far from
+  # those of the raw gradient.
+  singular = np.linalg.svd(np.asarray(got[0]["w"][0]), compute_uv=False)
+  assert singular.max() / singular.min() < 2.0
