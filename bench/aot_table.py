@@ -35,8 +35,10 @@ def main():
   console.configure()  # the largest-batch search logs each trial
   rows, largest = [], {}
   for spec in args.configs:
-    for topology, num_slices in ([] if args.no_slices else SLICES):
-      row = aot.compile_for_topology(config_files.load_config(spec), topology, num_slices=num_slices)
+    for topology, num_slices in [] if args.no_slices else SLICES:
+      row = aot.compile_for_topology(
+        config_files.load_config(spec), topology, num_slices=num_slices
+      )
       rows.append({"config": spec.replace("configs/", ""), **row})
       print(aot.format_table(rows[-1:]).splitlines()[-1], flush=True)
     if args.largest_batch:
@@ -45,8 +47,10 @@ def main():
   if rows:
     print(aot.format_table(rows))
   for spec, best in largest.items():
-    print(f"{spec}: largest batch per v5e chip that fits (power of two) = "
-          f"{best['per_device_batch']} (peak {best['peak_memory_bytes_per_device'] / 2**30:.2f} GiB)")
+    print(
+      f"{spec}: largest batch per v5e chip that fits (power of two) = "
+      f"{best['per_device_batch']} (peak {best['peak_memory_bytes_per_device'] / 2**30:.2f} GiB)"
+    )
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"rows": rows, "largest_batch_per_v5e_chip": largest}, f, indent=2)

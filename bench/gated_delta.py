@@ -39,15 +39,15 @@ from sleep_jax.ops import gated_delta_rule  # noqa: E402
 from sleep_jax.ops.gated_delta.chunked import gated_delta_rule_chunked_autodiff  # noqa: E402
 
 SHAPES = {
-    "cpu": dict(batch=2, tokens=2048, heads=4, key_dim=64, value_dim=64, dtype="float32"),
-    "long": dict(batch=2, tokens=16384, heads=4, key_dim=64, value_dim=64, dtype="float32"),
-    "gpu": dict(batch=8, tokens=4096, heads=16, key_dim=128, value_dim=128, dtype="bfloat16"),
+  "cpu": dict(batch=2, tokens=2048, heads=4, key_dim=64, value_dim=64, dtype="float32"),
+  "long": dict(batch=2, tokens=16384, heads=4, key_dim=64, value_dim=64, dtype="float32"),
+  "gpu": dict(batch=8, tokens=4096, heads=16, key_dim=128, value_dim=128, dtype="bfloat16"),
 }
 JAX_IMPLS = {
-    "reference": lambda **kw: gated_delta_rule(**kw, impl="reference"),
-    "chunked": lambda **kw: gated_delta_rule(**kw, impl="chunked"),
-    "chunked_autodiff": gated_delta_rule_chunked_autodiff,
-    "pallas": lambda **kw: gated_delta_rule(**kw, impl="pallas"),
+  "reference": lambda **kw: gated_delta_rule(**kw, impl="reference"),
+  "chunked": lambda **kw: gated_delta_rule(**kw, impl="chunked"),
+  "chunked_autodiff": gated_delta_rule_chunked_autodiff,
+  "pallas": lambda **kw: gated_delta_rule(**kw, impl="pallas"),
 }
 
 
@@ -77,12 +77,12 @@ def make_inputs(batch, tokens, heads, key_dim, value_dim, dtype, seed=0):
   keys = jax.random.split(jax.random.key(seed), 6)
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   return {
-      "q": unit(jax.random.normal(keys[0], (batch, tokens, heads, key_dim))).astype(dtype),
-      "k": unit(jax.random.normal(keys[1], (batch, tokens, heads, key_dim))).astype(dtype),
-      "v": jax.random.normal(keys[2], (batch, tokens, heads, value_dim)).astype(dtype),
-      "g": -jax.random.uniform(keys[3], (batch, tokens, heads), minval=0.01, maxval=0.5),
-      "beta": jax.random.uniform(keys[4], (batch, tokens, heads), minval=0.05, maxval=0.95),
-      "initial_state": 0.1 * jax.random.normal(keys[5], (batch, heads, key_dim, value_dim)),
+    "q": unit(jax.random.normal(keys[0], (batch, tokens, heads, key_dim))).astype(dtype),
+    "k": unit(jax.random.normal(keys[1], (batch, tokens, heads, key_dim))).astype(dtype),
+    "v": jax.random.normal(keys[2], (batch, tokens, heads, value_dim)).astype(dtype),
+    "g": -jax.random.uniform(keys[3], (batch, tokens, heads), minval=0.01, maxval=0.5),
+    "beta": jax.random.uniform(keys[4], (batch, tokens, heads), minval=0.05, maxval=0.95),
+    "initial_state": 0.1 * jax.random.normal(keys[5], (batch, heads, key_dim, value_dim)),
   }
 
 
@@ -112,12 +112,16 @@ def measure_jax(rule, inputs, repeats):
     peak_bytes = memory.argument_size_in_bytes + memory.output_size_in_bytes + temp_bytes
   out = forward(inputs)[0]
   _, grads = forward_backward(inputs)
-  return {
+  return (
+    {
       "fwd_ms": median_ms(lambda: jax.block_until_ready(forward(inputs)), repeats),
       "fwd_bwd_ms": median_ms(lambda: jax.block_until_ready(forward_backward(inputs)), repeats),
       "peak_mb": peak_bytes / 2**20,
       "working_mb": temp_bytes / 2**20,
-  }, np.asarray(out, np.float32), {k: np.asarray(v, np.float32) for k, v in grads.items()}
+    },
+    np.asarray(out, np.float32),
+    {k: np.asarray(v, np.float32) for k, v in grads.items()},
+  )
 
 
 def measure_fla(inputs, repeats):
@@ -127,14 +131,21 @@ def measure_fla(inputs, repeats):
 
   dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[str(inputs["q"].dtype)]
   to_torch = lambda x, dt: torch.tensor(np.asarray(x, np.float32), device="cuda", dtype=dt)
-  tensors = {k: to_torch(v, dtype if k in ("q", "k", "v") else torch.float32)
-             for k, v in inputs.items()}
+  tensors = {
+    k: to_torch(v, dtype if k in ("q", "k", "v") else torch.float32) for k, v in inputs.items()
+  }
 
   def forward(requires_grad=False):
     leaves = {k: t.detach().requires_grad_(requires_grad) for k, t in tensors.items()}
-    out, state = chunk_gated_delta_rule(leaves["q"], leaves["k"], leaves["v"], leaves["g"],
-                                        leaves["beta"], initial_state=leaves["initial_state"],
-                                        output_final_state=True)
+    out, state = chunk_gated_delta_rule(
+      leaves["q"],
+      leaves["k"],
+      leaves["v"],
+      leaves["g"],
+      leaves["beta"],
+      initial_state=leaves["initial_state"],
+      output_final_state=True,
+    )
     return leaves, out, state
 
   def forward_backward():
@@ -147,6 +158,7 @@ def measure_fla(inputs, repeats):
     def call():
       fn()
       torch.cuda.synchronize()
+
     return median_ms(call, repeats)
 
   with torch.no_grad():
@@ -170,11 +182,14 @@ def max_relative_error(got, want):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                      help="default: gpu on a GPU, cpu otherwise")
+  parser.add_argument(
+    "--shape", choices=sorted(SHAPES), default=None, help="default: gpu on a GPU, cpu otherwise"
+  )
   parser.add_argument("--impls", default=None, help="comma-separated; default: all available")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
-  parser.add_argument("--json", default=None, help="default: bench/results/gated_delta_<shape>.json")
+  parser.add_argument(
+    "--json", default=None, help="default: bench/results/gated_delta_<shape>.json"
+  )
   args = parser.parse_args(argv)
 
   shape_name = args.shape or ("gpu" if jax.default_backend() == "gpu" else "cpu")
@@ -200,32 +215,43 @@ def main(argv=None):
       row["fwd_bwd_tokens_per_s"] = tokens_per_call / (row["fwd_bwd_ms"] / 1e3)
     row["out_rel_err"] = max_relative_error(outputs[impl], outputs[baseline])
     if grads[impl] is not None and grads[baseline] is not None:
-      row["grad_rel_err"] = max(max_relative_error(grads[impl][k], grads[baseline][k])
-                                for k in grads[baseline])
+      row["grad_rel_err"] = max(
+        max_relative_error(grads[impl][k], grads[baseline][k]) for k in grads[baseline]
+      )
 
   ratios = {}
-  pairs = [("pallas", "fla", "fwd_ms"), ("pallas", "fla", "fwd_bwd_ms"),
-           ("chunked", "chunked_autodiff", "fwd_bwd_ms"),
-           ("chunked", "chunked_autodiff", "peak_mb"),
-           ("chunked", "chunked_autodiff", "working_mb"), ("chunked", "reference", "fwd_bwd_ms"),
-           ("pallas", "chunked", "fwd_bwd_ms")]
+  pairs = [
+    ("pallas", "fla", "fwd_ms"),
+    ("pallas", "fla", "fwd_bwd_ms"),
+    ("chunked", "chunked_autodiff", "fwd_bwd_ms"),
+    ("chunked", "chunked_autodiff", "peak_mb"),
+    ("chunked", "chunked_autodiff", "working_mb"),
+    ("chunked", "reference", "fwd_bwd_ms"),
+    ("pallas", "chunked", "fwd_bwd_ms"),
+  ]
   for a, b, key in pairs:
     if key in rows.get(a, {}) and key in rows.get(b, {}):
       ratios[f"{a}/{b} {key}"] = rows[a][key] / rows[b][key]
 
-  print(f"\ngated_delta_rule {shape_name}: {shape}, backend={jax.default_backend()} "
-        f"({jax.devices()[0].device_kind}), median of {args.repeats}\n")
-  print(f"| impl | fwd ms | fwd+bwd ms | fwd tok/s | fwd+bwd tok/s | peak MB (fwd+bwd) | "
-        f"working MB | out err vs {baseline} | grad err vs {baseline} |")
+  print(
+    f"\ngated_delta_rule {shape_name}: {shape}, backend={jax.default_backend()} "
+    f"({jax.devices()[0].device_kind}), median of {args.repeats}\n"
+  )
+  print(
+    f"| impl | fwd ms | fwd+bwd ms | fwd tok/s | fwd+bwd tok/s | peak MB (fwd+bwd) | "
+    f"working MB | out err vs {baseline} | grad err vs {baseline} |"
+  )
   print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   fmt = lambda row, key, spec: format(row[key], spec) if key in row else "-"
   for impl, row in rows.items():
-    print(f"| {impl} | {fmt(row, 'fwd_ms', '.2f')} | "
-          f"{fmt(row, 'fwd_bwd_ms', '.2f') if 'fwd_bwd_error' not in row else 'failed'} | "
-          f"{fmt(row, 'fwd_tokens_per_s', ',.0f')} | {fmt(row, 'fwd_bwd_tokens_per_s', ',.0f')} | "
-          f"{fmt(row, 'peak_mb', ',.0f')} | {fmt(row, 'working_mb', ',.0f')} | "
-          f"{fmt(row, 'out_rel_err', '.1e')} | "
-          f"{fmt(row, 'grad_rel_err', '.1e')} |")
+    print(
+      f"| {impl} | {fmt(row, 'fwd_ms', '.2f')} | "
+      f"{fmt(row, 'fwd_bwd_ms', '.2f') if 'fwd_bwd_error' not in row else 'failed'} | "
+      f"{fmt(row, 'fwd_tokens_per_s', ',.0f')} | {fmt(row, 'fwd_bwd_tokens_per_s', ',.0f')} | "
+      f"{fmt(row, 'peak_mb', ',.0f')} | {fmt(row, 'working_mb', ',.0f')} | "
+      f"{fmt(row, 'out_rel_err', '.1e')} | "
+      f"{fmt(row, 'grad_rel_err', '.1e')} |"
+    )
   for impl, row in rows.items():
     if "fwd_bwd_error" in row:
       print(f"\n{impl} forward+backward failed: {row['fwd_bwd_error']}")
@@ -236,9 +262,20 @@ def main(argv=None):
   path = args.json or os.path.join(BENCH_DIR, "results", f"gated_delta_{shape_name}.json")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
-    json.dump({"shape_name": shape_name, "shape": shape, "backend": jax.default_backend(),
-               "device": jax.devices()[0].device_kind, "repeats": args.repeats,
-               "baseline": baseline, "results": rows, "ratios": ratios}, f, indent=2)
+    json.dump(
+      {
+        "shape_name": shape_name,
+        "shape": shape,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "repeats": args.repeats,
+        "baseline": baseline,
+        "results": rows,
+        "ratios": ratios,
+      },
+      f,
+      indent=2,
+    )
   print(f"\nwrote {path}")
 
 

@@ -58,8 +58,9 @@ def train(*, batch_size: int) -> config_dict.ConfigDict:
   return c
 
 
-def evaluation(*, num_examples: int, num_slice_examples: int, batch_size: int
-               ) -> config_dict.ConfigDict:
+def evaluation(
+  *, num_examples: int, num_slice_examples: int, batch_size: int
+) -> config_dict.ConfigDict:
   """`config.eval`: held-out sets (fixed per seed, independent of the training stream)."""
   c = config_dict.ConfigDict()
   c.every_steps = 1_000  # evaluate every this many steps (and at the end)
@@ -94,14 +95,30 @@ def parallel() -> config_dict.ConfigDict:
   # Logical axis of a parameter dimension -> mesh axes (None: whole on every device). The batch
   # is always split over data x fsdp. A dimension must divide by its mesh axes' total size;
   # "layers" is the leading axis of the stacked repeated blocks.
-  c.rules = (("vocab", None), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-             ("head_dim", None), ("gate_heads", "tensor"), ("conv", None), ("layers", None))
+  c.rules = (
+    ("vocab", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("gate_heads", "tensor"),
+    ("conv", None),
+    ("layers", None),
+  )
   return c
 
 
-def experiment(task: config_dict.ConfigDict, *, vocab_size: int, window: int, context_len: int,
-               batch_size: int, eval_examples: int, eval_slice_examples: int, eval_batch_size: int
-               ) -> config_dict.ConfigDict:
+def experiment(
+  task: config_dict.ConfigDict,
+  *,
+  vocab_size: int,
+  window: int,
+  context_len: int,
+  batch_size: int,
+  eval_examples: int,
+  eval_slice_examples: int,
+  eval_batch_size: int,
+) -> config_dict.ConfigDict:
   """A whole experiment config at the paper's scale, for `task` and its sequence layout."""
   c = config_dict.ConfigDict()
   c.seed = 0  # parameters, data order and held-out sets
@@ -109,16 +126,18 @@ def experiment(task: config_dict.ConfigDict, *, vocab_size: int, window: int, co
   c.model = model(vocab_size)
   c.sleep = sleep(window=window, context_len=context_len)
   c.train = train(batch_size=batch_size)
-  c.eval = evaluation(num_examples=eval_examples, num_slice_examples=eval_slice_examples,
-                      batch_size=eval_batch_size)
+  c.eval = evaluation(
+    num_examples=eval_examples, num_slice_examples=eval_slice_examples, batch_size=eval_batch_size
+  )
   c.checkpoint = checkpoint()
   c.log_every_steps = 50  # console line, train_log.jsonl and TensorBoard scalars
   c.parallel = parallel()
   return c
 
 
-def short_run(c: config_dict.ConfigDict, *, num_steps: int, eval_every: int,
-              log_every: int) -> None:
+def short_run(
+  c: config_dict.ConfigDict, *, num_steps: int, eval_every: int, log_every: int
+) -> None:
   """Shared changes of the CPU-sized variants: a short schedule and frequent bookkeeping."""
   c.train.num_steps = num_steps
   c.train.warmup_steps = max(num_steps // 10, 1)

@@ -37,10 +37,15 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   # = answer-token loss, "hops{k}/accuracy" = exact answer-word accuracy).
   task.eval_hops = depo.EVAL_HOPS  # (1, 2, 4, 8, 16) as in the paper
   c = common.experiment(
-      task, vocab_size=depo.VOCAB_SIZE,  # 118: 100 word symbols, HOP_1..HOP_16, ANS, PAD
-      window=75,  # L: the 300-token context is 4 windows; the 60 query tokens predict
-      context_len=depo.CONTEXT_LEN,  # 300 tokens slept on before the queries
-      batch_size=128, eval_examples=2_048, eval_slice_examples=512, eval_batch_size=128)
+    task,
+    vocab_size=depo.VOCAB_SIZE,  # 118: 100 word symbols, HOP_1..HOP_16, ANS, PAD
+    window=75,  # L: the 300-token context is 4 windows; the 60 query tokens predict
+    context_len=depo.CONTEXT_LEN,  # 300 tokens slept on before the queries
+    batch_size=128,
+    eval_examples=2_048,
+    eval_slice_examples=512,
+    eval_batch_size=128,
+  )
   # 100k steps: ~4.6B tokens at 360 tokens per example, as in the paper.
 
   if variant == "paper":

@@ -34,10 +34,15 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   # "depth{t}/loss", "depth{t}/accuracy"), e.g. to see how far a model trained at t generalises.
   task.eval_depths = (1, 2, 4, 8)
   c = common.experiment(
-      task, vocab_size=rule110.VOCAB_SIZE,  # 0/1 cells and the four query tokens
-      window=rule110.STRING_LEN,  # L = 24: one string per window
-      context_len=rule110.CONTEXT_LEN,  # 96 tokens slept on before the 4 queries
-      batch_size=512, eval_examples=4_096, eval_slice_examples=1_024, eval_batch_size=512)
+    task,
+    vocab_size=rule110.VOCAB_SIZE,  # 0/1 cells and the four query tokens
+    window=rule110.STRING_LEN,  # L = 24: one string per window
+    context_len=rule110.CONTEXT_LEN,  # 96 tokens slept on before the 4 queries
+    batch_size=512,
+    eval_examples=4_096,
+    eval_slice_examples=1_024,
+    eval_batch_size=512,
+  )
   # 100k steps: ~5B tokens at 100 tokens per example, as in the paper.
 
   if variant == "paper":

@@ -17,31 +17,36 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ imports
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
-from sleep_jax import console  # noqa: E402
-from sleep_jax.train import aot  # noqa: E402
+from sleep_jax import console
+from sleep_jax.train import aot
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rule110.py.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5p-32, v4-8, v6e-8, v5e:4x4 ...")
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "TPU slice: v5e-16, v5p-32, v4-8, v6e-8, v5e:4x4 ..."
+)
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
-_LARGEST_BATCH = flags.DEFINE_bool("largest_batch", False,
-                                   "Also find the largest power-of-two batch per device that fits.")
+_LARGEST_BATCH = flags.DEFINE_bool(
+  "largest_batch", False, "Also find the largest power-of-two batch per device that fits."
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  console.configure(verbosity=flags.FLAGS["verbosity"].value
-                    if flags.FLAGS["verbosity"].present else None)
+  console.configure(
+    verbosity=flags.FLAGS["verbosity"].value if flags.FLAGS["verbosity"].present else None
+  )
   try:
     result = aot.compile_for_topology(_CONFIG.value, _TOPOLOGY.value, num_slices=_NUM_SLICES.value)
     if _LARGEST_BATCH.value:
-      result["largest_batch"] = aot.largest_fitting_batch(_CONFIG.value, _TOPOLOGY.value,
-                                                          num_slices=_NUM_SLICES.value)
+      result["largest_batch"] = aot.largest_fitting_batch(
+        _CONFIG.value, _TOPOLOGY.value, num_slices=_NUM_SLICES.value
+      )
   except (ValueError, RuntimeError) as e:
     raise app.UsageError(str(e)) from e
   print(aot.format_table([result]))

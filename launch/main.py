@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ imports
 
-from sleep_jax import xla_flags  # noqa: E402  (imports no JAX)
+from sleep_jax import xla_flags
 
 xla_flags.apply_workarounds()  # before JAX starts its backend
 
@@ -30,15 +30,21 @@ from sleep_jax import console, rundir  # noqa: E402
 from sleep_jax.parallel import distributed  # noqa: E402
 from sleep_jax.train.loop import NonFiniteLossError, Preempted, train_and_evaluate  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rule110.py:cpu.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/rule110.py:cpu.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, events, results).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                    "Multi-process: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Multi-process: processes in the job (or $JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "Multi-process: this process's index (or $JAX_PROCESS_ID).")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Multi-process: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Multi-process: processes in the job (or $JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "Multi-process: this process's index (or $JAX_PROCESS_ID)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 logger = logging.getLogger("sleep_jax.launch")
@@ -53,8 +59,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.configure(verbosity=verbosity_flag())
-  distributed.initialize(distributed.ProcessGroup(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                                  _PROCESS_ID.value))
+  distributed.initialize(
+    distributed.ProcessGroup(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  )
   console.configure(verbosity=verbosity_flag(), is_writer=jax.process_index() == 0)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)

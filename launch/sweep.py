@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ imports
 
-from sleep_jax import xla_flags  # noqa: E402  (imports no JAX)
+from sleep_jax import xla_flags
 
 xla_flags.apply_workarounds()  # before JAX starts its backend
 
@@ -28,10 +28,16 @@ from sleep_jax.experiments import sweeps  # noqa: E402
 
 logger = logging.getLogger("sleep_jax.launch")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweeps/rule110_cpu.py.")
-_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep; one workdir per run inside.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Sweep config, e.g. configs/sweeps/rule110_cpu.py."
+)
+_SWEEP_DIR = flags.DEFINE_string(
+  "sweep_dir", None, "Directory of the sweep; one workdir per run inside."
+)
 _ONLY = flags.DEFINE_string("only", None, "Run only the arm with this name.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs (and whether each is finished) and exit.")
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run", False, "Print the runs (and whether each is finished) and exit."
+)
 flags.mark_flags_as_required(["config", "sweep_dir"])
 
 
@@ -45,8 +51,9 @@ def describe(run: sweeps.Run) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  console.configure(verbosity=flags.FLAGS["verbosity"].value
-                    if flags.FLAGS["verbosity"].present else None)
+  console.configure(
+    verbosity=flags.FLAGS["verbosity"].value if flags.FLAGS["verbosity"].present else None
+  )
   sweep_config, sweep_dir = _CONFIG.value, _SWEEP_DIR.value
   if _DRY_RUN.value:
     runs = sweeps.expand_runs(sweep_config, sweep_dir, only=_ONLY.value)
@@ -55,18 +62,23 @@ def main(argv):
     return
   from sleep_jax.experiments import report
   from sleep_jax.train.loop import Preempted, train_and_evaluate
+
   try:
-    failures = sweeps.run_sweep(sweep_config, sweep_dir, train_fn=train_and_evaluate,
-                                only=_ONLY.value)
+    failures = sweeps.run_sweep(
+      sweep_config, sweep_dir, train_fn=train_and_evaluate, only=_ONLY.value
+    )
   except Preempted:
     sys.exit(0)  # the current run saved its checkpoint; rerunning the command continues
   logger.info("report: %s", report.write_report(sweep_dir))
-  logger.info("%s, arms side by side (finished runs):\n%s", sweep_config.name,
-              report.summary_table(sweep_dir))
+  logger.info(
+    "%s, arms side by side (finished runs):\n%s", sweep_config.name, report.summary_table(sweep_dir)
+  )
   if failures:
     for run, error in failures:
       logger.error("FAILED %s: %s", run.workdir, error.strip().splitlines()[-1])
-    sys.exit(f"{len(failures)} run(s) of {sweep_config.name} failed; rerun the same command to retry them")
+    sys.exit(
+      f"{len(failures)} run(s) of {sweep_config.name} failed; rerun the same command to retry them"
+    )
 
 
 if __name__ == "__main__":

@@ -23,26 +23,38 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ imports
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
-from sleep_jax.experiments import jobs as jobs_lib  # noqa: E402
-from sleep_jax.experiments import placement as placement_lib  # noqa: E402
-from sleep_jax.parallel import topology as topology_lib  # noqa: E402
+from sleep_jax.experiments import jobs as jobs_lib
+from sleep_jax.experiments import placement as placement_lib
+from sleep_jax.parallel import topology as topology_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweeps/rule110_paper.py.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Sweep config, e.g. configs/sweeps/rule110_paper.py."
+)
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Sweep directory (default runs/sweeps/<name>).")
 _ONLY = flags.DEFINE_string("only", None, "Submit only the arm with this name.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job command lines; import no xmanager.")
 _EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "vertex"], "Where the jobs run.")
-_PLATFORM = flags.DEFINE_enum("platform", "local", list(placement_lib.PLATFORMS),
-                              "local (this machine), gpu (GPU hosts) or tpu (Cloud TPU slices).")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "tpu: the slice of each job, e.g. v5e-16, v5p-32.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "tpu: slices per job (the data axis spans them).")
+_PLATFORM = flags.DEFINE_enum(
+  "platform",
+  "local",
+  list(placement_lib.PLATFORMS),
+  "local (this machine), gpu (GPU hosts) or tpu (Cloud TPU slices).",
+)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "tpu: the slice of each job, e.g. v5e-16, v5p-32."
+)
+_NUM_SLICES = flags.DEFINE_integer(
+  "num_slices", 1, "tpu: slices per job (the data axis spans them)."
+)
 _NUM_HOSTS = flags.DEFINE_integer("num_hosts", 1, "gpu: hosts per job, one process each.")
 _GPUS_PER_HOST = flags.DEFINE_integer("gpus_per_host", 1, "gpu: GPUs per host.")
 _GPU_TYPE = flags.DEFINE_string("gpu_type", "h100", "gpu: xm.JobRequirements key, e.g. a100, h100.")
-_BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.11", "Docker base image of the job container.")
+_BASE_IMAGE = flags.DEFINE_string(
+  "base_image", "python:3.11", "Docker base image of the job container."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -67,19 +79,27 @@ def submit(jobs: list[jobs_lib.Job], title: str, placement: placement_lib.Placem
   else:
     executor = xm_local.Local()
   with xm_local.create_experiment(experiment_title=title) as experiment:
-    [executable] = experiment.package([
+    [executable] = experiment.package(
+      [
         xm.python_container(
-            executor_spec=executor.Spec(), path=repo, base_image=_BASE_IMAGE.value,
-            docker_instructions=[f"COPY {os.path.basename(repo)}/ sleep_jax",
-                                 "WORKDIR sleep_jax",
-                                 f'RUN python -m pip install -e ".[{placement.extra}]"'],
-            entrypoint=xm.CommandList([" ".join(jobs_lib.ENTRYPOINT)]))
-    ])
+          executor_spec=executor.Spec(),
+          path=repo,
+          base_image=_BASE_IMAGE.value,
+          docker_instructions=[
+            f"COPY {os.path.basename(repo)}/ sleep_jax",
+            "WORKDIR sleep_jax",
+            f'RUN python -m pip install -e ".[{placement.extra}]"',
+          ],
+          entrypoint=xm.CommandList([" ".join(jobs_lib.ENTRYPOINT)]),
+        )
+      ]
+    )
     for job in jobs:
       # One work unit per process; the processes of a job differ only in their environment.
       for process in placement_lib.processes(job, placement):
-        experiment.add(xm.Job(executable=executable, executor=executor, args=job.args,
-                              env_vars=process.env))
+        experiment.add(
+          xm.Job(executable=executable, executor=executor, args=job.args, env_vars=process.env)
+        )
 
 
 def main(argv):
@@ -89,8 +109,12 @@ def main(argv):
   sweep_dir = _SWEEP_DIR.value or os.path.join("runs", "sweeps", sweep_config.name)
   try:
     placement = placement_lib.Placement(
-        platform=_PLATFORM.value, topology=_TOPOLOGY.value, num_slices=_NUM_SLICES.value,
-        num_hosts=_NUM_HOSTS.value, gpus_per_host=_GPUS_PER_HOST.value)
+      platform=_PLATFORM.value,
+      topology=_TOPOLOGY.value,
+      num_slices=_NUM_SLICES.value,
+      num_hosts=_NUM_HOSTS.value,
+      gpus_per_host=_GPUS_PER_HOST.value,
+    )
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   jobs = jobs_lib.make_jobs(sweep_config, sweep_dir, only=_ONLY.value)

@@ -14,8 +14,17 @@ above are imported on first use, so configs and reports can import `sleep_jax.da
 import importlib
 
 _LAZY = {"build_model": "sleep_jax.model.lm", "apply": "sleep_jax.sleep.consolidate"}
-_SUBMODULES = ("ops", "model", "sleep", "data", "parallel", "train", "experiments", "rundir",
-               "xla_flags")
+_SUBMODULES = (
+  "ops",
+  "model",
+  "sleep",
+  "data",
+  "parallel",
+  "train",
+  "experiments",
+  "rundir",
+  "xla_flags",
+)
 
 __all__ = ["build_model", "apply", "ops"]
 

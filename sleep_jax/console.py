@@ -17,7 +17,7 @@ PROJECT_LOGGER = "sleep_jax"
 
 
 class _ProjectFormatter(logging.Formatter):
-  """"12:03:04 message" for INFO, "12:03:04 WARNING message" otherwise."""
+  """ "12:03:04 message" for INFO, "12:03:04 WARNING message" otherwise."""
 
   def format(self, record: logging.LogRecord) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
@@ -62,7 +62,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_duration(seconds: float) -> str:
-  """"1m05s", "2h03m"; "?" when not known yet (e.g. an ETA before two timed steps)."""
+  """ "1m05s", "2h03m"; "?" when not known yet (e.g. an ETA before two timed steps)."""
   if seconds != seconds or seconds == float("inf"):
     return "?"
   seconds = max(int(seconds), 0)

@@ -139,14 +139,16 @@ class Results:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_json(cls, value: Any, *, source: str = "results") -> "Results":
+  def from_json(cls, value: Any, *, source: str = "results") -> Results:
     """Checks `value` against RESULTS_SCHEMA and builds the record (ValueError naming the field)."""
     if not isinstance(value, dict):
       raise ValueError(f"{source}: expected a JSON object, got {type(value).__name__}")
     missing = [name for name in RESULTS_SCHEMA["required"] if name not in value]
     if missing:
-      raise ValueError(f"{source}: missing fields {missing} (written by an older sleep_jax? "
-                       "rerun the workdir to rewrite it)")
+      raise ValueError(
+        f"{source}: missing fields {missing} (written by an older sleep_jax? "
+        "rerun the workdir to rewrite it)"
+      )
     for name, spec in RESULTS_SCHEMA["properties"].items():
       if not _matches(value[name], spec["type"]):
         raise ValueError(f"{source}: field {name!r} should be {spec['type']}, got {value[name]!r}")
@@ -162,25 +164,37 @@ def _matches(value: Any, json_type: str) -> bool:
 
 # JSON Schema (draft 2020-12) of results.json, for outside tools; `Results.from_json` checks it.
 RESULTS_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "sleep_jax results.json",
-    "type": "object",
-    "properties": {
-        "task": {"type": "string"},
-        "task_settings": {"type": "object"},
-        "passes": {"type": "integer"},
-        "window": {"type": "integer"},
-        "eviction": {"type": "string"},
-        "pattern": {"type": "string"},
-        "seed": {"type": "integer"},
-        "step": {"type": "integer"},
-        "num_steps": {"type": "integer"},
-        "tokens_seen": {"type": "integer"},
-        "wall_s": {"type": "number"},
-        "eval": {"type": "object", "additionalProperties": {"type": "number"}},
-    },
-    "required": ["task", "task_settings", "passes", "window", "eviction", "pattern", "seed",
-                 "step", "num_steps", "tokens_seen", "wall_s", "eval"],
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "title": "sleep_jax results.json",
+  "type": "object",
+  "properties": {
+    "task": {"type": "string"},
+    "task_settings": {"type": "object"},
+    "passes": {"type": "integer"},
+    "window": {"type": "integer"},
+    "eviction": {"type": "string"},
+    "pattern": {"type": "string"},
+    "seed": {"type": "integer"},
+    "step": {"type": "integer"},
+    "num_steps": {"type": "integer"},
+    "tokens_seen": {"type": "integer"},
+    "wall_s": {"type": "number"},
+    "eval": {"type": "object", "additionalProperties": {"type": "number"}},
+  },
+  "required": [
+    "task",
+    "task_settings",
+    "passes",
+    "window",
+    "eviction",
+    "pattern",
+    "seed",
+    "step",
+    "num_steps",
+    "tokens_seen",
+    "wall_s",
+    "eval",
+  ],
 }
 
 
@@ -240,9 +254,11 @@ class RunDir:
         f.write("ok")
       os.remove(probe)
     except OSError as e:
-      raise WorkdirError(f"cannot write to workdir {self.path!r} ({e.strerror or e}). Point "
-                         "--workdir at a writable directory with free space; nothing in it "
-                         "was changed.") from e
+      raise WorkdirError(
+        f"cannot write to workdir {self.path!r} ({e.strerror or e}). Point "
+        "--workdir at a writable directory with free space; nothing in it "
+        "was changed."
+      ) from e
 
   # --- The config guard. ---
 
@@ -258,10 +274,13 @@ class RunDir:
     saved, config = _without_eval_fields(saved), _without_eval_fields(_json_roundtrip(config))
     differing = [key for key in MUST_MATCH if _lookup(saved, key) != _lookup(config, key)]
     if differing:
-      details = "; ".join(f"{k}: saved {_lookup(saved, k)!r} vs new {_lookup(config, k)!r}"
-                          for k in differing)
-      raise WorkdirError(f"workdir {self.path} holds a run with an incompatible config "
-                         f"({details}). Use a new --workdir; the existing run was left untouched.")
+      details = "; ".join(
+        f"{k}: saved {_lookup(saved, k)!r} vs new {_lookup(config, k)!r}" for k in differing
+      )
+      raise WorkdirError(
+        f"workdir {self.path} holds a run with an incompatible config "
+        f"({details}). Use a new --workdir; the existing run was left untouched."
+      )
 
   def write_config(self, config: dict) -> None:
     os.makedirs(self.path, exist_ok=True)
@@ -269,8 +288,17 @@ class RunDir:
 
 
 # Settings that change what a checkpoint means: resuming under different ones is an error.
-MUST_MATCH = ("seed", "task", "model", "train.batch_size", "sleep.passes", "sleep.window",
-              "sleep.eviction", "sleep.context_len", "sleep.grad_passes")
+MUST_MATCH = (
+  "seed",
+  "task",
+  "model",
+  "train.batch_size",
+  "sleep.passes",
+  "sleep.window",
+  "sleep.eviction",
+  "sleep.context_len",
+  "sleep.grad_passes",
+)
 # Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
 MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
 

@@ -23,6 +23,7 @@ def apply_workarounds() -> None:
   """Adds the crash guard to XLA_FLAGS (no effect once a JAX backend has started)."""
   try:
     import jaxlib
+
     version = jaxlib.__version__
   except (ImportError, AttributeError):
     return

@@ -14,9 +14,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def results(**changes):
-  fields = dict(task="rule110", task_settings={"depth": 2}, passes=2, window=24,
-                eviction="hard", pattern="AGAG", seed=0, step=4, num_steps=4, tokens_seen=6400,
-                wall_s=1.5, eval={"loss": 0.5, "depth4/exact_accuracy": 0.25})
+  fields = dict(
+    task="rule110",
+    task_settings={"depth": 2},
+    passes=2,
+    window=24,
+    eviction="hard",
+    pattern="AGAG",
+    seed=0,
+    step=4,
+    num_steps=4,
+    tokens_seen=6400,
+    wall_s=1.5,
+    eval={"loss": 0.5, "depth4/exact_accuracy": 0.25},
+  )
   fields.update(changes)
   return rundir.Results(**fields)
 
@@ -29,11 +40,14 @@ def test_results_round_trip_and_schema_lists_every_field(tmp_path):
   assert set(rundir.RESULTS_SCHEMA["properties"]) == set(results().to_json())
 
 
-@pytest.mark.parametrize("broken, message", [
+@pytest.mark.parametrize(
+  "broken, message",
+  [
     ({"step": "4"}, "field 'step' should be integer"),
     ({"eval": [0.5]}, "field 'eval' should be object"),
     ({"passes": True}, "field 'passes' should be integer"),
-])
+  ],
+)
 def test_results_with_a_wrong_field_are_refused_by_name(broken, message):
   with pytest.raises(ValueError, match=message):
     rundir.Results.from_json({**results().to_json(), **broken})
@@ -77,18 +91,31 @@ def test_json_lines_skip_a_torn_last_line_and_keep_the_last_of_each_step(tmp_pat
 
 def test_the_config_guard_allows_loop_settings_and_refuses_the_rest(tmp_path):
   run = rundir.RunDir(str(tmp_path / "run"))
-  config = {"seed": 0, "task": {"name": "rule110", "depth": 2, "eval_depths": [1]},
-            "model": {"d_model": 32}, "train": {"batch_size": 16, "num_steps": 4, "muon_lr": 1e-3},
-            "sleep": {"passes": 2, "window": 24, "eviction": "hard", "context_len": 96,
-                      "grad_passes": None}}
+  config = {
+    "seed": 0,
+    "task": {"name": "rule110", "depth": 2, "eval_depths": [1]},
+    "model": {"d_model": 32},
+    "train": {"batch_size": 16, "num_steps": 4, "muon_lr": 1e-3},
+    "sleep": {
+      "passes": 2,
+      "window": 24,
+      "eviction": "hard",
+      "context_len": 96,
+      "grad_passes": None,
+    },
+  }
   run.check_compatible_config(config)  # nothing saved yet: anything goes
   run.write_config(config)
   longer = json.loads(json.dumps(config))
   longer["train"].update(num_steps=8, muon_lr=1e-4)
   longer["task"]["eval_depths"] = (1, 2, 4)
   run.check_compatible_config(longer)
-  for section, field, value in (("sleep", "passes", 4), ("train", "batch_size", 32),
-                                ("model", "d_model", 64), ("task", "depth", 3)):
+  for section, field, value in (
+    ("sleep", "passes", 4),
+    ("train", "batch_size", 32),
+    ("model", "d_model", 64),
+    ("task", "depth", 3),
+  ):
     other = json.loads(json.dumps(config))
     other[section][field] = value
     with pytest.raises(rundir.WorkdirError, match=f"{section}.*saved.*vs new"):
@@ -99,20 +126,25 @@ def test_the_config_guard_allows_loop_settings_and_refuses_the_rest(tmp_path):
 def test_configs_run_directories_and_reports_load_without_jax_or_the_trainer():
   heavy = ("jax", "flax", "orbax.checkpoint", "grain", "tensorboardX", "optax")
   code = (
-      "import sys; sys.path.insert(0, '.');"
-      "import sleep_jax, sleep_jax.rundir, sleep_jax.experiments.report,"
-      " sleep_jax.experiments.sweeps, sleep_jax.experiments.jobs;"
-      "from configs import rule110, depo; rule110.get_config('cpu'); depo.get_config('cpu');"
-      f"loaded = [m for m in {heavy!r} if m in sys.modules];"
-      "print(loaded); sys.exit(bool(loaded))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       timeout=120)
+    "import sys; sys.path.insert(0, '.');"
+    "import sleep_jax, sleep_jax.rundir, sleep_jax.experiments.report,"
+    " sleep_jax.experiments.sweeps, sleep_jax.experiments.jobs;"
+    "from configs import rule110, depo; rule110.get_config('cpu'); depo.get_config('cpu');"
+    f"loaded = [m for m in {heavy!r} if m in sys.modules];"
+    "print(loaded); sys.exit(bool(loaded))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+  )
   assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_importing_the_package_sets_no_xla_flags():
-  code = ("import os; os.environ.pop('XLA_FLAGS', None); import sleep_jax, sleep_jax.model.lm;"
-          "import sys; sys.exit('XLA_FLAGS' in os.environ)")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       timeout=120)
+  code = (
+    "import os; os.environ.pop('XLA_FLAGS', None); import sleep_jax, sleep_jax.model.lm;"
+    "import sys; sys.exit('XLA_FLAGS' in os.environ)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+  )
   assert out.returncode == 0, out.stderr

@@ -9,8 +9,8 @@ against k per arm.
 from ml_collections import config_dict
 
 from sleep_jax.data import depo
-from sleep_jax.sleep.config import training_flops_ratio
 from sleep_jax.experiments.sweeps import arm
+from sleep_jax.sleep.config import training_flops_ratio
 
 MAX_PASSES = 4
 WINDOW = 75  # configs/depo.py: the 300-token context is 4 windows
@@ -28,20 +28,22 @@ def get_config() -> config_dict.ConfigDict:
   # 10..75; the context is still left-padded to 300 tokens) and small evaluation sets. At this
   # scale no arm is expected to learn the retrieval (the paper trains 100k steps): the sweep
   # checks the pipeline end to end and measures what 60 steps buy.
-  c.overrides = config_dict.ConfigDict({
+  c.overrides = config_dict.ConfigDict(
+    {
       "model": {"mlp_dim": 128},
       "task": {"min_nodes": 5, "max_nodes": 10},
       "eval": {"every_steps": 30, "num_examples": 128, "num_slice_examples": 64},
       "checkpoint": {"every_steps": 30},
-  })
+    }
+  )
   # Compute matching by more steps rather than more layers: the same architecture and data
   # order, so n1_compute_matched differs from n4 only in where the FLOPs go. An n4 example runs
   # 4 * 300 + 60 = 1,260 tokens through the stack, an n1 example 360: 3.5x the steps.
   ratio = training_flops_ratio(MAX_PASSES, depo.CONTEXT_LEN, WINDOW, depo.SEQ_LEN)
   c.arms = (
-      arm("n1", {"sleep.passes": 1}),
-      arm("n2", {"sleep.passes": 2}),
-      arm("n4", {"sleep.passes": 4}),
-      arm("n1_compute_matched", {"sleep.passes": 1}, step_ratio=ratio),
+    arm("n1", {"sleep.passes": 1}),
+    arm("n2", {"sleep.passes": 2}),
+    arm("n4", {"sleep.passes": 4}),
+    arm("n1_compute_matched", {"sleep.passes": 1}, step_ratio=ratio),
   )
   return c

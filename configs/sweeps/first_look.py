@@ -23,17 +23,23 @@ def get_config() -> config_dict.ConfigDict:
   c.depths = (2,)
   c.num_steps = 160
   # Half the cpu variant's width, a quarter of its MLP, half its batch (as rule110_cpu).
-  c.overrides = config_dict.ConfigDict({
+  c.overrides = config_dict.ConfigDict(
+    {
       "model": {"d_model": 64, "num_heads": 2, "head_dim": 32, "mlp_dim": 128},
       "train": {"batch_size": 32, "warmup_steps": 16},
       "task": {"eval_depths": ()},
-      "eval": {"every_steps": 80, "num_examples": 512, "num_slice_examples": 256,
-               "batch_size": 256},
+      "eval": {
+        "every_steps": 80,
+        "num_examples": 512,
+        "num_slice_examples": 256,
+        "batch_size": 256,
+      },
       "checkpoint": {"every_steps": 80},
       "log_every_steps": 20,
-  })
+    }
+  )
   c.arms = (
-      arm("n1_plain_hybrid", {"sleep.passes": 1}),
-      arm("n4_sleeping", {"sleep.passes": 4}),
+    arm("n1_plain_hybrid", {"sleep.passes": 1}),
+    arm("n4_sleeping", {"sleep.passes": 4}),
   )
   return c

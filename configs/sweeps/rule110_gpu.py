@@ -17,10 +17,12 @@ def get_config() -> config_dict.ConfigDict:
   c.seeds = (0,)
   c.depths = (8,)
   c.num_steps = 2_700
-  c.overrides = config_dict.ConfigDict({
+  c.overrides = config_dict.ConfigDict(
+    {
       "train": {"warmup_steps": 200},  # the paper variant's 1,000 is over a third of this run
       "eval": {"every_steps": 250},
       "checkpoint": {"every_steps": 250},
-  })
+    }
+  )
   c.arms = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in (1, 2, 4))
   return c

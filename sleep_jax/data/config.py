@@ -7,7 +7,8 @@ with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from sleep_jax.data import depo
 from sleep_jax.typed_config import dataclass_from_section

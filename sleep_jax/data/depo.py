@@ -71,14 +71,18 @@ def _used_slots(words: np.ndarray) -> np.ndarray:
 
 def check_args(hops, min_nodes: int, max_nodes: int) -> None:
   """Raises ValueError unless the arguments of `generate` are valid."""
-  if hops is not None and (isinstance(hops, bool) or not isinstance(hops, (int, np.integer))
-                           or not 1 <= hops <= MAX_HOPS):
-    raise ValueError(f"depo hops must be None (k ~ U{{1..{MAX_HOPS}}}) or an int in "
-                     f"1..{MAX_HOPS}, got {hops!r}")
+  if hops is not None and (
+    isinstance(hops, bool) or not isinstance(hops, (int, np.integer)) or not 1 <= hops <= MAX_HOPS
+  ):
+    raise ValueError(
+      f"depo hops must be None (k ~ U{{1..{MAX_HOPS}}}) or an int in 1..{MAX_HOPS}, got {hops!r}"
+    )
   if not 2 <= min_nodes <= max_nodes <= MAX_NODES:
-    raise ValueError(f"depo node range must satisfy 2 <= min_nodes <= max_nodes <= {MAX_NODES} "
-                     f"(the largest cycle that fits {CONTEXT_LEN} context tokens); got "
-                     f"min_nodes={min_nodes}, max_nodes={max_nodes}")
+    raise ValueError(
+      f"depo node range must satisfy 2 <= min_nodes <= max_nodes <= {MAX_NODES} "
+      f"(the largest cycle that fits {CONTEXT_LEN} context tokens); got "
+      f"min_nodes={min_nodes}, max_nodes={max_nodes}"
+    )
 
 
 def _first_by_key(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -95,8 +99,14 @@ def _pack(tokens: np.ndarray, valid: np.ndarray, *, right: bool):
   return np.take_along_axis(tokens, order, 1), np.take_along_axis(valid, order, 1), order
 
 
-def generate(rng: np.random.Generator, num: int, *, hops: int | None = None,
-             min_nodes: int = MIN_NODES, max_nodes: int = MAX_NODES) -> dict[str, np.ndarray]:
+def generate(
+  rng: np.random.Generator,
+  num: int,
+  *,
+  hops: int | None = None,
+  min_nodes: int = MIN_NODES,
+  max_nodes: int = MAX_NODES,
+) -> dict[str, np.ndarray]:
   """`num` independent Depo examples.
 
   Args:
@@ -133,28 +143,41 @@ def generate(rng: np.random.Generator, num: int, *, hops: int | None = None,
   edge_tokens = np.concatenate([WORD_TOKENS[edge_sources], WORD_TOKENS[edge_targets]], -1)
   edge_slots = np.concatenate([_used_slots(edge_sources), _used_slots(edge_targets)], -1)
   edge_slots &= edge_valid[..., None]
-  context, context_valid, _ = _pack(edge_tokens.reshape(num, CONTEXT_LEN),
-                                    edge_slots.reshape(num, CONTEXT_LEN), right=True)
+  context, context_valid, _ = _pack(
+    edge_tokens.reshape(num, CONTEXT_LEN), edge_slots.reshape(num, CONTEXT_LEN), right=True
+  )
   context = np.where(context_valid, context, PAD)
 
   # Queries: `HOP_k start ANS answer`, answer = the k-th successor of start; PAD on the right.
-  query_hops = (rng.integers(1, MAX_HOPS + 1, size=(num, NUM_QUERIES)) if hops is None
-                else np.full((num, NUM_QUERIES), hops))
+  query_hops = (
+    rng.integers(1, MAX_HOPS + 1, size=(num, NUM_QUERIES))
+    if hops is None
+    else np.full((num, NUM_QUERIES), hops)
+  )
   start = rng.integers(0, num_nodes, size=(num, NUM_QUERIES))
   start_words = cycle[rows, start]
   answer_words = cycle[rows, (start + query_hops) % num_nodes]
   specials = lambda token: np.full((num, NUM_QUERIES, 1), token)
-  query_tokens = np.concatenate([(HOP_BASE + query_hops)[..., None], WORD_TOKENS[start_words],
-                                 specials(ANS), WORD_TOKENS[answer_words]], -1)  # [num, 10, 6]
+  query_tokens = np.concatenate(
+    [
+      (HOP_BASE + query_hops)[..., None],
+      WORD_TOKENS[start_words],
+      specials(ANS),
+      WORD_TOKENS[answer_words],
+    ],
+    -1,
+  )  # [num, 10, 6]
   always = np.ones((num, NUM_QUERIES, 1), bool)
-  query_slots = np.concatenate([always, _used_slots(start_words), always, _used_slots(answer_words)],
-                               -1)
+  query_slots = np.concatenate(
+    [always, _used_slots(start_words), always, _used_slots(answer_words)], -1
+  )
   # Which query's answer a slot belongs to (-1: not an answer symbol), packed alongside.
   is_answer = np.zeros(QUERY_SLOTS, bool)
   is_answer[-MAX_WORD_LEN:] = True
   slot_answer = np.where(is_answer & query_slots, np.arange(NUM_QUERIES)[None, :, None], -1)
-  queries, query_valid, order = _pack(query_tokens.reshape(num, QUERY_LEN),
-                                      query_slots.reshape(num, QUERY_LEN), right=False)
+  queries, query_valid, order = _pack(
+    query_tokens.reshape(num, QUERY_LEN), query_slots.reshape(num, QUERY_LEN), right=False
+  )
   queries = np.where(query_valid, queries, PAD)
   answer_at = np.take_along_axis(slot_answer.reshape(num, QUERY_LEN), order, 1)
   answer_at = np.where(query_valid, answer_at, -1)
@@ -162,9 +185,14 @@ def generate(rng: np.random.Generator, num: int, *, hops: int | None = None,
   tokens = np.concatenate([context, queries], 1).astype(np.int32)
   # Next-token layout: the symbol at position p is predicted at position p - 1.
   answer_id = np.full((num, SEQ_LEN), -1, np.int32)
-  answer_id[:, CONTEXT_LEN - 1:-1] = answer_at
+  answer_id[:, CONTEXT_LEN - 1 : -1] = answer_at
   loss_mask = (answer_id >= 0).astype(np.float32)
   targets = np.zeros((num, SEQ_LEN), np.int32)
   targets[:, :-1] = np.where(answer_id[:, :-1] >= 0, tokens[:, 1:], 0)
-  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
-          "hops": query_hops.astype(np.int32), "answer_id": answer_id}
+  return {
+    "tokens": tokens,
+    "targets": targets,
+    "loss_mask": loss_mask,
+    "hops": query_hops.astype(np.int32),
+    "answer_id": answer_id,
+  }

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import grain
 import numpy as np
@@ -76,24 +77,46 @@ class Task:
 
 def _rule110(cfg: Rule110TaskConfig) -> Task:
   metrics = {"exact_accuracy": "exact_accuracy", "loss": "loss", "accuracy": "accuracy"}
-  slices = tuple(EvalSlice(name=f"depth{t}", setting=t, metrics=metrics,
-                           generate=functools.partial(rule110.generate, depth=t))
-                 for t in dict.fromkeys(cfg.eval_depths))  # drop repeats, keep order
-  return Task(name="rule110", seq_len=rule110.SEQ_LEN, context_len=rule110.CONTEXT_LEN,
-              vocab_size=rule110.VOCAB_SIZE,
-              generate=functools.partial(rule110.generate, depth=cfg.depth), eval_slices=slices)
+  slices = tuple(
+    EvalSlice(
+      name=f"depth{t}",
+      setting=t,
+      metrics=metrics,
+      generate=functools.partial(rule110.generate, depth=t),
+    )
+    for t in dict.fromkeys(cfg.eval_depths)
+  )  # drop repeats, keep order
+  return Task(
+    name="rule110",
+    seq_len=rule110.SEQ_LEN,
+    context_len=rule110.CONTEXT_LEN,
+    vocab_size=rule110.VOCAB_SIZE,
+    generate=functools.partial(rule110.generate, depth=cfg.depth),
+    eval_slices=slices,
+  )
 
 
 def _depo(cfg: DepoTaskConfig) -> Task:
   nodes = {"min_nodes": cfg.min_nodes, "max_nodes": cfg.max_nodes}
   # Per k: answer-token loss and exact answer-word accuracy (every symbol of the word right).
   metrics = {"loss": "loss", "accuracy": "answer_accuracy"}
-  slices = tuple(EvalSlice(name=f"hops{k}", setting=k, metrics=metrics,
-                           generate=functools.partial(depo.generate, hops=k, **nodes))
-                 for k in dict.fromkeys(cfg.eval_hops))
-  return Task(name="depo", seq_len=depo.SEQ_LEN, context_len=depo.CONTEXT_LEN,
-              vocab_size=depo.VOCAB_SIZE,
-              generate=functools.partial(depo.generate, hops=cfg.hops, **nodes), eval_slices=slices)
+  slices = tuple(
+    EvalSlice(
+      name=f"hops{k}",
+      setting=k,
+      metrics=metrics,
+      generate=functools.partial(depo.generate, hops=k, **nodes),
+    )
+    for k in dict.fromkeys(cfg.eval_hops)
+  )
+  return Task(
+    name="depo",
+    seq_len=depo.SEQ_LEN,
+    context_len=depo.CONTEXT_LEN,
+    vocab_size=depo.VOCAB_SIZE,
+    generate=functools.partial(depo.generate, hops=cfg.hops, **nodes),
+    eval_slices=slices,
+  )
 
 
 TASKS: dict[str, Callable[[Any], Task]] = {"rule110": _rule110, "depo": _depo}
@@ -110,8 +133,9 @@ def train_block(task: Task, *, seed: int, block: int) -> Batch:
   return task.generate(np.random.default_rng([seed, _TRAIN_STREAM, block]), EXAMPLES_PER_BLOCK)
 
 
-def train_dataset(task: Task, *, seed: int, batch_size: int, rows: slice | None = None
-                  ) -> grain.MapDataset:
+def train_dataset(
+  task: Task, *, seed: int, batch_size: int, rows: slice | None = None
+) -> grain.MapDataset:
   """An (effectively endless) dataset of training batches; element b is batch b.
 
   Args:
@@ -122,10 +146,16 @@ def train_dataset(task: Task, *, seed: int, batch_size: int, rows: slice | None 
       (`sleep_jax.parallel.mesh.process_batch_rows`).
   """
   rows = rows or slice(0, batch_size)
-  for name, value in (("batch size", batch_size), ("first row", rows.start), ("row end", rows.stop)):
+  for name, value in (
+    ("batch size", batch_size),
+    ("first row", rows.start),
+    ("row end", rows.stop),
+  ):
     if value % EXAMPLES_PER_BLOCK:
-      raise ValueError(f"training data comes in blocks of {EXAMPLES_PER_BLOCK} examples; the "
-                       f"{name} {value} is not a multiple of it")
+      raise ValueError(
+        f"training data comes in blocks of {EXAMPLES_PER_BLOCK} examples; the "
+        f"{name} {value} is not a multiple of it"
+      )
   blocks_per_batch = batch_size // EXAMPLES_PER_BLOCK
   first = rows.start // EXAMPLES_PER_BLOCK
   count = (rows.stop - rows.start) // EXAMPLES_PER_BLOCK
@@ -145,12 +175,14 @@ def heldout_set(task: Task, *, seed: int, num: int) -> Batch:
 
 def heldout_slices(task: Task, *, seed: int, num: int) -> dict[str, Batch]:
   """The fixed evaluation set of every slice of `task` (by slice name), `num` examples each."""
-  return {s.name: s.generate(np.random.default_rng([seed, _EVAL_STREAM, _SLICE_STREAM, s.setting]), num)
-          for s in task.eval_slices}
+  return {
+    s.name: s.generate(np.random.default_rng([seed, _EVAL_STREAM, _SLICE_STREAM, s.setting]), num)
+    for s in task.eval_slices
+  }
 
 
 def iterate_batches(examples: Batch, batch_size: int):
   """Consecutive batches of a dict of equally long arrays (the last may be smaller)."""
   num = len(next(iter(examples.values())))
   for start in range(0, num, batch_size):
-    yield {k: v[start:start + batch_size] for k, v in examples.items()}
+    yield {k: v[start : start + batch_size] for k, v in examples.items()}

@@ -29,7 +29,9 @@ def load_config(spec: str) -> config_dict.ConfigDict:
   if not os.path.isabs(path) and not os.path.exists(path):
     path = os.path.join(REPO_ROOT, path)  # so sweeps work from any cwd
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {spec.partition(':')[0]!r} not found (cwd or {REPO_ROOT})")
+    raise FileNotFoundError(
+      f"config file {spec.partition(':')[0]!r} not found (cwd or {REPO_ROOT})"
+    )
   module_name = "_sweep_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
@@ -50,7 +52,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def apply_overrides(config: config_dict.ConfigDict, overrides: dict[str, Any]) -> config_dict.ConfigDict:
+def apply_overrides(
+  config: config_dict.ConfigDict, overrides: dict[str, Any]
+) -> config_dict.ConfigDict:
   """Returns a locked copy of `config` with dotted-key overrides applied.
 
   Args:

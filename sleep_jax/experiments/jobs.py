@@ -30,8 +30,9 @@ class Job:
     return [*ENTRYPOINT, *(f"--{key}={value}" for key, value in self.args.items())]
 
 
-def make_jobs(sweep_config: config_dict.ConfigDict, sweep_dir: str,
-              only: str | None = None) -> list[Job]:
+def make_jobs(
+  sweep_config: config_dict.ConfigDict, sweep_dir: str, only: str | None = None
+) -> list[Job]:
   """The sweep's runs as `launch/main.py` jobs, in expand_runs order.
 
   Args:
@@ -45,7 +46,12 @@ def make_jobs(sweep_config: config_dict.ConfigDict, sweep_dir: str,
   jobs = []
   for run in expand_runs(sweep_config, sweep_dir, only=only):
     args = {"config": run.base, "workdir": run.workdir}
-    args.update({f"config.{key}": flag_value(value) for key, value in run.overrides.items()
-                 if value is not None})
+    args.update(
+      {
+        f"config.{key}": flag_value(value)
+        for key, value in run.overrides.items()
+        if value is not None
+      }
+    )
     jobs.append(Job(name=os.path.relpath(run.workdir, sweep_dir).replace(os.sep, "/"), args=args))
   return jobs

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from sleep_jax.parallel import topology as topology_lib
 from sleep_jax.experiments.jobs import Job
+from sleep_jax.parallel import topology as topology_lib
 
 PLATFORMS = ("local", "gpu", "tpu")
 COORDINATOR_PORT = 8476
@@ -72,10 +72,18 @@ def processes(job: Job, placement: Placement) -> list[Process]:
     return [Process(f"slice-{s}/all-workers", command, {}) for s in range(placement.num_slices)]
   if placement.platform == "gpu" and placement.num_hosts > 1:
     coordinator = f"{placement.coordinator_host}:{COORDINATOR_PORT}"
-    return [Process(f"host-{i}", command, {"JAX_COORDINATOR_ADDRESS": coordinator,
-                                           "JAX_NUM_PROCESSES": str(placement.num_hosts),
-                                           "JAX_PROCESS_ID": str(i)})
-            for i in range(placement.num_hosts)]
+    return [
+      Process(
+        f"host-{i}",
+        command,
+        {
+          "JAX_COORDINATOR_ADDRESS": coordinator,
+          "JAX_NUM_PROCESSES": str(placement.num_hosts),
+          "JAX_PROCESS_ID": str(i),
+        },
+      )
+      for i in range(placement.num_hosts)
+    ]
   return [Process("host-0" if placement.platform == "gpu" else "local", command, {})]
 
 

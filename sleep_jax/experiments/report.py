@@ -19,19 +19,21 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from sleep_jax import console, rundir  # noqa: E402
-from sleep_jax.data.depo import EVAL_HOPS as DEPO_HOPS  # noqa: E402
-from sleep_jax.experiments import report_figures as figures  # noqa: E402
+from sleep_jax import console, rundir
+from sleep_jax.data.depo import EVAL_HOPS as DEPO_HOPS
+from sleep_jax.experiments import report_figures as figures
 
 # Fig. 2 at t=32, read off the plot (PAPER.md section 4); N -> exact accuracy.
 PAPER_RULE110_T32 = {1: "~10%", 2: "~20%", 3: ">30%", 4: ">30%"}
 PAPER_RULE110_SCALE = "d_model 256, AGAG, batch 512, ~5B tokens"
-PAPER_DEPO = ("Paper (Fig. 3, test loss only, 100k steps, qualitative): all N learn k = 1, 2; "
-              "N=1 barely moves for k >= 4; N=2 stalls at k >= 8; only N=4 starts to improve at "
-              "k = 16.")
+PAPER_DEPO = (
+  "Paper (Fig. 3, test loss only, 100k steps, qualitative): all N learn k = 1, 2; "
+  "N=1 barely moves for k >= 4; N=2 stalls at k >= 8; only N=4 starts to improve at "
+  "k = 16."
+)
 
 
 @dataclasses.dataclass
@@ -74,11 +76,21 @@ def load_runs(sweep_dir: str) -> list[RunRecord]:
     coords = rundir.read_json(run.file(rundir.SWEEP_RUN_FILE)) or {}
     task = config["task"]
     passes = int(config["sleep"]["passes"])
-    records.append(RunRecord(
-        workdir=root, arm=coords.get("arm", f"n{passes}"), seed=int(config["seed"]),
-        depth=task.get("depth") if task["name"] == "rule110" else None, task=task["name"],
-        passes=passes, num_steps=int(config["train"]["num_steps"]), config=config,
-        results=run.results(), train_log=run.train_log(), eval_log=run.eval_log()))
+    records.append(
+      RunRecord(
+        workdir=root,
+        arm=coords.get("arm", f"n{passes}"),
+        seed=int(config["seed"]),
+        depth=task.get("depth") if task["name"] == "rule110" else None,
+        task=task["name"],
+        passes=passes,
+        num_steps=int(config["train"]["num_steps"]),
+        config=config,
+        results=run.results(),
+        train_log=run.train_log(),
+        eval_log=run.eval_log(),
+      )
+    )
   return records
 
 
@@ -86,9 +98,11 @@ def _arm_order(grid: dict | None, runs: list[RunRecord]) -> list[str]:
   """The sweep config's arm order, else n1, n2, ... then the rest alphabetically."""
   if grid:
     return list(grid["arms"])
+
   def key(arm):
     match = re.fullmatch(r"n(\d+)", arm)
     return (0, int(match.group(1)), "") if match else (1, 0, arm)
+
   return sorted({r.arm for r in runs}, key=key)
 
 
@@ -117,14 +131,20 @@ def _cell(values: list[float], expected: int, percent: bool) -> str:
 
 
 def _values(runs: list[RunRecord], key: str, **where) -> list[float]:
-  return [r.results.eval[key] for r in runs
-          if r.finished and key in r.results.eval
-          and all(getattr(r, k) == v for k, v in where.items())]
+  return [
+    r.results.eval[key]
+    for r in runs
+    if r.finished and key in r.results.eval and all(getattr(r, k) == v for k, v in where.items())
+  ]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-          *("| " + " | ".join(row) + " |" for row in rows), ""]
+  return [
+    "| " + " | ".join(header) + " |",
+    "|" + "---|" * len(header),
+    *("| " + " | ".join(row) + " |" for row in rows),
+    "",
+  ]
 
 
 def _paper_scale_gaps(config: dict, depth: int | None) -> list[str]:
@@ -132,16 +152,22 @@ def _paper_scale_gaps(config: dict, depth: int | None) -> list[str]:
   gaps = [] if depth == 32 else [f"depth {depth} (paper: 32)"]
   model, train = config.get("model", {}), config.get("train", {})
   tokens = train.get("num_steps", 0) * train.get("batch_size", 0) * 100
-  if model.get("d_model") != 256 or model.get("pattern") != "AGAG" or train.get("batch_size") != 512:
-    gaps.append(f"model/batch (d_model {model.get('d_model')}, {model.get('pattern')}, batch "
-                f"{train.get('batch_size')})")
+  if (
+    model.get("d_model") != 256 or model.get("pattern") != "AGAG" or train.get("batch_size") != 512
+  ):
+    gaps.append(
+      f"model/batch (d_model {model.get('d_model')}, {model.get('pattern')}, batch "
+      f"{train.get('batch_size')})"
+    )
   if tokens < 4e9:
     gaps.append(f"{tokens:.2g} training tokens (paper: ~5B)")
   return gaps
 
 
 def _rule110_sections(runs, grid, arms, figs) -> list[str]:
-  depths = sorted({r.depth for r in runs if r.depth is not None} | set((grid or {}).get("depths", ())))
+  depths = sorted(
+    {r.depth for r in runs if r.depth is not None} | set((grid or {}).get("depths", ()))
+  )
   depths = depths or [None]
   lines = ["## Exact accuracy (%), mean ± std over seeds (finished/expected runs)", ""]
   header = ["arm", *(f"t={d}" for d in depths), "paper, t=32 (Fig. 2)"]
@@ -149,22 +175,50 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
   for arm in arms:
     match = re.fullmatch(r"n(\d+)", arm)  # the plain N-pass arms; baselines have no paper number
     paper = PAPER_RULE110_T32.get(int(match.group(1)), "-") if match else "-"
-    rows.append([arm, *(_cell(_values(runs, "exact_accuracy", arm=arm, depth=d),
-                              _expected(grid, runs, arm, d), True) for d in depths), paper])
+    rows.append(
+      [
+        arm,
+        *(
+          _cell(
+            _values(runs, "exact_accuracy", arm=arm, depth=d), _expected(grid, runs, arm, d), True
+          )
+          for d in depths
+        ),
+        paper,
+      ]
+    )
   lines += _table(header, rows)
   lines += ["## Eval loss, mean ± std over seeds", ""]
-  lines += _table(["arm", *(f"t={d}" for d in depths)],
-                  [[arm, *(_cell(_values(runs, "loss", arm=arm, depth=d),
-                                 _expected(grid, runs, arm, d), False) for d in depths)]
-                   for arm in arms])
-  lines += ["## Against the paper", "",
-            f"Paper, Fig. 2 ({PAPER_RULE110_SCALE}, one seed): at t=32 N=1 is about 10% exact "
-            "accuracy (chance 6.25%), N=2 about 20%, N=3 and N=4 above 30%.", ""]
+  lines += _table(
+    ["arm", *(f"t={d}" for d in depths)],
+    [
+      [
+        arm,
+        *(
+          _cell(_values(runs, "loss", arm=arm, depth=d), _expected(grid, runs, arm, d), False)
+          for d in depths
+        ),
+      ]
+      for arm in arms
+    ],
+  )
+  lines += [
+    "## Against the paper",
+    "",
+    f"Paper, Fig. 2 ({PAPER_RULE110_SCALE}, one seed): at t=32 N=1 is about 10% exact "
+    "accuracy (chance 6.25%), N=2 about 20%, N=3 and N=4 above 30%.",
+    "",
+  ]
   for d in depths:
     # Compare the sleeping arms with the paper (not the attention-only or no-eviction baselines).
-    configs = [r.config for r in runs if r.depth == d and r.config
-               and r.config.get("sleep", {}).get("eviction") != "none"
-               and "G" in r.config.get("model", {}).get("pattern", "G")]
+    configs = [
+      r.config
+      for r in runs
+      if r.depth == d
+      and r.config
+      and r.config.get("sleep", {}).get("eviction") != "none"
+      and "G" in r.config.get("model", {}).get("pattern", "G")
+    ]
     gaps = _paper_scale_gaps(configs[0], d) if configs else ["no config.json"]
     verdict = "comparable" if not gaps else "not comparable: " + "; ".join(gaps)
     lines.append(f"- t={d}: {verdict}.")
@@ -175,11 +229,13 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
   for d in depths:
     suffix = "" if d is None else f"_depth{d}"
     group = [r for r in runs if r.depth == d]
-    figs[f"train_loss{suffix}"] = figures.learning_curves(group, arms, "loss", f"train loss, t={d}",
-                                                       log="train_log")
+    figs[f"train_loss{suffix}"] = figures.learning_curves(
+      group, arms, "loss", f"train loss, t={d}", log="train_log"
+    )
     if any(len(r.eval_log) > 1 for r in group):
       figs[f"eval_exact_accuracy{suffix}"] = figures.learning_curves(
-          group, arms, "exact_accuracy", f"eval exact accuracy, t={d}", log="eval_log")
+        group, arms, "exact_accuracy", f"eval exact accuracy, t={d}", log="eval_log"
+      )
     if any(k.startswith("depth") for r in group if r.results for k in r.results.eval):
       figs[f"per_depth_eval{suffix}"] = figures.per_depth_eval(group, arms, f"trained at t={d}")
   return lines
@@ -192,13 +248,26 @@ def _depo_sections(runs, grid, arms, figs) -> list[str]:
   for metric, overall, percent in (("loss", "loss", False), ("accuracy", "answer_accuracy", True)):
     unit = " (%)" if percent else ""
     lines += [f"## Eval {metric}{unit} per hop count k, mean ± std over seeds", ""]
-    lines += _table(["arm", *(f"k={k}" for k in DEPO_HOPS), "all k"],
-                    [[arm, *(_cell(_values(runs, f"hops{k}/{metric}", arm=arm),
-                                   _expected(grid, runs, arm, None), percent) for k in DEPO_HOPS),
-                      _cell(_values(runs, overall, arm=arm), _expected(grid, runs, arm, None), percent)]
-                     for arm in arms])
-  caveat = (" Our numbers are comparable only in shape (which k each N learns), and only for a run "
-            "at the paper's scale; not comparable otherwise.")
+    lines += _table(
+      ["arm", *(f"k={k}" for k in DEPO_HOPS), "all k"],
+      [
+        [
+          arm,
+          *(
+            _cell(
+              _values(runs, f"hops{k}/{metric}", arm=arm), _expected(grid, runs, arm, None), percent
+            )
+            for k in DEPO_HOPS
+          ),
+          _cell(_values(runs, overall, arm=arm), _expected(grid, runs, arm, None), percent),
+        ]
+        for arm in arms
+      ],
+    )
+  caveat = (
+    " Our numbers are comparable only in shape (which k each N learns), and only for a run "
+    "at the paper's scale; not comparable otherwise."
+  )
   lines += ["## Against the paper", "", PAPER_DEPO + caveat, "", "## Figures", ""]
   for metric in ("loss", "accuracy"):
     figs[f"{metric}_vs_hops"] = figures.metric_vs_hops(runs, arms, metric, DEPO_HOPS, _values)
@@ -213,15 +282,28 @@ def _runs_table(runs: list[RunRecord], sweep_dir: str, metric: str) -> list[str]
   for r in sorted(runs, key=lambda r: (r.arm, r.depth or 0, r.seed)):
     value = r.results.eval.get(metric) if r.results else None
     step, wall_s = (r.results.step, r.results.wall_s) if r.results else (0, 0.0)
-    rows.append([os.path.relpath(r.workdir, sweep_dir), r.arm, str(r.seed), str(r.depth),
-                 f"{step}/{r.num_steps}", "-" if value is None else f"{value:.4f}",
-                 f"{wall_s / 60:.1f}"])
-  return ["## Runs", "", *_table(["workdir", "arm", "seed", "depth", "step", metric, "wall min"], rows)]
+    rows.append(
+      [
+        os.path.relpath(r.workdir, sweep_dir),
+        r.arm,
+        str(r.seed),
+        str(r.depth),
+        f"{step}/{r.num_steps}",
+        "-" if value is None else f"{value:.4f}",
+        f"{wall_s / 60:.1f}",
+      ]
+    )
+  return [
+    "## Runs",
+    "",
+    *_table(["workdir", "arm", "seed", "depth", "step", metric, "wall min"], rows),
+  ]
 
 
 def _log_tensorboard(tb_dir: str, figs: dict, runs: list[RunRecord], arms: list[str], task: str):
   """Figures and per-arm summary scalars (x axis: depth for Rule 110, k for Depo)."""
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
   writer = SummaryWriter(tb_dir)
   for name, fig in figs.items():
     writer.add_figure(f"report/{name}", fig, close=False)
@@ -257,14 +339,18 @@ def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: boo
   grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
   runs = load_runs(sweep_dir)
   arms = _arm_order(grid, runs)
-  task = runs[0].task if runs else ("depo" if grid and "depo" in grid.get("base", "") else "rule110")
+  task = (
+    runs[0].task if runs else ("depo" if grid and "depo" in grid.get("base", "") else "rule110")
+  )
   expected = len(grid["runs"]) if grid else len(runs)
   name = grid["name"] if grid else os.path.basename(os.path.normpath(sweep_dir))
-  status = (f"Task {task}; base config `{grid['base'] if grid else '?'}`; "
-            f"{sum(r.finished for r in runs)}/{expected} runs finished, "
-            f"{sum(not r.finished for r in runs)} in progress or failed, "
-            f"{max(expected - len(runs), 0)} not started. "
-            "Cells average finished runs only: value (finished/expected).")
+  status = (
+    f"Task {task}; base config `{grid['base'] if grid else '?'}`; "
+    f"{sum(r.finished for r in runs)}/{expected} runs finished, "
+    f"{sum(not r.finished for r in runs)} in progress or failed, "
+    f"{max(expected - len(runs), 0)} not started. "
+    "Cells average finished runs only: value (finished/expected)."
+  )
   lines = [f"# Sweep report: {name}", "", status, ""]
   figs: dict[str, Any] = {}
   if task == "depo":
@@ -292,12 +378,18 @@ def summary_table(sweep_dir: str) -> str:
   grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
   arms = _arm_order(grid, runs)
   if runs and runs[0].task == "depo":
-    columns = [("loss", "loss", False), ("answer acc %", "answer_accuracy", True),
-               *((f"k={k} acc %", f"hops{k}/accuracy", True) for k in DEPO_HOPS)]
+    columns = [
+      ("loss", "loss", False),
+      ("answer acc %", "answer_accuracy", True),
+      *((f"k={k} acc %", f"hops{k}/accuracy", True) for k in DEPO_HOPS),
+    ]
     groups = [(arm, None) for arm in arms]
   else:
-    columns = [("exact acc %", "exact_accuracy", True), ("acc %", "accuracy", True),
-               ("loss", "loss", False)]
+    columns = [
+      ("exact acc %", "exact_accuracy", True),
+      ("acc %", "accuracy", True),
+      ("loss", "loss", False),
+    ]
     depths = sorted({r.depth for r in runs}, key=lambda d: -1 if d is None else d)
     groups = [(arm, d) for d in depths for arm in arms]
   rows = []
@@ -312,14 +404,19 @@ def summary_table(sweep_dir: str) -> str:
         continue
       mean, std, n = summarize(values)
       scale = 100.0 if percent else 1.0
-      row.append(f"{mean * scale:.{1 if percent else 3}f}" + (f" ± {std * scale:.1f}" if n > 1 else ""))
+      row.append(
+        f"{mean * scale:.{1 if percent else 3}f}" + (f" ± {std * scale:.1f}" if n > 1 else "")
+      )
     rows.append(row)
   return console.format_table(["arm", "runs", *(name for name, _, _ in columns)], rows)
 
 
 def _main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top  CLI only
-  out = flags.DEFINE_string("out", None, "Directory for report.md and the PNGs (default: the sweep dir).")
+
+  out = flags.DEFINE_string(
+    "out", None, "Directory for report.md and the PNGs (default: the sweep dir)."
+  )
 
   def main(argv):
     if len(argv) != 2:

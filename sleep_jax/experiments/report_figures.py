@@ -13,8 +13,8 @@ import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 DPI = 100
 FIGSIZE = (6, 4)  # inches: 600x400 px at DPI
@@ -65,12 +65,21 @@ def accuracy_vs_passes(runs, arms, depths, values_fn):
   ax.axhline(1 / 16, color="gray", ls=":", lw=1, label="chance (1/16)")
   markers = iter("s^Dv<>PX*")
   for depth in depths:
-    points = [(_passes_of(arm), values_fn(runs, "exact_accuracy", arm=arm, depth=depth))
-              for arm in arms if _passes_of(arm) is not None]
+    points = [
+      (_passes_of(arm), values_fn(runs, "exact_accuracy", arm=arm, depth=depth))
+      for arm in arms
+      if _passes_of(arm) is not None
+    ]
     points = [(n, _mean_std(v)) for n, v in points if v]
     if points:
-      line = ax.errorbar([n for n, _ in points], [m for _, (m, _) in points],
-                         yerr=[s for _, (_, s) in points], marker="o", capsize=3, label=f"t={depth}")
+      line = ax.errorbar(
+        [n for n, _ in points],
+        [m for _, (m, _) in points],
+        yerr=[s for _, (_, s) in points],
+        marker="o",
+        capsize=3,
+        label=f"t={depth}",
+      )
       color = line[0].get_color()
     else:
       color = None
@@ -79,8 +88,16 @@ def accuracy_vs_passes(runs, arms, depths, values_fn):
       if _passes_of(arm) is None and vals:
         passes = next(r.passes for r in runs if r.arm == arm)
         mean, std = _mean_std(vals)
-        ax.errorbar([passes], [mean], yerr=[std], marker=next(markers, "o"), ls="none", capsize=3,
-                    color=color, label=f"{arm}, t={depth}")
+        ax.errorbar(
+          [passes],
+          [mean],
+          yerr=[std],
+          marker=next(markers, "o"),
+          ls="none",
+          capsize=3,
+          color=color,
+          label=f"{arm}, t={depth}",
+        )
   ax.set_ylim(0, 1.02)
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # N is a count
   return _finish(fig, ax)
@@ -100,7 +117,9 @@ def learning_curves(runs, arms, key, title, *, log):
 
 def per_depth_eval(runs, arms, title):
   """Rule 110: final exact accuracy vs the depth it is evaluated at (`depth{t}/...` keys)."""
-  fig, ax = _new(f"exact accuracy vs evaluated depth ({title})", "evaluated depth t", "exact accuracy")
+  fig, ax = _new(
+    f"exact accuracy vs evaluated depth ({title})", "evaluated depth t", "exact accuracy"
+  )
   for arm in arms:
     by_depth: dict[int, list[float]] = {}
     for r in runs:
@@ -112,8 +131,9 @@ def per_depth_eval(runs, arms, title):
     if by_depth:
       depths = sorted(by_depth)
       stats = [_mean_std(by_depth[d]) for d in depths]
-      ax.errorbar(depths, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-                  label=arm)
+      ax.errorbar(
+        depths, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=arm
+      )
   ax.axhline(1 / 16, color="gray", ls=":", lw=1)
   return _finish(fig, ax)
 
@@ -125,8 +145,14 @@ def metric_vs_hops(runs, arms, metric, hops, values_fn):
     points = [(k, values_fn(runs, f"hops{k}/{metric}", arm=arm)) for k in hops]
     points = [(k, _mean_std(v)) for k, v in points if v]
     if points:
-      ax.errorbar([k for k, _ in points], [m for _, (m, _) in points],
-                  yerr=[s for _, (_, s) in points], marker="o", capsize=3, label=arm)
+      ax.errorbar(
+        [k for k, _ in points],
+        [m for _, (m, _) in points],
+        yerr=[s for _, (_, s) in points],
+        marker="o",
+        capsize=3,
+        label=arm,
+      )
   ax.set_xscale("log", base=2)
   ax.set_xticks(list(hops), [str(k) for k in hops])
   return _finish(fig, ax)

@@ -67,8 +67,9 @@ class Run:
     return coords
 
 
-def expand_runs(sweep_config: config_dict.ConfigDict, sweep_dir: str,
-                only: str | None = None) -> list[Run]:
+def expand_runs(
+  sweep_config: config_dict.ConfigDict, sweep_dir: str, only: str | None = None
+) -> list[Run]:
   """Expands a sweep config into its runs, in the order they should run.
 
   Seeds are the outermost loop and arms the innermost, so a partial sweep has compared every
@@ -106,9 +107,15 @@ def expand_runs(sweep_config: config_dict.ConfigDict, sweep_dir: str,
           parts.append(f"depth{depth}")
         overrides["seed"] = int(seed)
         parts.append(f"seed{seed}")
-        run = Run(sweep=sweep_config.name, arm=arm["name"], seed=int(seed), depth=depth,
-                  base=sweep_config.base, overrides=overrides,
-                  workdir=os.path.join(sweep_dir, *parts))
+        run = Run(
+          sweep=sweep_config.name,
+          arm=arm["name"],
+          seed=int(seed),
+          depth=depth,
+          base=sweep_config.base,
+          overrides=overrides,
+          workdir=os.path.join(sweep_dir, *parts),
+        )
         apply_overrides(base, overrides)  # fail now on a bad key, not hours into the sweep
         runs.append(run)
   return runs
@@ -118,11 +125,16 @@ def write_sweep_file(sweep_config: config_dict.ConfigDict, sweep_dir: str, runs:
   """Writes `<sweep_dir>/sweep.json`: the grid, so a report can count the missing runs."""
   os.makedirs(sweep_dir, exist_ok=True)
   path = os.path.join(sweep_dir, rundir.SWEEP_FILE)
-  grid = {"name": sweep_config.name, "base": sweep_config.base,
-          "arms": [arm["name"] for arm in sweep_config.arms],
-          "seeds": list(sweep_config.seeds), "depths": list(sweep_config.get("depths") or ()),
-          "runs": [dict(run.coordinates(), workdir=os.path.relpath(run.workdir, sweep_dir))
-                   for run in runs]}
+  grid = {
+    "name": sweep_config.name,
+    "base": sweep_config.base,
+    "arms": [arm["name"] for arm in sweep_config.arms],
+    "seeds": list(sweep_config.seeds),
+    "depths": list(sweep_config.get("depths") or ()),
+    "runs": [
+      dict(run.coordinates(), workdir=os.path.relpath(run.workdir, sweep_dir)) for run in runs
+    ],
+  }
   rundir.write_json(path, grid)
   return path
 
@@ -135,8 +147,13 @@ def write_run_file(run: Run) -> str:
   return path
 
 
-def run_sweep(sweep_config: config_dict.ConfigDict, sweep_dir: str, *, train_fn: TrainFn,
-              only: str | None = None) -> list[tuple[Run, str]]:
+def run_sweep(
+  sweep_config: config_dict.ConfigDict,
+  sweep_dir: str,
+  *,
+  train_fn: TrainFn,
+  only: str | None = None,
+) -> list[tuple[Run, str]]:
   """Runs every unfinished run of a sweep in this process, one after another.
 
   A finished run (results.json at its last step) is skipped; an interrupted one resumes from
@@ -167,7 +184,7 @@ def run_sweep(sweep_config: config_dict.ConfigDict, sweep_dir: str, *, train_fn:
       config = apply_overrides(base, run.overrides)
       write_run_file(run)
       train_fn(config, run.workdir)
-    except Exception:  # noqa: BLE001  one bad run must not cost the rest of the sweep
+    except Exception:
       error = traceback.format_exc()
       logger.error("%s failed:\n%s", where, error)
       failures.append((run, error))

@@ -103,8 +103,9 @@ class GatedDeltaNet(nnx.Module):
     x32 = x_btd.astype(jnp.float32)
     g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.decay_proj(x32) + self.dt_bias[...])
     beta = jax.nn.sigmoid(self.beta_proj(x32))
-    o, fast_state = gated_delta_rule(q, k, v, g, beta, initial_state=fast_state,
-                                     impl=self.cfg.fast_weight_impl)
+    o, fast_state = gated_delta_rule(
+      q, k, v, g, beta, initial_state=fast_state, impl=self.cfg.fast_weight_impl
+    )
     o = self.out_norm(o) * jax.nn.silu(heads(self.out_gate(x_btd)))
     return self.o(o.reshape(b, t, -1)), fast_state
 
@@ -127,8 +128,9 @@ class ResidualBlock(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model)
     self.mlp = SwiGLU(cfg, rngs=rngs)
 
-  def __call__(self, x_btd: jax.Array, fast_state: jax.Array | None
-               ) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(
+    self, x_btd: jax.Array, fast_state: jax.Array | None
+  ) -> tuple[jax.Array, jax.Array | None]:
     """(x, S) -> (x', S'); S is None for an attention mixer, [B,H,K,V] float32 for gated delta."""
     mixed, fast_state = self.mixer(self.mixer_norm(x_btd), fast_state)
     x_btd = x_btd + mixed

@@ -32,15 +32,18 @@ class ModelConfig:
     unknown = sorted(set(self.pattern) - set(BLOCK_KINDS))
     if not self.pattern or unknown:
       raise ValueError(
-          f"model.pattern={self.pattern!r}: every letter must be one of "
-          f"{', '.join(f'{k!r} ({v})' for k, v in BLOCK_KINDS.items())}; got unknown {unknown}")
+        f"model.pattern={self.pattern!r}: every letter must be one of "
+        f"{', '.join(f'{k!r} ({v})' for k, v in BLOCK_KINDS.items())}; got unknown {unknown}"
+      )
     for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim", "conv_width"):
       if getattr(self, name) < 1:
         raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim must be even for rotary positions, got {self.head_dim}")
     if self.fast_weight_impl not in FAST_WEIGHT_IMPLS:
-      raise ValueError(f"model.fast_weight_impl={self.fast_weight_impl!r} not in {FAST_WEIGHT_IMPLS}")
+      raise ValueError(
+        f"model.fast_weight_impl={self.fast_weight_impl!r} not in {FAST_WEIGHT_IMPLS}"
+      )
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r} not in {DTYPES}")
 
@@ -49,6 +52,6 @@ class ModelConfig:
     return self.pattern.count(GATED_DELTA)
 
   @classmethod
-  def from_config(cls, config) -> "ModelConfig":
+  def from_config(cls, config) -> ModelConfig:
     """Builds from `config.model` as it comes out of a config file (unknown keys are an error)."""
     return dataclass_from_section(cls, config, "model")

@@ -70,8 +70,9 @@ def triangular_inverse_flops(chunk: int) -> int:
   return 2 * padded * (padded * padded - 1) // 3
 
 
-def gated_delta_rule_flops(cfg: ModelConfig, num_tokens: int,
-                           chunk_size: int = GATED_DELTA_CHUNK_SIZE) -> int:
+def gated_delta_rule_flops(
+  cfg: ModelConfig, num_tokens: int, chunk_size: int = GATED_DELTA_CHUNK_SIZE
+) -> int:
   """The chunked gated delta rule over `num_tokens` tokens, all heads (CHUNKED.md steps 1-6).
 
   Per head and chunk of C tokens, with K = V = Dh:
@@ -89,13 +90,17 @@ def gated_delta_rule_flops(cfg: ModelConfig, num_tokens: int,
   chunk = min(chunk_size, num_tokens)
   num_chunks = math.ceil(num_tokens / chunk)
   k = v = cfg.head_dim
-  per_chunk = (2 * chunk * chunk * (3 * k + 2 * v) + 3 * matmul_flops(chunk, v, k)
-               + triangular_inverse_flops(chunk))
+  per_chunk = (
+    2 * chunk * chunk * (3 * k + 2 * v)
+    + 3 * matmul_flops(chunk, v, k)
+    + triangular_inverse_flops(chunk)
+  )
   return cfg.num_heads * num_chunks * per_chunk
 
 
-def gated_delta_flops(cfg: ModelConfig, num_tokens: int,
-                      chunk_size: int = GATED_DELTA_CHUNK_SIZE) -> int:
+def gated_delta_flops(
+  cfg: ModelConfig, num_tokens: int, chunk_size: int = GATED_DELTA_CHUNK_SIZE
+) -> int:
   """The Gated DeltaNet mixer over one chunk of `num_tokens` tokens.
 
   Projections q, k, v, out_gate [d -> H*Dh] and o [H*Dh -> d], the two per-head gate
@@ -107,8 +112,9 @@ def gated_delta_flops(cfg: ModelConfig, num_tokens: int,
   return projections + gates + gated_delta_rule_flops(cfg, t, chunk_size)
 
 
-def forward_flops_per_chunk(cfg: ModelConfig, chunk_len: int,
-                            chunk_size: int = GATED_DELTA_CHUNK_SIZE) -> int:
+def forward_flops_per_chunk(
+  cfg: ModelConfig, chunk_len: int, chunk_size: int = GATED_DELTA_CHUNK_SIZE
+) -> int:
   """One forward pass of the block stack (`HybridLM.stack_pass`) over a chunk of tokens.
 
   Attention sees only the chunk. The embedding and the output head are not included.
@@ -121,8 +127,10 @@ def forward_flops_per_chunk(cfg: ModelConfig, chunk_len: int,
   Returns:
     Forward FLOPs for one sequence (batch size 1).
   """
-  mixers = {ATTENTION: attention_flops(cfg, chunk_len),
-            GATED_DELTA: gated_delta_flops(cfg, chunk_len, chunk_size)}
+  mixers = {
+    ATTENTION: attention_flops(cfg, chunk_len),
+    GATED_DELTA: gated_delta_flops(cfg, chunk_len, chunk_size),
+  }
   return sum(mixers[kind] + mlp_flops(cfg, chunk_len) for kind in cfg.pattern)
 
 
@@ -137,8 +145,9 @@ def _frozen_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig) ->
   return sleep_cfg.num_sleep_chunks * sleep_cfg.frozen_passes * per_window
 
 
-def forward_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig, *,
-                              seq_len: int) -> int:
+def forward_flops_per_example(
+  model_cfg: ModelConfig, sleep_cfg: SleepConfig, *, seq_len: int
+) -> int:
   """Forward FLOPs of `sleep_forward` on one sequence of `seq_len` tokens.
 
   Hard eviction: N passes of the stack over each of the context's L-token windows, one pass
@@ -169,14 +178,19 @@ def forward_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig, *,
   predict_len = seq_len - sleep_cfg.context_len
   if not sleep_cfg.evicts:
     return forward_flops_per_chunk(model_cfg, seq_len) + head_flops(model_cfg, predict_len)
-  sleep = (sleep_cfg.num_sleep_chunks * sleep_cfg.passes
-           * forward_flops_per_chunk(model_cfg, sleep_cfg.window))
-  return sleep + forward_flops_per_chunk(model_cfg, predict_len) + head_flops(model_cfg,
-                                                                             predict_len)
+  sleep = (
+    sleep_cfg.num_sleep_chunks
+    * sleep_cfg.passes
+    * forward_flops_per_chunk(model_cfg, sleep_cfg.window)
+  )
+  return (
+    sleep + forward_flops_per_chunk(model_cfg, predict_len) + head_flops(model_cfg, predict_len)
+  )
 
 
-def train_step_flops(model_cfg: ModelConfig, sleep_cfg: SleepConfig, *, seq_len: int,
-                     batch_size: int) -> float:
+def train_step_flops(
+  model_cfg: ModelConfig, sleep_cfg: SleepConfig, *, seq_len: int, batch_size: int
+) -> float:
   """Model FLOPs of one training step (forward + backward) on a batch.
 
   Forward + backward is 3x the forward pass (the backward costs two matmuls per forward one:

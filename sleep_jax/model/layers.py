@@ -19,8 +19,9 @@ MUON = "muon"
 ADAMW = "adamw"
 
 
-def param(value: jax.Array, logical_axes: tuple[str | None, ...],
-          optimizer: str = ADAMW) -> nnx.Param:
+def param(
+  value: jax.Array, logical_axes: tuple[str | None, ...], optimizer: str = ADAMW
+) -> nnx.Param:
   """An `nnx.Param` tagged with its logical axes and optimizer group."""
   if len(logical_axes) != value.ndim:
     raise ValueError(f"logical_axes {logical_axes} do not match shape {value.shape}")
@@ -30,8 +31,16 @@ def param(value: jax.Array, logical_axes: tuple[str | None, ...],
 class Dense(nnx.Module):
   """y = x @ kernel, no bias. LeCun-normal init (std = fan_in**-0.5)."""
 
-  def __init__(self, in_features: int, out_features: int, *, logical_axes: tuple[str, str],
-               optimizer: str, rngs: nnx.Rngs, init_scale: float = 1.0):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    logical_axes: tuple[str, str],
+    optimizer: str,
+    rngs: nnx.Rngs,
+    init_scale: float = 1.0,
+  ):
     std = init_scale * in_features**-0.5
     shape = (in_features, out_features)
     kernel = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)
@@ -92,7 +101,7 @@ class CausalDepthwiseConv(nnx.Module):
     padded = jnp.pad(x_btc, ((0, 0), (width - 1, 0), (0, 0)))
     weight = self.weight[...].astype(x_btc.dtype)
     # Tap j multiplies the input j steps in the past; width is tiny (4), so shifts beat a conv op.
-    return sum(weight[j] * padded[:, width - 1 - j: width - 1 - j + t] for j in range(width))
+    return sum(weight[j] * padded[:, width - 1 - j : width - 1 - j + t] for j in range(width))
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

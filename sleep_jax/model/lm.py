@@ -76,8 +76,9 @@ class HybridLM(nnx.Module):
     self.unit, self.repeats = repeating_unit(cfg.pattern)
     self.blocks = stacked_blocks(cfg, self.unit, self.repeats, rngs)
     self.final_norm = RMSNorm(cfg.d_model)
-    self.head = Dense(cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"), optimizer=ADAMW,
-                      rngs=rngs)
+    self.head = Dense(
+      cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"), optimizer=ADAMW, rngs=rngs
+    )
 
   def embed(self, tokens_bt: jax.Array) -> jax.Array:
     """Token ids [B,T] -> features [B,T,D] in the compute dtype."""
@@ -96,8 +97,10 @@ class HybridLM(nnx.Module):
     fast_positions = [j for j, kind in enumerate(self.unit) if kind == GATED_DELTA]
     per_unit = len(fast_positions)
     if len(fast_state) != per_unit * self.repeats:
-      raise ValueError(f"pattern {self.cfg.pattern!r} has {per_unit * self.repeats} gated-delta "
-                       f"blocks, got a fast state of {len(fast_state)} matrices")
+      raise ValueError(
+        f"pattern {self.cfg.pattern!r} has {per_unit * self.repeats} gated-delta "
+        f"blocks, got a fast state of {len(fast_state)} matrices"
+      )
     # Pattern order is repetition-major: block j of repetition r holds fast_state[r*per_unit + i]
     # (i its rank among the unit's gated-delta blocks). Scan inputs are stacked over r; attention
     # blocks get None (an empty pytree), so every block is called the same way.

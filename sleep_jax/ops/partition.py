@@ -24,7 +24,7 @@ at the boundary, at the cost of a collective.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 from jax.sharding import AxisType, PartitionSpec
@@ -52,8 +52,11 @@ def _dividing(axes: Axes, mesh, size: int) -> Axes:
 
 def _free_axes(mesh) -> Axes:
   """Mesh axes of size > 1 not already manual (an enclosing shard_map owns those)."""
-  return tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
-               if kind != AxisType.Manual and mesh.shape[name] > 1)
+  return tuple(
+    name
+    for name, kind in zip(mesh.axis_names, mesh.axis_types)
+    if kind != AxisType.Manual and mesh.shape[name] > 1
+  )
 
 
 def batch_and_head_axes(x_bth, *, batch_axes=None, head_axes=None) -> tuple[Axes, Axes]:
@@ -95,9 +98,14 @@ def _spec(layout: str, batch_axes: Axes, head_axes: Axes) -> PartitionSpec:
   return PartitionSpec(*(pick.get(letter) for letter in layout))
 
 
-def shard_over_batch_and_heads(fn: Callable, *, in_layouts: Sequence[str],
-                               out_layouts: Sequence[str], batch_axes: Axes,
-                               head_axes: Axes) -> Callable:
+def shard_over_batch_and_heads(
+  fn: Callable,
+  *,
+  in_layouts: Sequence[str],
+  out_layouts: Sequence[str],
+  batch_axes: Axes,
+  head_axes: Axes,
+) -> Callable:
   """`fn` run per shard, its inputs and outputs split as their layouts say.
 
   Args:
@@ -115,4 +123,3 @@ def shard_over_batch_and_heads(fn: Callable, *, in_layouts: Sequence[str],
   out_specs = tuple(_spec(layout, batch_axes, head_axes) for layout in out_layouts)
   # check_vma=False: Pallas outputs carry no varying-axes annotation for the checker to read.
   return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from sleep_jax.typed_config import dataclass_from_section
 
 MESH_AXES = ("data", "fsdp", "tensor")
-DEFAULT_RULES = (("vocab", None), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-                 ("head_dim", None), ("gate_heads", "tensor"), ("conv", None), ("layers", None))
+DEFAULT_RULES = (
+  ("vocab", None),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("head_dim", None),
+  ("gate_heads", "tensor"),
+  ("conv", None),
+  ("layers", None),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +34,8 @@ class ParallelConfig:
   """
 
   mesh: Mapping[str, int] = dataclasses.field(
-      default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1}
+  )
   rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
 
   def __post_init__(self):
@@ -37,15 +47,19 @@ class ParallelConfig:
     rules = []
     for rule in self.rules:
       if len(rule) != 2 or not isinstance(rule[0], str):
-        raise ValueError(f"parallel.rules entries are (logical axis, mesh axes) pairs, got {rule!r}")
+        raise ValueError(
+          f"parallel.rules entries are (logical axis, mesh axes) pairs, got {rule!r}"
+        )
       target = tuple(rule[1]) if isinstance(rule[1], (list, tuple)) else rule[1]
-      for axis in (target if isinstance(target, tuple) else (target,)):
+      for axis in target if isinstance(target, tuple) else (target,):
         if axis is not None and axis not in MESH_AXES:
-          raise ValueError(f"parallel.rules maps {rule[0]!r} to unknown mesh axis {axis!r}; "
-                           f"the axes are {MESH_AXES}")
+          raise ValueError(
+            f"parallel.rules maps {rule[0]!r} to unknown mesh axis {axis!r}; "
+            f"the axes are {MESH_AXES}"
+          )
       rules.append((rule[0], target))
     object.__setattr__(self, "rules", tuple(rules))
 
   @classmethod
-  def from_config(cls, section) -> "ParallelConfig":
+  def from_config(cls, section) -> ParallelConfig:
     return dataclass_from_section(cls, section, "parallel")

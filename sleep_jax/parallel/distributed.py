@@ -10,10 +10,10 @@ collectives go through gloo.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import jax
-import logging
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,9 @@ class ProcessGroup:
 
 def from_environment(environ=os.environ) -> ProcessGroup:
   as_int = lambda key: int(environ[key]) if environ.get(key) else None
-  return ProcessGroup(environ.get(ENV_COORDINATOR) or None, as_int(ENV_NUM_PROCESSES),
-                      as_int(ENV_PROCESS_ID))
+  return ProcessGroup(
+    environ.get(ENV_COORDINATOR) or None, as_int(ENV_NUM_PROCESSES), as_int(ENV_PROCESS_ID)
+  )
 
 
 def _on_multi_host_cloud_tpu(environ=os.environ) -> bool:
@@ -60,26 +61,40 @@ def initialize(group: ProcessGroup | None = None, *, environ=os.environ) -> bool
   """
   flags = group or ProcessGroup()
   env = from_environment(environ)
-  merged = ProcessGroup(*(f if f is not None else e for f, e in
-                          zip(dataclasses.astuple(flags), dataclasses.astuple(env))))
+  merged = ProcessGroup(
+    *(
+      f if f is not None else e
+      for f, e in zip(dataclasses.astuple(flags), dataclasses.astuple(env))
+    )
+  )
   if merged.given:
     missing = [name for name, value in dataclasses.asdict(merged).items() if value is None]
     if missing:
-      raise ValueError(f"a multi-process run needs coordinator_address, num_processes and "
-                       f"process_id; missing {missing} (flags --{missing[0]} or the "
-                       f"{ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID} variables)")
+      raise ValueError(
+        f"a multi-process run needs coordinator_address, num_processes and "
+        f"process_id; missing {missing} (flags --{missing[0]} or the "
+        f"{ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID} variables)"
+      )
     if not 0 <= merged.process_id < merged.num_processes:
       raise ValueError(f"process_id={merged.process_id} is not in [0, {merged.num_processes})")
     if merged.num_processes == 1:
       return False
     # Collectives between CPU devices of different processes (harmless on accelerators).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=merged.coordinator_address,
-                               num_processes=merged.num_processes, process_id=merged.process_id)
+    jax.distributed.initialize(
+      coordinator_address=merged.coordinator_address,
+      num_processes=merged.num_processes,
+      process_id=merged.process_id,
+    )
   elif _on_multi_host_cloud_tpu(environ):
     jax.distributed.initialize()  # jax reads the slice's hosts from the TPU metadata
   else:
     return False
-  logger.info("process %d of %d, %d local of %d devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logger.info(
+    "process %d of %d, %d local of %d devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True

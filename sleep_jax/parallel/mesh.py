@@ -14,7 +14,8 @@ maps each logical axis to mesh axes or None (replicated). The batch goes over da
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,17 +47,23 @@ def mesh_shape(mesh_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"parallel.mesh ({described}): {num_devices} devices are not a multiple "
-                       f"of the fixed sizes' product {known}")
+      raise ValueError(
+        f"parallel.mesh ({described}): {num_devices} devices are not a multiple "
+        f"of the fixed sizes' product {known}"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"parallel.mesh ({described}) multiplies to {math.prod(sizes)}, but there "
-                     f"are {num_devices} devices; make the sizes multiply to {num_devices} "
-                     "(or set one of them to -1)")
+    raise ValueError(
+      f"parallel.mesh ({described}) multiplies to {math.prod(sizes)}, but there "
+      f"are {num_devices} devices; make the sizes multiply to {num_devices} "
+      "(or set one of them to -1)"
+    )
   return tuple(sizes)
 
 
-def make_mesh(parallel_config: ParallelConfig | Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+  parallel_config: ParallelConfig | Mapping[str, Any], devices: Sequence[Any] | None = None
+) -> Mesh:
   """The (data, fsdp, tensor) mesh over `devices` (default: every device of every process).
 
   Devices of several TPU slices get a hybrid mesh: `data` is split across slices first (the
@@ -67,8 +74,10 @@ def make_mesh(parallel_config: ParallelConfig | Mapping[str, Any], devices: Sequ
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
   if num_slices > 1:
     if shape[0] % num_slices:
-      raise ValueError(f"parallel.mesh.data={shape[0]} must be a multiple of the {num_slices} "
-                       "slices: the data axis spans slices")
+      raise ValueError(
+        f"parallel.mesh.data={shape[0]} must be a multiple of the {num_slices} "
+        "slices: the data axis spans slices"
+      )
     ici = (shape[0] // num_slices, *shape[1:])
     grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
@@ -90,7 +99,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def logical_to_spec(logical_axes: Iterable[str | None], rules: Iterable[tuple[str, Any]]) -> PartitionSpec:
+def logical_to_spec(
+  logical_axes: Iterable[str | None], rules: Iterable[tuple[str, Any]]
+) -> PartitionSpec:
   """PartitionSpec of an array whose dimensions carry these logical names."""
   table = {name: (tuple(target) if isinstance(target, list) else target) for name, target in rules}
   unknown = [a for a in logical_axes if a is not None and a not in table]
@@ -118,13 +129,15 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> Any:
       if size % parts:
         name = "/".join(str(k) for k in _path_keys(path))
         raise ValueError(
-            f"parameter {name} {tuple(variable.shape)}: dimension {dim} ({size}) is split over "
-            f"mesh axes {axes} of total size {parts}, which does not divide it. Change "
-            "parallel.mesh, or map that logical axis to None in parallel.rules.")
+          f"parameter {name} {tuple(variable.shape)}: dimension {dim} ({size}) is split over "
+          f"mesh axes {axes} of total size {parts}, which does not divide it. Change "
+          "parallel.mesh, or map that logical axis to None in parallel.rules."
+        )
     return NamedSharding(mesh, spec)
 
-  specs = jax.tree_util.tree_map_with_path(sharding, abstract_state,
-                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  specs = jax.tree_util.tree_map_with_path(
+    sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   return nnx.to_pure_dict(specs)
 
 
@@ -134,23 +147,29 @@ def process_batch_rows(sharding: NamedSharding, batch_size: int) -> slice:
   Every process feeds only these rows (`jax.make_array_from_process_local_data`).
   """
   shape = (batch_size, 1)
-  rows = {index[0].indices(batch_size)[:2] for index in
-          sharding.addressable_devices_indices_map(shape).values()}
+  rows = {
+    index[0].indices(batch_size)[:2]
+    for index in sharding.addressable_devices_indices_map(shape).values()
+  }
   starts = sorted(rows)
   start, stop = starts[0][0], max(stop for _, stop in starts)
   covered = sum(b - a for a, b in starts)
   if covered != stop - start:
-    raise ValueError(f"this process's devices hold non-contiguous rows {starts} of the batch; "
-                     "order the mesh so each process holds one block of the data axes")
+    raise ValueError(
+      f"this process's devices hold non-contiguous rows {starts} of the batch; "
+      "order the mesh so each process holds one block of the data axes"
+    )
   return slice(start, stop)
 
 
-def to_global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding,
-                    batch_size: int) -> dict[str, jax.Array]:
+def to_global_batch(
+  local_batch: Mapping[str, np.ndarray], sharding: NamedSharding, batch_size: int
+) -> dict[str, jax.Array]:
   """Global arrays from this process's rows (from `process_batch_rows`) of every field."""
-  return {name: jax.make_array_from_process_local_data(
-              sharding, rows, (batch_size, *rows.shape[1:]))
-          for name, rows in local_batch.items()}
+  return {
+    name: jax.make_array_from_process_local_data(sharding, rows, (batch_size, *rows.shape[1:]))
+    for name, rows in local_batch.items()
+  }
 
 
 def _path_keys(path) -> tuple:
@@ -164,8 +183,10 @@ def shardings_by_param_path(tree: Any, param_shardings: Any, *, default: NamedSh
   dict inside their own state) gets that parameter's sharding; any other leaf (step counters)
   gets `default`.
   """
-  by_path = {_path_keys(path): sharding for path, sharding in
-             jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  by_path = {
+    _path_keys(path): sharding
+    for path, sharding in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+  }
 
   def pick(path, _):
     keys = _path_keys(path)

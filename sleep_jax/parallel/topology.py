@@ -28,14 +28,19 @@ class Generation:
 
 
 GENERATIONS = {
-    "v5e": Generation("v5e", 1, None, 16 * GIB, three_d=False),
-    "v6e": Generation("v6e", 1, None, 32 * GIB, three_d=False),
-    "v5p": Generation("v5", 2, "megacore", 95 * GIB, three_d=True),
-    "v4": Generation("v4", 2, "megacore", 32 * GIB, three_d=True),
+  "v5e": Generation("v5e", 1, None, 16 * GIB, three_d=False),
+  "v6e": Generation("v6e", 1, None, 32 * GIB, three_d=False),
+  "v5p": Generation("v5", 2, "megacore", 95 * GIB, three_d=True),
+  "v4": Generation("v4", 2, "megacore", 32 * GIB, three_d=True),
 }
 # jax's device_kind -> the generation (for devices jax gives, e.g. "TPU v5 lite").
-DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v6 lite": "v6e", "TPU v5": "v5p", "TPU v5p": "v5p",
-                "TPU v4": "v4"}
+DEVICE_KINDS = {
+  "TPU v5 lite": "v5e",
+  "TPU v6 lite": "v6e",
+  "TPU v5": "v5p",
+  "TPU v5p": "v5p",
+  "TPU v4": "v4",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +74,10 @@ def resolve(name: str) -> Topology:
   Raises:
     ValueError: an unknown generation or an impossible size, naming the accepted forms.
   """
-  accepted = ("Cloud TPU names like v5e-16, v5p-32, v4-8, v6e-8 or jax names like v5e:4x4, "
-              "v5:2x2x4 (v5p), v4:2x2x1, v6e:2x4")
+  accepted = (
+    "Cloud TPU names like v5e-16, v5p-32, v4-8, v6e-8 or jax names like v5e:4x4, "
+    "v5:2x2x4 (v5p), v4:2x2x1, v6e:2x4"
+  )
   cloud = re.fullmatch(r"(v5e|v6e|v5p|v4)-(\d+)", name)
   if cloud:
     generation = GENERATIONS[cloud.group(1)]
@@ -79,14 +86,22 @@ def resolve(name: str) -> Topology:
       raise ValueError(f"topology {name!r}: {cloud.group(1)} counts TensorCores, 2 per chip")
     chips = count // generation.cores_per_chip_in_name
     grid = _chip_grid(chips, generation.three_d)
-    return Topology(name, f"{generation.jax_prefix}:{grid}", generation.chip_config_name,
-                    generation.hbm_bytes_per_chip)
+    return Topology(
+      name,
+      f"{generation.jax_prefix}:{grid}",
+      generation.chip_config_name,
+      generation.hbm_bytes_per_chip,
+    )
   native = re.fullmatch(r"(v5e|v6e|v5p|v5|v4):(\d+(?:x\d+){1,2})", name)
   if native:
     key = {"v5": "v5p"}.get(native.group(1), native.group(1))
     generation = GENERATIONS[key]
-    return Topology(name, f"{generation.jax_prefix}:{native.group(2)}",
-                    generation.chip_config_name, generation.hbm_bytes_per_chip)
+    return Topology(
+      name,
+      f"{generation.jax_prefix}:{native.group(2)}",
+      generation.chip_config_name,
+      generation.hbm_bytes_per_chip,
+    )
   raise ValueError(f"unknown TPU topology {name!r}; use {accepted}")
 
 
@@ -103,17 +118,20 @@ def tpu_devices(name: str, *, num_slices: int = 1) -> list:
   try:
     import libtpu  # noqa: F401  (only to give a clear error before jax tries)
   except ImportError as e:
-    raise RuntimeError("compiling for a TPU topology needs libtpu: "
-                       'python -m pip install -e ".[tpu]"') from e
+    raise RuntimeError(
+      'compiling for a TPU topology needs libtpu: python -m pip install -e ".[tpu]"'
+    ) from e
   # Compile-only use never touches a TPU: let several processes (test workers, a table run)
   # load libtpu at once instead of failing on its single-user lock file.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   kwargs = {"num_slices": num_slices}
   if topology.chip_config_name:
     kwargs["chip_config_name"] = topology.chip_config_name
-  return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.jax_name,
-                                           **kwargs).devices)
+  return list(
+    topologies.get_topology_desc(platform="tpu", topology_name=topology.jax_name, **kwargs).devices
+  )
 
 
 def hbm_bytes_per_device(device) -> int:

@@ -42,21 +42,31 @@ class SleepConfig:
     if self.window < 1:
       raise ValueError(f"sleep.window (L) must be >= 1, got {self.window}")
     if self.eviction in EVICTIONS_PLANNED:
-      raise ValueError(f"sleep.eviction={self.eviction!r} is not implemented yet; "
-                       f"use one of {EVICTIONS_IMPLEMENTED}")
+      raise ValueError(
+        f"sleep.eviction={self.eviction!r} is not implemented yet; "
+        f"use one of {EVICTIONS_IMPLEMENTED}"
+      )
     if self.eviction not in EVICTIONS_IMPLEMENTED:
-      raise ValueError(f"unknown sleep.eviction={self.eviction!r}; use one of {EVICTIONS_IMPLEMENTED}")
+      raise ValueError(
+        f"unknown sleep.eviction={self.eviction!r}; use one of {EVICTIONS_IMPLEMENTED}"
+      )
     if self.eviction == "none" and self.passes != 1:
-      raise ValueError(f"sleep.eviction='none' sleeps on nothing (one pass over the whole "
-                       f"sequence), so sleep.passes must be 1, got {self.passes}")
+      raise ValueError(
+        f"sleep.eviction='none' sleeps on nothing (one pass over the whole "
+        f"sequence), so sleep.passes must be 1, got {self.passes}"
+      )
     if self.context_len < 0:
       raise ValueError(f"sleep.context_len must be >= 0, got {self.context_len}")
     if self.evicts and self.context_len % self.window:
-      raise ValueError(f"sleep.window={self.window} does not tile sleep.context_len="
-                       f"{self.context_len}: the context must be a whole number of windows")
+      raise ValueError(
+        f"sleep.window={self.window} does not tile sleep.context_len="
+        f"{self.context_len}: the context must be a whole number of windows"
+      )
     if self.grad_passes is not None and not 1 <= self.grad_passes <= self.passes:
-      raise ValueError(f"sleep.grad_passes={self.grad_passes} must be in [1, passes={self.passes}] "
-                       "or None (all passes)")
+      raise ValueError(
+        f"sleep.grad_passes={self.grad_passes} must be in [1, passes={self.passes}] "
+        "or None (all passes)"
+      )
 
   @property
   def evicts(self) -> bool:
@@ -77,16 +87,19 @@ class SleepConfig:
     predict_len = seq_len - self.context_len
     if not self.evicts:  # one chunk over the whole sequence: the window does not bound it
       if predict_len < 1:
-        raise ValueError(f"a sequence of {seq_len} tokens leaves no prediction positions after "
-                         f"sleep.context_len={self.context_len}")
+        raise ValueError(
+          f"a sequence of {seq_len} tokens leaves no prediction positions after "
+          f"sleep.context_len={self.context_len}"
+        )
       return
     if not 1 <= predict_len <= self.window:
       raise ValueError(
-          f"a sequence of {seq_len} tokens with sleep.context_len={self.context_len} leaves a "
-          f"prediction chunk of {predict_len} tokens; it must hold 1..window={self.window} tokens")
+        f"a sequence of {seq_len} tokens with sleep.context_len={self.context_len} leaves a "
+        f"prediction chunk of {predict_len} tokens; it must hold 1..window={self.window} tokens"
+      )
 
   @classmethod
-  def from_config(cls, config) -> "SleepConfig":
+  def from_config(cls, config) -> SleepConfig:
     """Builds from `config.sleep` as it comes out of a config file (unknown keys are an error)."""
     return dataclass_from_section(cls, config, "sleep")
 

@@ -38,13 +38,19 @@ def _run_passes(pass_fn, h, fast_state, num_passes: int):
   """(h, S) after `num_passes` applications of `pass_fn`, as a `lax.scan` over passes."""
   if num_passes == 0:
     return h, fast_state
-  (h, fast_state), _ = jax.lax.scan(lambda carry, _: (pass_fn(*carry), None), (h, fast_state),
-                                    None, length=num_passes)
+  (h, fast_state), _ = jax.lax.scan(
+    lambda carry, _: (pass_fn(*carry), None), (h, fast_state), None, length=num_passes
+  )
   return h, fast_state
 
 
-def sleep_forward(graphdef: nnx.GraphDef, params: Params, tokens_bt: jax.Array, cfg: SleepConfig,
-                  fast_state: FastState | None = None) -> tuple[jax.Array, FastState]:
+def sleep_forward(
+  graphdef: nnx.GraphDef,
+  params: Params,
+  tokens_bt: jax.Array,
+  cfg: SleepConfig,
+  fast_state: FastState | None = None,
+) -> tuple[jax.Array, FastState]:
   """Consolidates the context into the fast weights, then predicts the last chunk.
 
   Args:
@@ -80,12 +86,12 @@ def sleep_forward(graphdef: nnx.GraphDef, params: Params, tokens_bt: jax.Array, 
     return state, None
 
   if cfg.num_sleep_chunks:
-    context = tokens_bt[:, :cfg.context_len].reshape(batch, cfg.num_sleep_chunks, cfg.window)
+    context = tokens_bt[:, : cfg.context_len].reshape(batch, cfg.num_sleep_chunks, cfg.window)
     fast_state, _ = jax.lax.scan(sleep_on_chunk, fast_state, jnp.swapaxes(context, 0, 1))
 
   first = cfg.context_len if cfg.evicts else 0  # "none": one chunk over the whole sequence
   h, fast_state = model.stack_pass(model.embed(tokens_bt[:, first:]), fast_state)
-  return model.logits(h[:, cfg.context_len - first:]), fast_state
+  return model.logits(h[:, cfg.context_len - first :]), fast_state
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
@@ -93,7 +99,7 @@ def _full_logits(graphdef, params, tokens_bt, cfg: SleepConfig):
   predicted, _ = sleep_forward(graphdef, params, tokens_bt, cfg)
   batch, seq_len = tokens_bt.shape
   logits = jnp.zeros((batch, seq_len, predicted.shape[-1]), jnp.float32)
-  return logits.at[:, cfg.context_len:].set(predicted)
+  return logits.at[:, cfg.context_len :].set(predicted)
 
 
 def apply(model: HybridLM, tokens_bt, *, sleep_config) -> jax.Array:

@@ -9,11 +9,10 @@ cannot see inside Pallas calls, so FLOPs come from the model count (sleep_jax.mo
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import Any
-
-import logging
 
 from sleep_jax.model.flops import train_step_flops
 from sleep_jax.parallel import topology as topology_lib
@@ -27,8 +26,12 @@ MOSAIC_CALL = re.compile(r'custom_call_target="tpu_custom_call"')
 def _peak_bytes(compiled) -> int:
   """Per-device bytes live at the peak: arguments + outputs (minus donated aliases) + temps."""
   memory = compiled.memory_analysis()
-  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  return int(
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+  )
 
 
 def compile_for_topology(config, topology: str, *, num_slices: int = 1) -> dict[str, Any]:
@@ -52,36 +55,46 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1) -> dict[
   start = time.perf_counter()
   train = program.train_step.lower(program.abstract_state, batch).compile()
   compile_s = time.perf_counter() - start
-  evaluate = program.eval_step.lower(program.abstract_state.params,
-                                     program.abstract_batch(config.eval.batch_size)).compile()
+  evaluate = program.eval_step.lower(
+    program.abstract_state.params, program.abstract_batch(config.eval.batch_size)
+  ).compile()
   hbm = topology_lib.hbm_bytes_per_device(devices[0])
   peak = _peak_bytes(train)
   validated = program.validated
   return {
-      "topology": topology,
-      "jax_topology": resolved.jax_name,
-      "num_slices": num_slices,
-      "num_devices": len(devices),
-      "num_processes": len({d.process_index for d in devices}),
-      "device_kind": devices[0].device_kind,
-      "mesh": dict(program.mesh.shape),
-      "batch_size": config.train.batch_size,
-      "fast_weight_impl": validated.model.fast_weight_impl,
-      "mosaic_kernels": len(MOSAIC_CALL.findall(train.as_text())),
-      "peak_memory_bytes_per_device": peak,
-      "hbm_bytes_per_device": hbm,
-      "fits": peak <= hbm,
-      "flops_per_step": train_step_flops(validated.model, validated.sleep,
-                                         seq_len=validated.task.seq_len,
-                                         batch_size=config.train.batch_size),
-      "compile_s": round(compile_s, 2),
-      "eval_mosaic_kernels": len(MOSAIC_CALL.findall(evaluate.as_text())),
-      "eval_peak_memory_bytes_per_device": _peak_bytes(evaluate),
+    "topology": topology,
+    "jax_topology": resolved.jax_name,
+    "num_slices": num_slices,
+    "num_devices": len(devices),
+    "num_processes": len({d.process_index for d in devices}),
+    "device_kind": devices[0].device_kind,
+    "mesh": dict(program.mesh.shape),
+    "batch_size": config.train.batch_size,
+    "fast_weight_impl": validated.model.fast_weight_impl,
+    "mosaic_kernels": len(MOSAIC_CALL.findall(train.as_text())),
+    "peak_memory_bytes_per_device": peak,
+    "hbm_bytes_per_device": hbm,
+    "fits": peak <= hbm,
+    "flops_per_step": train_step_flops(
+      validated.model,
+      validated.sleep,
+      seq_len=validated.task.seq_len,
+      batch_size=config.train.batch_size,
+    ),
+    "compile_s": round(compile_s, 2),
+    "eval_mosaic_kernels": len(MOSAIC_CALL.findall(evaluate.as_text())),
+    "eval_peak_memory_bytes_per_device": _peak_bytes(evaluate),
   }
 
 
-def largest_fitting_batch(config, topology: str, *, num_slices: int = 1,
-                          start_per_device: int | None = None, limit_per_device: int = 8192) -> dict:
+def largest_fitting_batch(
+  config,
+  topology: str,
+  *,
+  num_slices: int = 1,
+  start_per_device: int | None = None,
+  limit_per_device: int = 8192,
+) -> dict:
   """The largest batch per device whose train step fits HBM, doubling from `start_per_device`
   (default: the config's own batch per device).
 
@@ -97,13 +110,19 @@ def largest_fitting_batch(config, topology: str, *, num_slices: int = 1,
     with trial.unlocked():
       trial.train.batch_size = per_device * num_devices
     result = compile_for_topology(trial, topology, num_slices=num_slices)
-    logger.info("batch %d per device: peak %.2f GiB of %.2f GiB", per_device,
-                 result["peak_memory_bytes_per_device"] / 2**30,
-                 result["hbm_bytes_per_device"] / 2**30)
+    logger.info(
+      "batch %d per device: peak %.2f GiB of %.2f GiB",
+      per_device,
+      result["peak_memory_bytes_per_device"] / 2**30,
+      result["hbm_bytes_per_device"] / 2**30,
+    )
     if not result["fits"]:
       break
-    best = {"per_device_batch": per_device, "batch_size": result["batch_size"],
-            "peak_memory_bytes_per_device": result["peak_memory_bytes_per_device"]}
+    best = {
+      "per_device_batch": per_device,
+      "batch_size": result["batch_size"],
+      "peak_memory_bytes_per_device": result["peak_memory_bytes_per_device"],
+    }
     per_device *= 2
   return best
 
@@ -111,16 +130,19 @@ def largest_fitting_batch(config, topology: str, *, num_slices: int = 1,
 def format_table(rows: list[dict]) -> str:
   """A markdown table of `compile_for_topology` results."""
   gib = lambda b: f"{b / 2**30:.2f}"
-  lines = ["| config | topology | devices | hosts | mesh (data, fsdp, tensor) | batch | Mosaic "
-           "kernels | peak GiB / device | HBM GiB | fits | TFLOP / step | compile s |",
-           "|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+  lines = [
+    "| config | topology | devices | hosts | mesh (data, fsdp, tensor) | batch | Mosaic "
+    "kernels | peak GiB / device | HBM GiB | fits | TFLOP / step | compile s |",
+    "|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|",
+  ]
   for row in rows:
     mesh = "x".join(str(row["mesh"][a]) for a in ("data", "fsdp", "tensor"))
     slices = f" x {row['num_slices']} slices" if row["num_slices"] > 1 else ""
     lines.append(
-        f"| {row.get('config', '')} | {row['topology']}{slices} | {row['num_devices']} | "
-        f"{row['num_processes']} | {mesh} | {row['batch_size']} | {row['mosaic_kernels']} | "
-        f"{gib(row['peak_memory_bytes_per_device'])} | {gib(row['hbm_bytes_per_device'])} | "
-        f"{'yes' if row['fits'] else 'NO'} | {row['flops_per_step'] / 1e12:.2f} | "
-        f"{row['compile_s']:.1f} |")
+      f"| {row.get('config', '')} | {row['topology']}{slices} | {row['num_devices']} | "
+      f"{row['num_processes']} | {mesh} | {row['batch_size']} | {row['mosaic_kernels']} | "
+      f"{gib(row['peak_memory_bytes_per_device'])} | {gib(row['hbm_bytes_per_device'])} | "
+      f"{'yes' if row['fits'] else 'NO'} | {row['flops_per_step'] / 1e12:.2f} | "
+      f"{row['compile_s']:.1f} |"
+    )
   return "\n".join(lines)

@@ -23,14 +23,19 @@ from sleep_jax import rundir
 
 def make_manager(run: rundir.RunDir, *, max_to_keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(epath.Path(run.checkpoints), options=options,
-                               item_names=("state", "data"))
+  return ocp.CheckpointManager(
+    epath.Path(run.checkpoints), options=options, item_names=("state", "data")
+  )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator) -> None:
   """Saves the train state and the data iterator position at `step` (asynchronously)."""
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             data=grain.checkpoint.CheckpointSave(data_iterator)))
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+    ),
+  )
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator):
@@ -44,11 +49,17 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
   if step is None:
     return None
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+      ),
+    )
   except Exception as e:  # orbax raises many types for unreadable or mismatched files
-    raise RuntimeError(f"checkpoint at step {step} in {manager.directory} could not be restored "
-                       f"({type(e).__name__}: {e}). It was left on disk; move it away to start "
-                       "over, or point --workdir elsewhere.") from e
+    raise RuntimeError(
+      f"checkpoint at step {step} in {manager.directory} could not be restored "
+      f"({type(e).__name__}: {e}). It was left on disk; move it away to start "
+      "over, or point --workdir elsewhere."
+    ) from e
   return restored.state

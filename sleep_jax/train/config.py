@@ -40,8 +40,9 @@ class TrainConfig:
   grad_clip: float = 1.0
 
   def __post_init__(self):
-    _check_positive("train", self, ("batch_size", "num_steps", "warmup_steps"),
-                    zero_ok=("warmup_steps",))
+    _check_positive(
+      "train", self, ("batch_size", "num_steps", "warmup_steps"), zero_ok=("warmup_steps",)
+    )
     for name in ("muon_lr", "adamw_lr", "weight_decay", "min_lr_ratio"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -61,13 +62,16 @@ class EvalConfig:
   def __post_init__(self):
     if self.num_slice_examples is None:
       object.__setattr__(self, "num_slice_examples", self.num_examples)
-    _check_positive("eval", self, ("every_steps", "num_examples", "batch_size",
-                                   "num_slice_examples"))
+    _check_positive(
+      "eval", self, ("every_steps", "num_examples", "batch_size", "num_slice_examples")
+    )
     # Whole batches only: a smaller last batch would compile the eval step a second time.
     for name in ("num_examples", "num_slice_examples"):
       if getattr(self, name) % self.batch_size:
-        raise ValueError(f"eval.{name}={getattr(self, name)} must be a multiple of "
-                         f"eval.batch_size={self.batch_size}")
+        raise ValueError(
+          f"eval.{name}={getattr(self, name)} must be a multiple of "
+          f"eval.batch_size={self.batch_size}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +85,15 @@ class CheckpointConfig:
     _check_positive("checkpoint", self, ("every_steps", "max_to_keep"))
 
 
-SECTIONS = {"task": task_config, "model": ModelConfig.from_config,
-            "sleep": SleepConfig.from_config, "parallel": ParallelConfig.from_config,
-            "train": lambda s: dataclass_from_section(TrainConfig, s, "train"),
-            "eval": lambda s: dataclass_from_section(EvalConfig, s, "eval"),
-            "checkpoint": lambda s: dataclass_from_section(CheckpointConfig, s, "checkpoint")}
+SECTIONS = {
+  "task": task_config,
+  "model": ModelConfig.from_config,
+  "sleep": SleepConfig.from_config,
+  "parallel": ParallelConfig.from_config,
+  "train": lambda s: dataclass_from_section(TrainConfig, s, "train"),
+  "eval": lambda s: dataclass_from_section(EvalConfig, s, "eval"),
+  "checkpoint": lambda s: dataclass_from_section(CheckpointConfig, s, "checkpoint"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +121,7 @@ class ExperimentConfig:
       raise ValueError(f"log_every_steps must be >= 1, got {self.log_every_steps}")
 
   @classmethod
-  def from_config(cls, config) -> "ExperimentConfig":
+  def from_config(cls, config) -> ExperimentConfig:
     """Builds from a config file's ConfigDict (or a mapping, or returns an ExperimentConfig)."""
     if isinstance(config, cls):
       return config
@@ -124,8 +132,9 @@ class ExperimentConfig:
     missing = sorted(known - set(config.keys()) - {"parallel"})
     if missing:
       raise ValueError(f"the config has no {missing} field(s); see configs/common.py")
-    sections = {name: make(config[name] if name in config else {})
-                for name, make in SECTIONS.items()}
+    sections = {
+      name: make(config[name] if name in config else {}) for name, make in SECTIONS.items()
+    }
     return cls(seed=int(config["seed"]), log_every_steps=int(config["log_every_steps"]), **sections)
 
   def to_dict(self) -> dict[str, Any]:

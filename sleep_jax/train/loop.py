@@ -16,7 +16,8 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,7 +58,7 @@ class PreemptionWatch:
     self.requested = False
     self._previous = None
 
-  def __enter__(self) -> "PreemptionWatch":
+  def __enter__(self) -> PreemptionWatch:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     return self
@@ -69,6 +70,7 @@ class PreemptionWatch:
   def __call__(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       try:
         return multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError:  # the preemption service is off
@@ -90,7 +92,7 @@ class Evaluator:
   rows: slice  # this process's rows of every eval batch
 
   @classmethod
-  def create(cls, program: Program, config: ExperimentConfig) -> "Evaluator":
+  def create(cls, program: Program, config: ExperimentConfig) -> Evaluator:
     task = program.validated.task
     sets = {"": tasks.heldout_set(task, seed=config.seed, num=config.eval.num_examples)}
     sets.update(tasks.heldout_slices(task, seed=config.seed, num=config.eval.num_slice_examples))
@@ -110,8 +112,12 @@ class Evaluator:
     metrics = self._summary(params, self.sets[""])
     for eval_slice in self.program.validated.task.eval_slices:
       summary = self._summary(params, self.sets[eval_slice.name])
-      metrics.update({f"{eval_slice.name}/{reported}": summary[source]
-                      for reported, source in eval_slice.metrics.items()})
+      metrics.update(
+        {
+          f"{eval_slice.name}/{reported}": summary[source]
+          for reported, source in eval_slice.metrics.items()
+        }
+      )
     return metrics
 
 
@@ -129,7 +135,7 @@ def _close(manager, writer: MetricsWriter) -> None:
   for close in (manager.wait_until_finished, manager.close, writer.close):
     try:
       close()
-    except Exception as e:  # noqa: BLE001  the error being raised already says what went wrong
+    except Exception as e:
       logger.warning("while closing the run: %s: %s", type(e).__name__, e)
 
 
@@ -137,9 +143,10 @@ def _host_metrics(step: int, metrics: dict) -> dict[str, float]:
   host = {name: float(value) for name, value in jax.device_get(metrics).items()}
   if not all(math.isfinite(v) for v in host.values()):
     raise NonFiniteLossError(
-        f"non-finite metrics at step {step}: {host}. Nothing from this step was saved; the last "
-        "good checkpoint is in the workdir. Rerun the same command with a smaller learning rate "
-        "(e.g. --config.train.muon_lr=... --config.train.adamw_lr=...) to resume from it.")
+      f"non-finite metrics at step {step}: {host}. Nothing from this step was saved; the last "
+      "good checkpoint is in the workdir. Rerun the same command with a smaller learning rate "
+      "(e.g. --config.train.muon_lr=... --config.train.adamw_lr=...) to resume from it."
+    )
   return host
 
 
@@ -162,8 +169,9 @@ class _Progress:
     return tokens_per_s, eta
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None,
-                       devices=None) -> dict[str, Any]:
+def train_and_evaluate(
+  config, workdir: str, *, stop_after_step: int | None = None, devices=None
+) -> dict[str, Any]:
   """Trains per `config`, writing checkpoints, logs, TensorBoard events and results.json.
 
   Args:
@@ -188,41 +196,64 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
   _prepare_run_dir(run, config, is_writer)
 
   train_rows = mesh_lib.process_batch_rows(program.batch_sharding, config.train.batch_size)
-  data_iter = iter(tasks.train_dataset(program.validated.task, seed=config.seed,
-                                       batch_size=config.train.batch_size, rows=train_rows))
+  data_iter = iter(
+    tasks.train_dataset(
+      program.validated.task, seed=config.seed, batch_size=config.train.batch_size, rows=train_rows
+    )
+  )
   manager = ckpt.make_manager(run, max_to_keep=config.checkpoint.max_to_keep)
   writer = MetricsWriter(run, is_writer=is_writer)
   try:
     state = ckpt.restore_latest(manager, program.abstract_state, data_iter)
     resumed_from = None if state is None else int(state.step)
-    writer.banner(config_banner(
-        config, devices=list(program.mesh.devices.flat), mesh_shape=dict(program.mesh.shape),
-        workdir=workdir, resumed_from=resumed_from,
-        num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state.params))))
+    writer.banner(
+      config_banner(
+        config,
+        devices=list(program.mesh.devices.flat),
+        mesh_shape=dict(program.mesh.shape),
+        workdir=workdir,
+        resumed_from=resumed_from,
+        num_params=sum(
+          int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state.params)
+        ),
+      )
+    )
     if state is None:
       state = program.init_state()
     with PreemptionWatch() as preemption:
-      results = _train(config, program, run, writer, manager, state, data_iter, preemption,
-                       stop_after_step)
+      results = _train(
+        config, program, run, writer, manager, state, data_iter, preemption, stop_after_step
+      )
     manager.wait_until_finished()  # the last asynchronous save is complete before we return
   except OSError as e:
     raise rundir.WorkdirError(
-        f"writing to workdir {workdir} failed ({e}). Free space or fix permissions, then rerun "
-        "the same command: it resumes from the last complete checkpoint.") from e
+      f"writing to workdir {workdir} failed ({e}). Free space or fix permissions, then rerun "
+      "the same command: it resumes from the last complete checkpoint."
+    ) from e
   finally:
     _close(manager, writer)
   return results.to_json()
 
 
-def _train(config: ExperimentConfig, program: Program, run: rundir.RunDir, writer: MetricsWriter,
-           manager, state, data_iter, preemption: Callable[[int], bool],
-           stop_after_step: int | None) -> rundir.Results:
+def _train(
+  config: ExperimentConfig,
+  program: Program,
+  run: rundir.RunDir,
+  writer: MetricsWriter,
+  manager,
+  state,
+  data_iter,
+  preemption: Callable[[int], bool],
+  stop_after_step: int | None,
+) -> rundir.Results:
   """The loop itself, from `state` to the last step (or a stop); returns the final results."""
   task = program.validated.task
   evaluate = Evaluator.create(program, config)
   train_fields = dataclasses.asdict(config.train)
-  learning_rates = {f"lr/{group}": learning_rate_schedule(train_fields, train_fields[f"{group}_lr"])
-                    for group in ("muon", "adamw")}
+  learning_rates = {
+    f"lr/{group}": learning_rate_schedule(train_fields, train_fields[f"{group}_lr"])
+    for group in ("muon", "adamw")
+  }
   tokens_per_step = config.train.batch_size * task.seq_len
   num_steps = config.train.num_steps
   previous = run.results()
@@ -231,17 +262,32 @@ def _train(config: ExperimentConfig, program: Program, run: rundir.RunDir, write
   step = int(state.step)
   progress = _Progress(step, tokens_per_step)
   results = rundir.Results(
-      task=task.name, task_settings=config.task.training_settings, passes=config.sleep.passes,
-      window=config.sleep.window, eviction=config.sleep.eviction, pattern=config.model.pattern,
-      seed=config.seed, step=step, num_steps=num_steps, tokens_seen=step * tokens_per_step,
-      wall_s=prior_wall_s, eval={})
+    task=task.name,
+    task_settings=config.task.training_settings,
+    passes=config.sleep.passes,
+    window=config.sleep.window,
+    eviction=config.sleep.eviction,
+    pattern=config.model.pattern,
+    seed=config.seed,
+    step=step,
+    num_steps=num_steps,
+    tokens_seen=step * tokens_per_step,
+    wall_s=prior_wall_s,
+    eval={},
+  )
 
   def finish_step(at_step: int, metrics) -> None:
     host = _host_metrics(at_step, metrics)
     if at_step % config.log_every_steps == 0 or at_step == num_steps:
       tokens_per_s, eta = progress.tick(at_step, num_steps)
-      writer.train(at_step, num_steps, host, tokens_per_s=tokens_per_s, eta_s=eta,
-                   learning_rates={k: float(f(at_step - 1)) for k, f in learning_rates.items()})
+      writer.train(
+        at_step,
+        num_steps,
+        host,
+        tokens_per_s=tokens_per_s,
+        eta_s=eta,
+        learning_rates={k: float(f(at_step - 1)) for k, f in learning_rates.items()},
+      )
 
   def evaluate_and_record(at_step: int) -> None:
     results.eval = evaluate(state.params)
@@ -252,8 +298,9 @@ def _train(config: ExperimentConfig, program: Program, run: rundir.RunDir, write
 
   pending = None  # (step, metrics) dispatched but not yet read
   while step < num_steps:
-    batch = mesh_lib.to_global_batch(next(data_iter), program.batch_sharding,
-                                     config.train.batch_size)
+    batch = mesh_lib.to_global_batch(
+      next(data_iter), program.batch_sharding, config.train.batch_size
+    )
     state, metrics = program.train_step(state, batch)
     step += 1
     if pending is not None:  # read step k-1's metrics only after step k is dispatched
@@ -272,8 +319,11 @@ def _train(config: ExperimentConfig, program: Program, run: rundir.RunDir, write
       ckpt.save(manager, step, state, data_iter)
     if preempted:
       manager.wait_until_finished()
-      logger.warning("SIGTERM: saved a checkpoint at step %d in %s; rerun the same command to "
-                     "resume", step, run.path)
+      logger.warning(
+        "SIGTERM: saved a checkpoint at step %d in %s; rerun the same command to resume",
+        step,
+        run.path,
+      )
       raise Preempted(f"preempted at step {step}")
     if stopping:
       return results

@@ -21,8 +21,12 @@ import numpy as np
 import optax
 
 
-def prediction_sums(logits_bpv: jax.Array, targets_bp: jax.Array, mask_bp: jax.Array,
-                    answer_ids_bp: jax.Array | None = None) -> dict:
+def prediction_sums(
+  logits_bpv: jax.Array,
+  targets_bp: jax.Array,
+  mask_bp: jax.Array,
+  answer_ids_bp: jax.Array | None = None,
+) -> dict:
   """Additive sums of the masked loss and correctness over a batch.
 
   Args:
@@ -43,13 +47,13 @@ def prediction_sums(logits_bpv: jax.Array, targets_bp: jax.Array, mask_bp: jax.A
   has_loss = jnp.sum(mask, axis=1) > 0
   all_right = jnp.all((right > 0) | (mask == 0), axis=1) & has_loss
   sums = {
-      "loss": jnp.sum(ce * mask),
-      "tokens": jnp.sum(mask),
-      "correct": jnp.sum(right),
-      "exact": jnp.sum(all_right.astype(jnp.float32)),
-      "examples": jnp.sum(has_loss.astype(jnp.float32)),
-      "position_correct": jnp.sum(right, axis=0),
-      "position_tokens": jnp.sum(mask, axis=0),
+    "loss": jnp.sum(ce * mask),
+    "tokens": jnp.sum(mask),
+    "correct": jnp.sum(right),
+    "exact": jnp.sum(all_right.astype(jnp.float32)),
+    "examples": jnp.sum(has_loss.astype(jnp.float32)),
+    "position_correct": jnp.sum(right, axis=0),
+    "position_tokens": jnp.sum(mask, axis=0),
   }
   if answer_ids_bp is not None:
     # [B, P, A] membership with A = P answer slots (ids of -1 one-hot to zeros); an answer is
@@ -59,9 +63,12 @@ def prediction_sums(logits_bpv: jax.Array, targets_bp: jax.Array, mask_bp: jax.A
     answer_wrong = jnp.einsum("bpa,bp->ba", member, mask - right)
     present = (answer_tokens > 0).astype(jnp.float32)
     answer_right = present * (answer_wrong == 0)
-    sums.update(answers=jnp.sum(present), answers_right=jnp.sum(answer_right),
-                answer_slot_right=jnp.sum(answer_right, axis=0),
-                answer_slot_count=jnp.sum(present, axis=0))
+    sums.update(
+      answers=jnp.sum(present),
+      answers_right=jnp.sum(answer_right),
+      answer_slot_right=jnp.sum(answer_right, axis=0),
+      answer_slot_count=jnp.sum(present, axis=0),
+    )
   return sums
 
 
@@ -73,9 +80,9 @@ def summarize(sums: dict) -> dict[str, float]:
   """Turns (host) sums into named metrics."""
   sums = jax.tree.map(np.asarray, sums)
   out = {
-      "loss": float(sums["loss"] / max(sums["tokens"], 1.0)),
-      "accuracy": float(sums["correct"] / max(sums["tokens"], 1.0)),
-      "exact_accuracy": float(sums["exact"] / max(sums["examples"], 1.0)),
+    "loss": float(sums["loss"] / max(sums["tokens"], 1.0)),
+    "accuracy": float(sums["correct"] / max(sums["tokens"], 1.0)),
+    "exact_accuracy": float(sums["exact"] / max(sums["examples"], 1.0)),
   }
   per_label = ("position_correct", "position_tokens")
   if "answers" in sums:

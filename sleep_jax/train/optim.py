@@ -25,9 +25,12 @@ from sleep_jax.model.layers import ADAMW, MUON
 
 
 def optimizer_labels(abstract_state: nnx.State) -> Any:
-  """"muon" / "adamw" per parameter, as a nested dict like `nnx.to_pure_dict`."""
-  labels = jax.tree.map(lambda v: v.get_metadata().get("optimizer", ADAMW), abstract_state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  """ "muon" / "adamw" per parameter, as a nested dict like `nnx.to_pure_dict`."""
+  labels = jax.tree.map(
+    lambda v: v.get_metadata().get("optimizer", ADAMW),
+    abstract_state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
   return nnx.to_pure_dict(labels)
 
 
@@ -36,8 +39,12 @@ def learning_rate_schedule(train_config: Mapping[str, Any], peak: float) -> opta
   num_steps = train_config["num_steps"]
   warmup = min(train_config["warmup_steps"], num_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1),
-      end_value=peak * train_config["min_lr_ratio"])
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=warmup,
+    decay_steps=max(num_steps, warmup + 1),
+    end_value=peak * train_config["min_lr_ratio"],
+  )
 
 
 # Newton-Schulz runs on [..., in, out]: reduction (input) axis -2, output axis -1; the leading
@@ -49,10 +56,16 @@ def make_optimizer(train_config: Mapping[str, Any], labels: Any) -> optax.Gradie
   """clip(global norm) -> {Muon | AdamW} by label."""
   # Without dimension numbers optax.contrib.muon sends every non-2-D array to its internal
   # Adam: stacked [R, in, out] weights would silently skip orthogonalisation.
-  muon = optax.contrib.muon(learning_rate_schedule(train_config, train_config["muon_lr"]),
-                            weight_decay=train_config["weight_decay"],
-                            muon_weight_dimension_numbers=MATRIX_AXES)
-  adamw = optax.adamw(learning_rate_schedule(train_config, train_config["adamw_lr"]),
-                      weight_decay=train_config["weight_decay"])
-  return optax.chain(optax.clip_by_global_norm(train_config["grad_clip"]),
-                     optax.multi_transform({MUON: muon, ADAMW: adamw}, labels))
+  muon = optax.contrib.muon(
+    learning_rate_schedule(train_config, train_config["muon_lr"]),
+    weight_decay=train_config["weight_decay"],
+    muon_weight_dimension_numbers=MATRIX_AXES,
+  )
+  adamw = optax.adamw(
+    learning_rate_schedule(train_config, train_config["adamw_lr"]),
+    weight_decay=train_config["weight_decay"],
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(train_config["grad_clip"]),
+    optax.multi_transform({MUON: muon, ADAMW: adamw}, labels),
+  )

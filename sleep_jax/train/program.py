@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,25 +60,40 @@ def validate(config, num_devices: int, num_processes: int = 1) -> Validated:
   task = tasks.get_task(config.task)
   model_cfg, sleep_cfg = config.model, config.sleep
   if model_cfg.vocab_size < task.vocab_size:
-    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} < {task.name}'s {task.vocab_size} tokens")
+    raise ValueError(
+      f"model.vocab_size={model_cfg.vocab_size} < {task.name}'s {task.vocab_size} tokens"
+    )
   if sleep_cfg.context_len != task.context_len:
-    raise ValueError(f"sleep.context_len={sleep_cfg.context_len} but {task.name} sleeps on "
-                     f"{task.context_len} tokens before its prediction chunk")
+    raise ValueError(
+      f"sleep.context_len={sleep_cfg.context_len} but {task.name} sleeps on "
+      f"{task.context_len} tokens before its prediction chunk"
+    )
   sleep_cfg.check_sequence(task.seq_len)
   data, fsdp, tensor = mesh_lib.mesh_shape(config.parallel.mesh, num_devices)
-  for name, size in (("model.num_heads", model_cfg.num_heads), ("model.mlp_dim", model_cfg.mlp_dim)):
+  for name, size in (
+    ("model.num_heads", model_cfg.num_heads),
+    ("model.mlp_dim", model_cfg.mlp_dim),
+  ):
     if size % tensor:
-      raise ValueError(f"{name}={size} is not divisible by parallel.mesh.tensor={tensor}: "
-                       "tensor parallelism splits heads and the MLP width")
-  for name, size in (("train.batch_size", config.train.batch_size),
-                     ("eval.batch_size", config.eval.batch_size)):
+      raise ValueError(
+        f"{name}={size} is not divisible by parallel.mesh.tensor={tensor}: "
+        "tensor parallelism splits heads and the MLP width"
+      )
+  for name, size in (
+    ("train.batch_size", config.train.batch_size),
+    ("eval.batch_size", config.eval.batch_size),
+  ):
     if size % (data * fsdp):
-      raise ValueError(f"{name}={size} is not divisible by the batch shards data x fsdp = "
-                       f"{data} x {fsdp}; change it or parallel.mesh")
+      raise ValueError(
+        f"{name}={size} is not divisible by the batch shards data x fsdp = "
+        f"{data} x {fsdp}; change it or parallel.mesh"
+      )
     if name == "train.batch_size" and size % (num_processes * tasks.EXAMPLES_PER_BLOCK):
-      raise ValueError(f"{name}={size}: each of the {num_processes} processes makes its own rows "
-                       f"of a batch in blocks of {tasks.EXAMPLES_PER_BLOCK} examples, so it must "
-                       f"be a multiple of {num_processes * tasks.EXAMPLES_PER_BLOCK}")
+      raise ValueError(
+        f"{name}={size}: each of the {num_processes} processes makes its own rows "
+        f"of a batch in blocks of {tasks.EXAMPLES_PER_BLOCK} examples, so it must "
+        f"be a multiple of {num_processes * tasks.EXAMPLES_PER_BLOCK}"
+      )
   return Validated(task, model_cfg, sleep_cfg)
 
 
@@ -103,9 +119,12 @@ class Program:
     """The global batch's shapes, dtypes and sharding (what `train_step` is lowered with)."""
     task = self.validated.task
     example = task.generate(np.random.default_rng(0), 1)
-    return {name: jax.ShapeDtypeStruct((batch_size, *value.shape[1:]), value.dtype,
-                                       sharding=self.batch_sharding)
-            for name, value in example.items()}
+    return {
+      name: jax.ShapeDtypeStruct(
+        (batch_size, *value.shape[1:]), value.dtype, sharding=self.batch_sharding
+      )
+      for name, value in example.items()
+    }
 
   def init_state(self) -> TrainState:
     """A freshly initialised train state, created directly in its shardings."""
@@ -156,20 +175,41 @@ def build_program(config, devices: Sequence[Any] | None = None) -> Program:
   shapes = jax.eval_shape(functools.partial(_fresh_state, validated.model, config.seed, optimizer))
   # Optimizer moments are sharded like the parameters they mirror; counters are replicated.
   shardings = TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=mesh_lib.shardings_by_param_path(shapes.opt_state, param_shardings,
-                                                 default=replicated))
+    step=replicated,
+    params=param_shardings,
+    opt_state=mesh_lib.shardings_by_param_path(
+      shapes.opt_state, param_shardings, default=replicated
+    ),
+  )
   abstract_state = jax.tree.map(
-      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-      shapes, shardings)
+    lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+    shapes,
+    shardings,
+  )
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_step = make_train_step(graphdef=graphdef, sleep_cfg=validated.sleep, optimizer=optimizer,
-                               state_shardings=shardings, batch_sharding=batch_sharding,
-                               replicated=replicated)
-  eval_step = make_eval_step(graphdef=graphdef, sleep_cfg=validated.sleep,
-                             param_shardings=param_shardings, batch_sharding=batch_sharding,
-                             replicated=replicated)
-  return Program(config=config, validated=validated, mesh=mesh, graphdef=graphdef,
-                 optimizer=optimizer, abstract_state=abstract_state,
-                 batch_sharding=batch_sharding, train_step=in_mesh(mesh, train_step),
-                 eval_step=in_mesh(mesh, eval_step))
+  train_step = make_train_step(
+    graphdef=graphdef,
+    sleep_cfg=validated.sleep,
+    optimizer=optimizer,
+    state_shardings=shardings,
+    batch_sharding=batch_sharding,
+    replicated=replicated,
+  )
+  eval_step = make_eval_step(
+    graphdef=graphdef,
+    sleep_cfg=validated.sleep,
+    param_shardings=param_shardings,
+    batch_sharding=batch_sharding,
+    replicated=replicated,
+  )
+  return Program(
+    config=config,
+    validated=validated,
+    mesh=mesh,
+    graphdef=graphdef,
+    optimizer=optimizer,
+    abstract_state=abstract_state,
+    batch_sharding=batch_sharding,
+    train_step=in_mesh(mesh, train_step),
+    eval_step=in_mesh(mesh, eval_step),
+  )

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sleep_jax.train.metrics import mean_loss, prediction_sums
 from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.sleep.consolidate import sleep_forward
+from sleep_jax.train.metrics import mean_loss, prediction_sums
 
 
 @flax.struct.dataclass
@@ -30,17 +30,26 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def prediction_chunk_sums(graphdef: nnx.GraphDef, params, batch: dict, sleep_cfg: SleepConfig) -> dict:
+def prediction_chunk_sums(
+  graphdef: nnx.GraphDef, params, batch: dict, sleep_cfg: SleepConfig
+) -> dict:
   """Runs the sleep schedule on a batch and returns the masked prediction sums."""
   logits, _ = sleep_forward(graphdef, params, batch["tokens"], sleep_cfg)
   start = sleep_cfg.context_len
   answer_ids = batch["answer_id"][:, start:] if "answer_id" in batch else None
-  return prediction_sums(logits, batch["targets"][:, start:], batch["loss_mask"][:, start:],
-                         answer_ids)
+  return prediction_sums(
+    logits, batch["targets"][:, start:], batch["loss_mask"][:, start:], answer_ids
+  )
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, sleep_cfg: SleepConfig,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  graphdef: nnx.GraphDef,
+  sleep_cfg: SleepConfig,
+  optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, dict]:
   """One optimizer update on the masked answer cross-entropy.
 
   Gradients flow through every pass of every window, or through the last `sleep.grad_passes`
@@ -55,10 +64,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, sleep_
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
-      "loss": loss,
-      "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
-      "exact_accuracy": sums["exact"] / jnp.maximum(sums["examples"], 1.0),
-      "grad_norm": optax.tree.norm(grads),
+    "loss": loss,
+    "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
+    "exact_accuracy": sums["exact"] / jnp.maximum(sums["examples"], 1.0),
+    "grad_norm": optax.tree.norm(grads),
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -66,12 +75,19 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, sleep_
 def make_train_step(*, graphdef, sleep_cfg, optimizer, state_shardings, batch_sharding, replicated):
   """`train_step` jitted once with explicit shardings; the incoming state is donated."""
   step = functools.partial(train_step, graphdef=graphdef, sleep_cfg=sleep_cfg, optimizer=optimizer)
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return jax.jit(
+    step,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(*, graphdef, sleep_cfg, param_shardings, batch_sharding, replicated):
   """(params, batch) -> prediction sums, jitted with explicit shardings."""
   step = functools.partial(prediction_chunk_sums, graphdef, sleep_cfg=sleep_cfg)
-  return jax.jit(lambda params, batch: step(params, batch),
-                 in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+  return jax.jit(
+    lambda params, batch: step(params, batch),
+    in_shardings=(param_shardings, batch_sharding),
+    out_shardings=replicated,
+  )

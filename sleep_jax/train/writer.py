@@ -23,6 +23,7 @@ class MetricsWriter:
     self._events = None
     if is_writer:
       from tensorboardX import SummaryWriter  # heavy; only the writing process needs it
+
       self._events = SummaryWriter(run.path)
 
   def _scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
@@ -34,15 +35,31 @@ class MetricsWriter:
     for line in lines:
       logger.info(line)
 
-  def train(self, step: int, num_steps: int, metrics: dict[str, float], *,
-            learning_rates: dict[str, float], tokens_per_s: float, eta_s: float) -> None:
+  def train(
+    self,
+    step: int,
+    num_steps: int,
+    metrics: dict[str, float],
+    *,
+    learning_rates: dict[str, float],
+    tokens_per_s: float,
+    eta_s: float,
+  ) -> None:
     """One logged training step: a JSON line, TensorBoard scalars and a progress line."""
     if self.is_writer:
       rundir.append_jsonl(self.run.file(rundir.TRAIN_LOG_FILE), {"step": step, **metrics})
     self._scalars("train", step, {**metrics, **learning_rates, "tokens_per_s": tokens_per_s})
-    logger.info("step %d/%d (%d%%) | loss %.4f | acc %.3f | exact %.3f | %.1fk tok/s | ETA %s",
-                step, num_steps, 100 * step // num_steps, metrics["loss"], metrics["accuracy"],
-                metrics["exact_accuracy"], tokens_per_s / 1e3, console.format_duration(eta_s))
+    logger.info(
+      "step %d/%d (%d%%) | loss %.4f | acc %.3f | exact %.3f | %.1fk tok/s | ETA %s",
+      step,
+      num_steps,
+      100 * step // num_steps,
+      metrics["loss"],
+      metrics["accuracy"],
+      metrics["exact_accuracy"],
+      tokens_per_s / 1e3,
+      console.format_duration(eta_s),
+    )
 
   def eval(self, step: int, metrics: dict[str, float]) -> None:
     if self.is_writer:
@@ -58,9 +75,15 @@ class MetricsWriter:
   def summary(self, results: rundir.Results) -> None:
     """The closing table: every evaluation metric of the run."""
     rows = [[name, f"{value:.4f}"] for name, value in sorted(results.eval.items())]
-    logger.info("finished %s at step %d/%d in %s (%s):\n%s", results.task, results.step,
-                results.num_steps, console.format_duration(results.wall_s), self.run.path,
-                console.format_table(["metric", "value"], rows))
+    logger.info(
+      "finished %s at step %d/%d in %s (%s):\n%s",
+      results.task,
+      results.step,
+      results.num_steps,
+      console.format_duration(results.wall_s),
+      self.run.path,
+      console.format_table(["metric", "value"], rows),
+    )
 
   def close(self) -> None:
     events, self._events = self._events, None
@@ -76,21 +99,28 @@ class MetricsWriter:
       raise
 
 
-def config_banner(config: Any, *, devices: list, mesh_shape: dict[str, int], workdir: str,
-                  resumed_from: int | None, num_params: int) -> list[str]:
+def config_banner(
+  config: Any,
+  *,
+  devices: list,
+  mesh_shape: dict[str, int],
+  workdir: str,
+  resumed_from: int | None,
+  num_params: int,
+) -> list[str]:
   """The start banner's lines: what runs, on what, and where it writes."""
   model, sleep, train = config.model, config.sleep, config.train
   task_settings = ", ".join(f"{k}={v}" for k, v in config.task.training_settings.items())
   kinds = sorted({d.device_kind for d in devices})
   start = f"resuming from step {resumed_from}" if resumed_from is not None else "starting fresh"
   return [
-      f"sleep_jax: {config.task.name} ({task_settings}) -> {workdir} ({start})",
-      f"  model    {model.pattern} d_model={model.d_model} heads={model.num_heads}x"
-      f"{model.head_dim} mlp={model.mlp_dim} dtype={model.dtype} kernel={model.fast_weight_impl}"
-      f" | {num_params / 1e6:.2f}M params",
-      f"  sleep    N={sleep.passes} passes, window L={sleep.window}, eviction={sleep.eviction}, "
-      f"context={sleep.context_len}",
-      f"  train    {train.num_steps} steps x batch {train.batch_size}, seed {config.seed}",
-      f"  devices  {len(devices)} x {'/'.join(kinds)}, mesh "
-      + " x ".join(f"{axis}={size}" for axis, size in mesh_shape.items()),
+    f"sleep_jax: {config.task.name} ({task_settings}) -> {workdir} ({start})",
+    f"  model    {model.pattern} d_model={model.d_model} heads={model.num_heads}x"
+    f"{model.head_dim} mlp={model.mlp_dim} dtype={model.dtype} kernel={model.fast_weight_impl}"
+    f" | {num_params / 1e6:.2f}M params",
+    f"  sleep    N={sleep.passes} passes, window L={sleep.window}, eviction={sleep.eviction}, "
+    f"context={sleep.context_len}",
+    f"  train    {train.num_steps} steps x batch {train.batch_size}, seed {config.seed}",
+    f"  devices  {len(devices)} x {'/'.join(kinds)}, mesh "
+    + " x ".join(f"{axis}={size}" for axis, size in mesh_shape.items()),
   ]

@@ -1,6 +1,5 @@
 """Depo generator: every label follows from the token stream alone (DESIGN.md section 3)."""
 
-
 import numpy as np
 import pytest
 
@@ -76,14 +75,17 @@ def check_example(ex, b, min_nodes=depo.MIN_NODES, max_nodes=depo.MAX_NODES):
 def test_shapes_dtypes_and_token_ranges():
   ex = depo.generate(np.random.default_rng(0), 64)
   assert {k: (v.shape, v.dtype) for k, v in ex.items()} == {
-      "tokens": ((64, 360), np.int32), "targets": ((64, 360), np.int32),
-      "loss_mask": ((64, 360), np.float32), "answer_id": ((64, 360), np.int32),
-      "hops": ((64, 10), np.int32)}
+    "tokens": ((64, 360), np.int32),
+    "targets": ((64, 360), np.int32),
+    "loss_mask": ((64, 360), np.float32),
+    "answer_id": ((64, 360), np.int32),
+    "hops": ((64, 10), np.int32),
+  }
   assert ex["tokens"].min() >= 0 and ex["tokens"].max() < depo.VOCAB_SIZE == 118
   assert depo.SEQ_LEN == 360 and depo.CONTEXT_LEN == 300 and depo.QUERY_LEN == 60
   assert (depo.HOP_BASE + 1, depo.ANS, depo.PAD) == (100, 116, 117)
   # Nothing is predicted inside the context, so the sleep chunks carry no loss.
-  assert not ex["loss_mask"][:, :depo.CONTEXT_LEN - 1].any()
+  assert not ex["loss_mask"][:, : depo.CONTEXT_LEN - 1].any()
 
 
 def test_every_label_follows_from_the_parsed_cycle():
@@ -97,8 +99,9 @@ def test_every_label_follows_from_the_parsed_cycle():
 
 @pytest.mark.parametrize("hops, min_nodes, max_nodes", [(1, 2, 2), (16, 75, 75), (5, 10, 12)])
 def test_fixed_hops_and_node_ranges(hops, min_nodes, max_nodes):
-  ex = depo.generate(np.random.default_rng(2), 40, hops=hops, min_nodes=min_nodes,
-                     max_nodes=max_nodes)
+  ex = depo.generate(
+    np.random.default_rng(2), 40, hops=hops, min_nodes=min_nodes, max_nodes=max_nodes
+  )
   np.testing.assert_array_equal(ex["hops"], hops)
   for b in range(40):
     check_example(ex, b, min_nodes, max_nodes)
@@ -113,19 +116,27 @@ def test_generation_is_a_pure_function_of_the_rng():
   assert not np.array_equal(a["tokens"], c["tokens"])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(hops=0), "hops"), (dict(hops=17), "hops"), (dict(hops=2.0), "hops"),
-    (dict(hops=True), "hops"), (dict(min_nodes=1), "node range"),
-    (dict(max_nodes=76), "node range"), (dict(min_nodes=20, max_nodes=10), "node range"),
-])
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(hops=0), "hops"),
+    (dict(hops=17), "hops"),
+    (dict(hops=2.0), "hops"),
+    (dict(hops=True), "hops"),
+    (dict(min_nodes=1), "node range"),
+    (dict(max_nodes=76), "node range"),
+    (dict(min_nodes=20, max_nodes=10), "node range"),
+  ],
+)
 def test_bad_arguments_are_clear_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
     depo.generate(np.random.default_rng(0), 1, **kwargs)
 
 
 def test_task_registry_binds_the_config_and_the_per_hop_slices():
-  task = tasks.get_task({"name": "depo", "hops": None, "min_nodes": 10, "max_nodes": 75,
-                         "eval_hops": (1, 4, 4)})
+  task = tasks.get_task(
+    {"name": "depo", "hops": None, "min_nodes": 10, "max_nodes": 75, "eval_hops": (1, 4, 4)}
+  )
   assert (task.seq_len, task.context_len, task.vocab_size) == (360, 300, 118)
   assert [s.name for s in task.eval_slices] == ["hops1", "hops4"]
   slices = tasks.heldout_slices(task, seed=0, num=8)

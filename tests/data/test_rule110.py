@@ -9,8 +9,16 @@ from sleep_jax.data import rule110, tasks
 def rule110_by_definition(cells):
   """One step, cell by cell, straight from the rule table of 110 = 0b01101110."""
   n = len(cells)
-  table = {(1, 1, 1): 0, (1, 1, 0): 1, (1, 0, 1): 1, (1, 0, 0): 0,
-           (0, 1, 1): 1, (0, 1, 0): 1, (0, 0, 1): 1, (0, 0, 0): 0}
+  table = {
+    (1, 1, 1): 0,
+    (1, 1, 0): 1,
+    (1, 0, 1): 1,
+    (1, 0, 0): 0,
+    (0, 1, 1): 1,
+    (0, 1, 0): 1,
+    (0, 0, 1): 1,
+    (0, 0, 0): 0,
+  }
   return [table[(cells[(i - 1) % n], cells[i], cells[(i + 1) % n])] for i in range(n)]
 
 
@@ -25,7 +33,9 @@ def test_rollout_works_on_any_leading_shape_and_depth_zero_is_identity():
   cells = np.random.default_rng(1).integers(0, 2, size=(3, 5, 24))
   expected = cells.copy()
   for _ in range(7):
-    expected = np.array([[rule110_by_definition(row) for row in block] for block in expected.tolist()])
+    expected = np.array(
+      [[rule110_by_definition(row) for row in block] for block in expected.tolist()]
+    )
   np.testing.assert_array_equal(rule110.rollout(cells, 7), expected)
   np.testing.assert_array_equal(rule110.rollout(cells, 0), cells)
 
@@ -34,15 +44,17 @@ def test_generate_follows_the_token_contract():
   depth = 5
   ex = rule110.generate(np.random.default_rng(2), 64, depth)
   assert {k: (v.shape, v.dtype) for k, v in ex.items()} == {
-      "tokens": ((64, 100), np.int32), "targets": ((64, 100), np.int32),
-      "loss_mask": ((64, 100), np.float32)}
+    "tokens": ((64, 100), np.int32),
+    "targets": ((64, 100), np.int32),
+    "loss_mask": ((64, 100), np.float32),
+  }
   assert set(np.unique(ex["tokens"][:, :96])) <= {0, 1}
   np.testing.assert_array_equal(ex["tokens"][:, 96:], np.tile([2, 3, 4, 5], (64, 1)))
   np.testing.assert_array_equal(ex["loss_mask"][:, 96:], 1.0)
   np.testing.assert_array_equal(ex["loss_mask"][:, :96], 0.0)
   for b in range(64):
     for i in range(4):
-      string = ex["tokens"][b, 24 * i:24 * (i + 1)].tolist()
+      string = ex["tokens"][b, 24 * i : 24 * (i + 1)].tolist()
       for _ in range(depth):
         string = rule110_by_definition(string)
       assert ex["targets"][b, 96 + i] == string[0]
@@ -68,7 +80,9 @@ def test_training_batches_are_pure_functions_of_seed_and_index():
   b = tasks.train_dataset(task, seed=7, batch_size=8)
   np.testing.assert_array_equal(a[5]["tokens"], b[5]["tokens"])
   assert not np.array_equal(a[5]["tokens"], a[6]["tokens"])
-  assert not np.array_equal(a[5]["tokens"], tasks.train_dataset(task, seed=8, batch_size=8)[5]["tokens"])
+  assert not np.array_equal(
+    a[5]["tokens"], tasks.train_dataset(task, seed=8, batch_size=8)[5]["tokens"]
+  )
 
 
 def test_iterator_state_restores_the_exact_position():
@@ -86,8 +100,12 @@ def test_iterator_state_restores_the_exact_position():
 def test_heldout_set_is_fixed_and_independent_of_the_training_stream():
   task = tasks.get_task({"name": "rule110", "depth": 3})
   heldout = tasks.heldout_set(task, seed=0, num=32)
-  np.testing.assert_array_equal(heldout["tokens"], tasks.heldout_set(task, seed=0, num=32)["tokens"])
-  train_rows = {row.tobytes() for row in tasks.train_dataset(task, seed=0, batch_size=32)[0]["tokens"]}
+  np.testing.assert_array_equal(
+    heldout["tokens"], tasks.heldout_set(task, seed=0, num=32)["tokens"]
+  )
+  train_rows = {
+    row.tobytes() for row in tasks.train_dataset(task, seed=0, batch_size=32)[0]["tokens"]
+  }
   assert not train_rows & {row.tobytes() for row in heldout["tokens"]}
   batches = list(tasks.iterate_batches(heldout, 10))
   assert [len(b["tokens"]) for b in batches] == [10, 10, 10, 2]

@@ -20,17 +20,34 @@ def write_run(sweep_dir, arm, seed, *, task, passes, depth=None, step=10, num_st
   workdir = os.path.join(sweep_dir, *parts)
   os.makedirs(workdir)
   coords = {"sweep": "fake", "arm": arm, "seed": seed, "overrides": {"sleep.passes": passes}}
-  config = {"seed": seed, "task": {"name": task}, "sleep": {"passes": passes},
-            "model": {"d_model": 32, "pattern": "AGAG"},
-            "train": {"num_steps": num_steps, "batch_size": 16}}
+  config = {
+    "seed": seed,
+    "task": {"name": task},
+    "sleep": {"passes": passes},
+    "model": {"d_model": 32, "pattern": "AGAG"},
+    "train": {"num_steps": num_steps, "batch_size": 16},
+  }
   if depth is not None:
     coords["depth"] = config["task"]["depth"] = depth
   results = rundir.Results(
-      task=task, task_settings={"depth": depth} if depth is not None else {}, passes=passes,
-      window=24, eviction="hard", pattern="AGAG", seed=seed, step=step, num_steps=num_steps,
-      tokens_seen=0, wall_s=60.0, eval=metrics)
-  for name, data in (("sweep_run.json", coords), ("config.json", config),
-                     ("results.json", results.to_json())):
+    task=task,
+    task_settings={"depth": depth} if depth is not None else {},
+    passes=passes,
+    window=24,
+    eviction="hard",
+    pattern="AGAG",
+    seed=seed,
+    step=step,
+    num_steps=num_steps,
+    tokens_seen=0,
+    wall_s=60.0,
+    eval=metrics,
+  )
+  for name, data in (
+    ("sweep_run.json", coords),
+    ("config.json", config),
+    ("results.json", results.to_json()),
+  ):
     with open(os.path.join(workdir, name), "w") as f:
       json.dump(data, f)
   with open(os.path.join(workdir, "train_log.jsonl"), "w") as f:
@@ -42,11 +59,17 @@ def write_run(sweep_dir, arm, seed, *, task, passes, depth=None, step=10, num_st
 
 
 def write_grid(sweep_dir, base, arms, seeds, depths):
-  runs = [{"arm": a, "seed": s, **({"depth": d} if d is not None else {})}
-          for s in seeds for d in (depths or [None]) for a in arms]
+  runs = [
+    {"arm": a, "seed": s, **({"depth": d} if d is not None else {})}
+    for s in seeds
+    for d in (depths or [None])
+    for a in arms
+  ]
   with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
-    json.dump({"name": "fake", "base": base, "arms": arms, "seeds": seeds, "depths": depths,
-               "runs": runs}, f)
+    json.dump(
+      {"name": "fake", "base": base, "arms": arms, "seeds": seeds, "depths": depths, "runs": runs},
+      f,
+    )
 
 
 @pytest.fixture
@@ -54,11 +77,18 @@ def rule110_sweep(tmp_path):
   sweep_dir = str(tmp_path / "rule110")
   accuracies = {("n1", 0): 0.2, ("n1", 1): 0.3, ("n2", 0): 0.5, ("n2", 1): 0.7}
   for (arm, seed), acc in accuracies.items():
-    metrics = {"loss": 1.0 - acc, "accuracy": acc, "exact_accuracy": acc,
-               "depth2/exact_accuracy": acc, "depth4/exact_accuracy": acc / 2}
+    metrics = {
+      "loss": 1.0 - acc,
+      "accuracy": acc,
+      "exact_accuracy": acc,
+      "depth2/exact_accuracy": acc,
+      "depth4/exact_accuracy": acc / 2,
+    }
     write_run(sweep_dir, arm, seed, task="rule110", passes=int(arm[1]), depth=4, metrics=metrics)
   # A third seed that was interrupted: it must not enter the means, only the run list.
-  write_run(sweep_dir, "n2", 2, task="rule110", passes=2, depth=4, step=5, metrics={"exact_accuracy": 0.9})
+  write_run(
+    sweep_dir, "n2", 2, task="rule110", passes=2, depth=4, step=5, metrics={"exact_accuracy": 0.9}
+  )
   write_grid(sweep_dir, "configs/rule110.py:cpu", ["n1", "n2"], [0, 1, 2], [4])
   return sweep_dir
 
@@ -81,8 +111,15 @@ def test_rule110_report_tables_figures_and_tensorboard(rule110_sweep):
   assert "t=4: not comparable: depth 4 (paper: 32)" in text
   assert "4/6 runs finished, 1 in progress or failed, 1 not started" in text
   assert "n2/depth4/seed2 | n2 | 2 | 4 | 5/10 | 0.9000" in text  # the interrupted run is listed
-  check_pngs(rule110_sweep, ["accuracy_vs_passes", "train_loss_depth4", "eval_exact_accuracy_depth4",
-                             "per_depth_eval_depth4"])
+  check_pngs(
+    rule110_sweep,
+    [
+      "accuracy_vs_passes",
+      "train_loss_depth4",
+      "eval_exact_accuracy_depth4",
+      "per_depth_eval_depth4",
+    ],
+  )
   assert "![accuracy_vs_passes](accuracy_vs_passes.png)" in text
   events = os.listdir(os.path.join(rule110_sweep, "report_tb"))
   assert any(name.startswith("events.out.tfevents") for name in events)
@@ -108,18 +145,27 @@ def test_depo_report(tmp_path):
   write_grid(sweep_dir, "configs/depo.py:cpu", ["n1", "n4"], [0, 1], [])
   text = open(report.write_report(sweep_dir)).read()
   # loss at k=16: n1 -> 16, 17 (mean 16.5, std 0.707); n4 -> 4, 5
-  assert "| n1 | 1.500 ± 0.707 (2/2) | 2.500 ± 0.707 (2/2) | 4.500 ± 0.707 (2/2) | " \
-         "8.500 ± 0.707 (2/2) | 16.500 ± 0.707 (2/2) | 1.000 ± 0.000 (2/2) |" in text
-  assert "| n4 | 100.0 ± 0.0 (2/2) | 100.0 ± 0.0 (2/2) | 100.0 ± 0.0 (2/2) | 50.0 ± 0.0 (2/2) | " \
-         "25.0 ± 0.0 (2/2) |" in text
+  assert (
+    "| n1 | 1.500 ± 0.707 (2/2) | 2.500 ± 0.707 (2/2) | 4.500 ± 0.707 (2/2) | "
+    "8.500 ± 0.707 (2/2) | 16.500 ± 0.707 (2/2) | 1.000 ± 0.000 (2/2) |" in text
+  )
+  assert (
+    "| n4 | 100.0 ± 0.0 (2/2) | 100.0 ± 0.0 (2/2) | 100.0 ± 0.0 (2/2) | 50.0 ± 0.0 (2/2) | "
+    "25.0 ± 0.0 (2/2) |" in text
+  )
   assert "only N=4 starts to improve at k = 16" in text and "not comparable" in text
   check_pngs(sweep_dir, ["loss_vs_hops", "accuracy_vs_hops", "train_loss", "eval_loss"])
 
 
 def test_cli_writes_to_the_out_dir(rule110_sweep, tmp_path):
   out_dir = tmp_path / "docs" / "results" / "fake"
-  out = subprocess.run([sys.executable, "-m", "sleep_jax.experiments.report", rule110_sweep, f"--out={out_dir}"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-m", "sleep_jax.experiments.report", rule110_sweep, f"--out={out_dir}"],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == str(out_dir / "report.md")
   assert "| n2 | 60.0 ± 14.1 (2/3) |" in (out_dir / "report.md").read_text()

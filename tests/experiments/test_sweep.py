@@ -49,12 +49,18 @@ def test_rule110_cpu_grid_counts_workdirs_and_overrides(tmp_path):
   assert matched.overrides["sleep.passes"] == 1
   assert by_name[("attention_only", 2, 0)].overrides["model.pattern"] == "AAAA"
   config = config_files.apply_overrides(config_files.load_config(n2.base), n2.overrides)
-  assert (config.sleep.passes, config.seed, config.task.depth, config.train.num_steps) == (2, 1, 2, 160)
+  assert (config.sleep.passes, config.seed, config.task.depth, config.train.num_steps) == (
+    2,
+    1,
+    2,
+    160,
+  )
   assert config.is_locked
 
 
-@pytest.mark.parametrize("name, count", [("rule110_gpu", 3), ("rule110_paper", 5), ("depo_cpu", 12),
-                                         ("depo_paper", 5)])
+@pytest.mark.parametrize(
+  "name, count", [("rule110_gpu", 3), ("rule110_paper", 5), ("depo_cpu", 12), ("depo_paper", 5)]
+)
 def test_other_sweeps_expand(tmp_path, name, count):
   if name.startswith("depo") and not os.path.exists(os.path.join(REPO, "configs", "depo.py")):
     pytest.skip("configs/depo.py is not written yet")
@@ -85,10 +91,22 @@ def test_seed_override_only_filter_and_bad_keys(tmp_path):
 def write_results(workdir, step, num_steps=4):
   """A results.json as the trainer writes it, at `step`."""
   os.makedirs(workdir, exist_ok=True)
-  rundir.RunDir(str(workdir)).write_results(rundir.Results(
-      task="rule110", task_settings={"depth": 1}, passes=1, window=24, eviction="hard",
-      pattern="AGAG", seed=0, step=step, num_steps=num_steps, tokens_seen=step * 1600,
-      wall_s=1.0, eval={"exact_accuracy": 0.5}))
+  rundir.RunDir(str(workdir)).write_results(
+    rundir.Results(
+      task="rule110",
+      task_settings={"depth": 1},
+      passes=1,
+      window=24,
+      eviction="hard",
+      pattern="AGAG",
+      seed=0,
+      step=step,
+      num_steps=num_steps,
+      tokens_seen=step * 1600,
+      wall_s=1.0,
+      eval={"exact_accuracy": 0.5},
+    )
+  )
 
 
 def test_run_sweep_skips_finished_survives_a_failure_and_resumes(tmp_path):
@@ -122,10 +140,16 @@ def test_run_sweep_skips_finished_survives_a_failure_and_resumes(tmp_path):
 
 def test_run_sweep_only_runs_one_arm(tmp_path):
   seen = []
-  sweeps.run_sweep(tiny_sweep(seeds=(0,)), str(tmp_path), only="n1",
-                   train_fn=lambda config, workdir: seen.append((workdir, config.sleep.passes)))
-  assert seen == [(str(tmp_path / "n1" / "depth1" / "seed0"), 1),
-                  (str(tmp_path / "n1" / "depth2" / "seed0"), 1)]
+  sweeps.run_sweep(
+    tiny_sweep(seeds=(0,)),
+    str(tmp_path),
+    only="n1",
+    train_fn=lambda config, workdir: seen.append((workdir, config.sleep.passes)),
+  )
+  assert seen == [
+    (str(tmp_path / "n1" / "depth1" / "seed0"), 1),
+    (str(tmp_path / "n1" / "depth2" / "seed0"), 1),
+  ]
 
 
 def test_xmanager_dry_run_jobs_parse_back_to_the_run_configs(tmp_path):
@@ -143,14 +167,27 @@ def test_xmanager_dry_run_jobs_parse_back_to_the_run_configs(tmp_path):
     flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
     flag_values(argv)
     assert flag_values.workdir == run.workdir
-    assert flag_values.config.to_dict() == config_files.apply_overrides(
-        config_files.load_config(run.base), run.overrides).to_dict()
+    assert (
+      flag_values.config.to_dict()
+      == config_files.apply_overrides(config_files.load_config(run.base), run.overrides).to_dict()
+    )
 
 
 def xm_dry_run(tmp_path, *flags_):
-  return subprocess.run([sys.executable, "launch/xm_launch.py", "--config=configs/sweeps/rule110_gpu.py",
-                         "--dry_run", f"--sweep_dir={tmp_path}", *flags_], capture_output=True,
-                        text=True, cwd=REPO, timeout=120)
+  return subprocess.run(
+    [
+      sys.executable,
+      "launch/xm_launch.py",
+      "--config=configs/sweeps/rule110_gpu.py",
+      "--dry_run",
+      f"--sweep_dir={tmp_path}",
+      *flags_,
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
 
 
 def test_xm_launch_dry_run_needs_no_xmanager(tmp_path):
@@ -177,6 +214,7 @@ def test_xm_launch_places_each_job_on_a_cloud_tpu_slice(tmp_path):
 
 def test_xm_launch_joins_multi_host_gpu_processes_through_the_environment(tmp_path):
   from sleep_jax.parallel import distributed
+
   out = xm_dry_run(tmp_path, "--platform=gpu", "--num_hosts=2", "--gpus_per_host=8")
   assert out.returncode == 0, out.stderr[-2000:]
   commands = [line for line in out.stdout.splitlines() if line.startswith("[host-")]
@@ -189,10 +227,13 @@ def test_xm_launch_joins_multi_host_gpu_processes_through_the_environment(tmp_pa
     assert line.split()[4:6] == ["python", "launch/main.py"]
 
 
-@pytest.mark.parametrize("flags_, message", [
+@pytest.mark.parametrize(
+  "flags_, message",
+  [
     (("--platform=tpu",), "needs a topology"),
     (("--platform=tpu", "--topology=v9-8"), "unknown TPU topology"),
-])
+  ],
+)
 def test_xm_launch_rejects_a_bad_placement(tmp_path, flags_, message):
   out = xm_dry_run(tmp_path, *flags_)
   assert out.returncode != 0 and message in out.stderr
@@ -200,9 +241,20 @@ def test_xm_launch_rejects_a_bad_placement(tmp_path, flags_, message):
 
 def test_sweep_cli_dry_run_lists_runs(tmp_path):
   write_results(tmp_path / "n1" / "depth8" / "seed0", 2700, 2700)
-  out = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/sweeps/rule110_gpu.py",
-                        f"--sweep_dir={tmp_path}", "--dry_run", "--config.seeds=0,1"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "launch/sweep.py",
+      "--config=configs/sweeps/rule110_gpu.py",
+      f"--sweep_dir={tmp_path}",
+      "--dry_run",
+      "--config.seeds=0,1",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
   assert lines[-1] == "6 runs" and lines[0].startswith("done") and lines[1].startswith("todo")
@@ -211,7 +263,8 @@ def test_sweep_cli_dry_run_lists_runs(tmp_path):
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
   config_file = tmp_path / "tiny_sweep.py"
-  config_file.write_text(textwrap.dedent('''
+  config_file.write_text(
+    textwrap.dedent("""
       from ml_collections import config_dict
       from sleep_jax.experiments.sweeps import arm
       def get_config():
@@ -220,16 +273,24 @@ def test_tiny_sweep_end_to_end(tmp_path):
         c.overrides = config_dict.ConfigDict()
         c.arms = (arm("n1", {"sleep.passes": 1}), arm("n2", {"sleep.passes": 2}))
         return c
-  '''))
+  """)
+  )
   sweep_dir = tmp_path / "sweep"
-  command = [sys.executable, "launch/sweep.py", f"--config={config_file}", f"--sweep_dir={sweep_dir}"]
+  command = [
+    sys.executable,
+    "launch/sweep.py",
+    f"--config={config_file}",
+    f"--sweep_dir={sweep_dir}",
+  ]
   out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   for arm in ("n1", "n2"):
     results = json.load(open(sweep_dir / arm / "depth1" / "seed0" / "results.json"))
     assert results["step"] == 4 and results["passes"] == int(arm[1])
   report = (sweep_dir / "report.md").read_text()
-  assert "| n1 |" in report and "| n2 |" in report and (sweep_dir / "accuracy_vs_passes.png").exists()
+  assert (
+    "| n1 |" in report and "| n2 |" in report and (sweep_dir / "accuracy_vs_passes.png").exists()
+  )
   assert "arms side by side" in out.stderr and "n1 (t=1)" in out.stderr  # the closing table
   again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert again.returncode == 0 and again.stderr.count("finished already, skipped") == 2

@@ -30,12 +30,22 @@ def launch(workdir, *, process_id=None, num_processes=1, port=None, devices=4):
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if num_processes > 1:
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
-               JAX_PROCESS_ID=str(process_id))
-  command = [sys.executable, MAIN, f"--config={CONFIG}", f"--workdir={workdir}",
-             f"--config.train.num_steps={STEPS}", "--config.task.eval_depths=()"]
-  return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+    env.update(
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES=str(num_processes),
+      JAX_PROCESS_ID=str(process_id),
+    )
+  command = [
+    sys.executable,
+    MAIN,
+    f"--config={CONFIG}",
+    f"--workdir={workdir}",
+    f"--config.train.num_steps={STEPS}",
+    "--config.task.eval_depths=()",
+  ]
+  return subprocess.Popen(
+    command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
 
 
 def launch_two(workdir):
@@ -60,8 +70,10 @@ def final_params(workdir):
   path = os.path.join(workdir, "checkpoints", str(STEPS), "state")
   checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        checkpointer.metadata(path).item_metadata)
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+    checkpointer.metadata(path).item_metadata,
+  )
   return checkpointer.restore(path, target)["params"]
 
 
@@ -71,8 +83,11 @@ def assert_same_run(workdir, reference):
   np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
   results = [json.load(open(os.path.join(d, "results.json"))) for d in (workdir, reference)]
   np.testing.assert_allclose(results[0]["eval"]["loss"], results[1]["eval"]["loss"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               final_params(workdir), final_params(reference))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    final_params(workdir),
+    final_params(reference),
+  )
 
 
 @pytest.fixture(scope="module")

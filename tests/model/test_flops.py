@@ -23,8 +23,9 @@ from sleep_jax.sleep.config import SleepConfig, training_flops_ratio
 from sleep_jax.sleep.consolidate import sleep_forward
 
 # Tiny, but wide enough that matmuls dominate the elementwise work XLA also counts.
-TINY = dict(vocab_size=32, d_model=64, num_heads=2, head_dim=16, mlp_dim=128,
-            fast_weight_impl="chunked")
+TINY = dict(
+  vocab_size=32, d_model=64, num_heads=2, head_dim=16, mlp_dim=128, fast_weight_impl="chunked"
+)
 BATCH = 2
 
 
@@ -34,12 +35,17 @@ def tiny_config(pattern="AGAG"):
 
 # --- XLA's count -------------------------------------------------------------------------------
 
+
 def hlo_dot_flops(hlo_text: str) -> int:
   """2 * (output elements) * (contracted length), summed over the `dot` ops of an HLO module."""
-  shapes = {name: [int(n) for n in dims.split(",") if n]
-            for name, dims in re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo_text)}
-  dot = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\)"
-                   r".*lhs_contracting_dims=\{([\d,]*)\}")
+  shapes = {
+    name: [int(n) for n in dims.split(",") if n]
+    for name, dims in re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo_text)
+  }
+  dot = re.compile(
+    r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\)"
+    r".*lhs_contracting_dims=\{([\d,]*)\}"
+  )
   total, count = 0, 0
   for out_dims, lhs, contracting in dot.findall(hlo_text):
     out_elements = math.prod(int(n) for n in out_dims.split(",") if n)
@@ -73,8 +79,9 @@ def xla_matmul_excess(model_cfg: ModelConfig, chunk_len: int) -> int:
   attention = 2 * heads * head_dim * t * (t - 1)
   padded = 1 << (t - 1).bit_length()
   first_inverse_level = heads * 2 * padded
-  return (model_cfg.pattern.count("A") * attention
-          - model_cfg.pattern.count("G") * first_inverse_level)
+  return (
+    model_cfg.pattern.count("A") * attention - model_cfg.pattern.count("G") * first_inverse_level
+  )
 
 
 def test_forward_count_matches_xla_with_eviction_none():
@@ -83,8 +90,7 @@ def test_forward_count_matches_xla_with_eviction_none():
   model_cfg, seq_len = tiny_config("AGA"), 32
   sleep_cfg = SleepConfig(eviction="none", context_len=16, remat=False)
   ours = BATCH * flops.forward_flops_per_example(model_cfg, sleep_cfg, seq_len=seq_len)
-  assert flops.train_step_flops(model_cfg, sleep_cfg, seq_len=seq_len,
-                                batch_size=BATCH) == 3 * ours
+  assert flops.train_step_flops(model_cfg, sleep_cfg, seq_len=seq_len, batch_size=BATCH) == 3 * ours
   xla_total, xla_dots = xla_forward_flops(model_cfg, sleep_cfg, seq_len)
   # Every matmul accounted for, exactly.
   assert xla_dots == ours + BATCH * xla_matmul_excess(model_cfg, seq_len)
@@ -99,8 +105,11 @@ def test_train_step_count_matches_xla_gradient():
   sleep_cfg = SleepConfig(eviction="none", context_len=16, remat=False)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: sleep_jax.build_model(model_cfg, seed=0)))
   loss = lambda params, tokens: jnp.mean(sleep_forward(graphdef, params, tokens, sleep_cfg)[0])
-  compiled = jax.jit(jax.grad(loss)).lower(
-      nnx.to_pure_dict(state), jax.ShapeDtypeStruct((BATCH, seq_len), jnp.int32)).compile()
+  compiled = (
+    jax.jit(jax.grad(loss))
+    .lower(nnx.to_pure_dict(state), jax.ShapeDtypeStruct((BATCH, seq_len), jnp.int32))
+    .compile()
+  )
   ours = flops.train_step_flops(model_cfg, sleep_cfg, seq_len=seq_len, batch_size=BATCH)
   # Beyond 3x our forward, XLA's dots hold the full attention square (forward and backward)
   # and the gated delta rule's custom VJP, which recomputes each chunk's forward: measured
@@ -114,8 +123,7 @@ def test_forward_count_matches_xla_with_hard_eviction():
   # One 16-token window slept on once, then an 8-token prediction chunk. The pattern ends
   # with a G block, which the dead-code count below assumes.
   model_cfg, window, predict = tiny_config("AG"), 16, 8
-  sleep_cfg = SleepConfig(passes=1, window=window, eviction="hard", context_len=window,
-                          remat=False)
+  sleep_cfg = SleepConfig(passes=1, window=window, eviction="hard", context_len=window, remat=False)
   ours = BATCH * flops.forward_flops_per_example(model_cfg, sleep_cfg, seq_len=window + predict)
   xla_total, xla_dots = xla_forward_flops(model_cfg, sleep_cfg, window + predict)
   # The window's features are dropped after its last pass: only the fast state survives. With
@@ -125,8 +133,11 @@ def test_forward_count_matches_xla_with_hard_eviction():
   # and runs in full.
   t, d, f = window, model_cfg.d_model, model_cfg.mlp_dim
   heads, head_dim = model_cfg.num_heads, model_cfg.head_dim
-  dead = (3 * 2 * t * d * heads * head_dim + 3 * 2 * t * d * f
-          + heads * (2 * t * t * head_dim + 2 * t * head_dim * head_dim + 2 * t * t * head_dim))
+  dead = (
+    3 * 2 * t * d * heads * head_dim
+    + 3 * 2 * t * d * f
+    + heads * (2 * t * t * head_dim + 2 * t * head_dim * head_dim + 2 * t * t * head_dim)
+  )
   excess = xla_matmul_excess(model_cfg, window) + xla_matmul_excess(model_cfg, predict)
   assert xla_dots == ours + BATCH * (excess - dead)
   assert 1.0 <= xla_total / (ours - BATCH * dead) <= 1.35, xla_total / (ours - BATCH * dead)
@@ -138,8 +149,7 @@ RULE110_LIKE = dict(seq_len=100, context_len=96, window=24)  # 4 windows of 24, 
 
 
 def hard(passes=1, grad_passes=None, window=24, context_len=96):
-  return SleepConfig(passes=passes, window=window, context_len=context_len,
-                     grad_passes=grad_passes)
+  return SleepConfig(passes=passes, window=window, context_len=context_len, grad_passes=grad_passes)
 
 
 def test_train_step_flops_are_linear_in_batch_and_three_forward_passes():
@@ -160,8 +170,9 @@ def test_passes_multiply_the_context_part_only():
 def test_passes_ratio_matches_training_flops_ratio_when_matmuls_dominate():
   # Wide projections and short chunks: per-token cost barely depends on the chunk length, so
   # the cost ratio is the token ratio (N * context + predict) / (context + predict).
-  wide = ModelConfig(vocab_size=4, pattern="AGAG", d_model=512, num_heads=4, head_dim=32,
-                     mlp_dim=2048)
+  wide = ModelConfig(
+    vocab_size=4, pattern="AGAG", d_model=512, num_heads=4, head_dim=32, mlp_dim=2048
+  )
   step = lambda passes: flops.train_step_flops(wide, hard(passes), seq_len=100, batch_size=1)
   expected = training_flops_ratio(4, **RULE110_LIKE)
   assert expected == pytest.approx(3.88)
@@ -181,10 +192,16 @@ def test_attention_and_gated_delta_blocks_differ_by_their_mixers():
   # Worked by hand for one 24-token chunk (one gated-delta chunk, padded to 32 to invert):
   t, d, h, dh, hd = 24, 64, 2, 16, 32
   attention = 4 * 2 * t * d * hd + 2 * 2 * h * dh * t * (t + 1) // 2  # q k v o; causal QK, PV
-  gated_delta = (5 * 2 * t * d * hd + 2 * 2 * t * d * h  # q k v out_gate o; decay and beta
-                 + h * (2 * t * t * (3 * dh + 2 * dh)  # k k^T, q k^T, Tm k; Tm v, scores U~
-                        + 3 * 2 * t * dh * dh  # W S_0, q S_0, k^T U~
-                        + 2 * 32 * (32 * 32 - 1) // 3))  # the block-doubling inverse
+  gated_delta = (
+    5 * 2 * t * d * hd
+    + 2 * 2 * t * d * h  # q k v out_gate o; decay and beta
+    + h
+    * (
+      2 * t * t * (3 * dh + 2 * dh)  # k k^T, q k^T, Tm k; Tm v, scores U~
+      + 3 * 2 * t * dh * dh  # W S_0, q S_0, k^T U~
+      + 2 * 32 * (32 * 32 - 1) // 3
+    )
+  )  # the block-doubling inverse
   assert attention == 393_216 + 38_400
   assert gated_delta == 491_520 + 12_288 + 2 * (92_160 + 36_864 + 21_824)
   chunk = lambda pattern: flops.forward_flops_per_chunk(tiny_config(pattern), t)
@@ -208,7 +225,8 @@ def test_eviction_none_is_one_pass_with_the_head_over_the_predicted_positions():
   model_cfg = tiny_config()
   none = SleepConfig(eviction="none", context_len=96)
   assert flops.forward_flops_per_example(model_cfg, none, seq_len=100) == (
-      flops.forward_flops_per_chunk(model_cfg, 100) + 2 * 4 * 64 * 32)  # head: 4 x d x vocab
+    flops.forward_flops_per_chunk(model_cfg, 100) + 2 * 4 * 64 * 32
+  )  # head: 4 x d x vocab
 
 
 def test_rejects_what_the_schedule_rejects():

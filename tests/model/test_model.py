@@ -67,14 +67,23 @@ def test_fast_state_has_one_matrix_per_gated_delta_block_and_is_updated():
 
 def test_muon_takes_hidden_matrices_and_adamw_the_rest():
   labels = optimizer_labels(nnx.state(build_model(CFG, seed=0)))
-  flat = {"/".join(map(str, path)): leaf for path, leaf in
-          jax.tree_util.tree_flatten_with_path(labels)[0] for path in [tuple(k.key for k in path)]}
+  flat = {
+    "/".join(map(str, path)): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(labels)[0]
+    for path in [tuple(k.key for k in path)]
+  }
   assert flat["embedding"] == "adamw" and flat["head/kernel"] == "adamw"
   assert flat["blocks/0/mixer/q/kernel"] == "muon" and flat["blocks/0/mlp/down/kernel"] == "muon"
   assert flat["blocks/1/mixer/o/kernel"] == "muon"
   assert flat["blocks/1/mixer/out_gate/kernel"] == "muon"
-  for name in ("decay_proj/kernel", "beta_proj/kernel", "A_log", "dt_bias", "conv_q/weight",
-               "out_norm/scale"):
+  for name in (
+    "decay_proj/kernel",
+    "beta_proj/kernel",
+    "A_log",
+    "dt_bias",
+    "conv_q/weight",
+    "out_norm/scale",
+  ):
     assert flat[f"blocks/1/mixer/{name}"] == "adamw", name
   assert flat["blocks/0/mixer_norm/scale"] == "adamw"
 
@@ -85,14 +94,17 @@ def test_same_seed_same_parameters():
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     (dict(pattern="AGXG"), "unknown"),
     (dict(pattern=""), "pattern"),
     (dict(head_dim=7), "even"),
     (dict(d_model=0), "d_model"),
     (dict(fast_weight_impl="cuda"), "fast_weight_impl"),
     (dict(dropout=0.1), "unknown model config fields"),
-])
+  ],
+)
 def test_bad_model_config_is_a_clear_error(overrides, message):
   with pytest.raises(ValueError, match=message):
     ModelConfig.from_config(CFG | overrides)
@@ -108,10 +120,12 @@ def train_tiny(fast_weight_impl="chunked", num_batches=3, **train_overrides):
   graphdef, state = nnx.split(model)
   initial = nnx.to_pure_dict(state)
   optimizer = make_optimizer(config.train, optimizer_labels(state))
-  step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, sleep_cfg=sleep_cfg,
-                                         optimizer=optimizer))
-  train_state = TrainState(step=jnp.zeros((), jnp.int32), params=initial,
-                           opt_state=optimizer.init(initial))
+  step = jax.jit(
+    lambda s, b: train_step(s, b, graphdef=graphdef, sleep_cfg=sleep_cfg, optimizer=optimizer)
+  )
+  train_state = TrainState(
+    step=jnp.zeros((), jnp.int32), params=initial, opt_state=optimizer.init(initial)
+  )
   losses = []
   for batch in batches:
     train_state, metrics = step(train_state, batch)
@@ -126,15 +140,17 @@ def test_a_few_training_steps_match_the_reference_fast_weight_impl(impl):
   losses, _, params = train_tiny(impl)
   expected_losses, _, expected_params = train_tiny("reference")
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), params,
-               expected_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), params, expected_params
+  )
 
 
 def test_training_moves_every_parameter_and_a_zero_learning_rate_moves_none():
   # The tiny schedule warms up from 0 over one step, so the second step is the first that moves.
   _, initial, params = train_tiny(num_batches=2)
-  for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(initial)[0],
-                                   jax.tree.leaves(params)):
+  for (path, before), after in zip(
+    jax.tree_util.tree_flatten_with_path(initial)[0], jax.tree.leaves(params)
+  ):
     # Stacked block parameters: every repetition (leading axis) moves on its own.
     slices = range(before.shape[0]) if path[0].key == "blocks" else [Ellipsis]
     for r in slices:

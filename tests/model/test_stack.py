@@ -12,21 +12,31 @@ from sleep_jax.model.config import GATED_DELTA
 from sleep_jax.model.lm import LAYERS_AXIS, HybridLM, repeating_unit, zero_fast_state
 from sleep_jax.train.optim import make_optimizer
 
-CFG = dict(vocab_size=6, d_model=16, num_heads=2, head_dim=8, mlp_dim=32,
-           fast_weight_impl="chunked")
+CFG = dict(
+  vocab_size=6, d_model=16, num_heads=2, head_dim=8, mlp_dim=32, fast_weight_impl="chunked"
+)
 
 
 def params_with_metadata(model):
   """{path: nnx.Param} over the model's parameters."""
   leaves = jax.tree_util.tree_flatten_with_path(
-      nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]
   return {"/".join(str(k.key) for k in path): leaf for path, leaf in leaves}
 
 
-@pytest.mark.parametrize("pattern, unit, repeats", [
-    ("AGAG", "AG", 2), ("AGA", "AGA", 1), ("GGGG", "G", 4), ("AAGAAG", "AAG", 2),
-    ("AGAGAG", "AG", 3), ("AGGA", "AGGA", 1), ("A", "A", 1),
-])
+@pytest.mark.parametrize(
+  "pattern, unit, repeats",
+  [
+    ("AGAG", "AG", 2),
+    ("AGA", "AGA", 1),
+    ("GGGG", "G", 4),
+    ("AAGAAG", "AAG", 2),
+    ("AGAGAG", "AG", 3),
+    ("AGGA", "AGGA", 1),
+    ("A", "A", 1),
+  ],
+)
 def test_pattern_is_its_smallest_repeating_unit_times_r(pattern, unit, repeats):
   assert repeating_unit(pattern) == (unit, repeats)
 
@@ -75,8 +85,9 @@ def test_scanned_stack_equals_a_loop_over_the_unstacked_blocks(pattern):
   params = nnx.to_pure_dict(params)
   keys = jax.random.split(jax.random.key(0), 8)
   h = jax.random.normal(keys[0], (2, 7, 16))
-  fast_state = tuple(0.3 * jax.random.normal(k, s.shape) for k, s in
-                     zip(keys[1:], zero_fast_state(model.cfg, 2)))
+  fast_state = tuple(
+    0.3 * jax.random.normal(k, s.shape) for k, s in zip(keys[1:], zero_fast_state(model.cfg, 2))
+  )
   weights = jax.random.normal(keys[-1], h.shape)
 
   def loss(params, h, fast_state, stack_pass):
@@ -86,8 +97,9 @@ def test_scanned_stack_equals_a_loop_over_the_unstacked_blocks(pattern):
   scanned = lambda model, h, s: model.stack_pass(h, s)
   grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
   (grads, (out, new_state)) = grad(params, h, fast_state, scanned)
-  (expected_grads, (expected_out, expected_state)) = grad(params, h, fast_state,
-                                                          reference_stack_pass)
+  (expected_grads, (expected_out, expected_state)) = grad(
+    params, h, fast_state, reference_stack_pass
+  )
   assert len(new_state) == pattern.count(GATED_DELTA)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   close(out, expected_out)
@@ -126,8 +138,15 @@ def test_traced_program_does_not_grow_with_depth():
   assert traced_stack_size("AG" * 6, reference_stack_pass) > 5 * one
 
 
-TRAIN = dict(num_steps=10, warmup_steps=0, min_lr_ratio=1.0, muon_lr=0.02, adamw_lr=1e-3,
-             weight_decay=0.0, grad_clip=1e3)
+TRAIN = dict(
+  num_steps=10,
+  warmup_steps=0,
+  min_lr_ratio=1.0,
+  muon_lr=0.02,
+  adamw_lr=1e-3,
+  weight_decay=0.0,
+  grad_clip=1e3,
+)
 
 
 def test_muon_orthogonalises_each_layer_of_a_stacked_weight_separately():

@@ -18,8 +18,11 @@ from jax.test_util import check_grads
 from sleep_jax.ops import gated_delta_rule
 from sleep_jax.ops.gated_delta import kernel_math
 from sleep_jax.ops.gated_delta.api import resolve_impl
-from sleep_jax.ops.gated_delta.chunked import (_invert_unit_lower, gated_delta_rule_chunked,
-                                               gated_delta_rule_chunked_autodiff)
+from sleep_jax.ops.gated_delta.chunked import (
+  _invert_unit_lower,
+  gated_delta_rule_chunked,
+  gated_delta_rule_chunked_autodiff,
+)
 from sleep_jax.ops.gated_delta.pallas_gpu import gated_delta_rule_pallas_gpu
 from sleep_jax.ops.gated_delta.pallas_tpu import gated_delta_rule_pallas_tpu
 from sleep_jax.ops.gated_delta.reference import gated_delta_rule_reference
@@ -27,12 +30,12 @@ from sleep_jax.ops.gated_delta.reference import gated_delta_rule_reference
 INPUT_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 IMPLEMENTATIONS = {
-    "reference": functools.partial(gated_delta_rule, impl="reference"),
-    "chunked": functools.partial(gated_delta_rule, impl="chunked"),
-    "auto": functools.partial(gated_delta_rule, impl="auto"),
-    "chunked_autodiff": gated_delta_rule_chunked_autodiff,
-    "pallas_gpu": functools.partial(gated_delta_rule_pallas_gpu, interpret=True),
-    "pallas_tpu": functools.partial(gated_delta_rule_pallas_tpu, interpret=True),
+  "reference": functools.partial(gated_delta_rule, impl="reference"),
+  "chunked": functools.partial(gated_delta_rule, impl="chunked"),
+  "auto": functools.partial(gated_delta_rule, impl="auto"),
+  "chunked_autodiff": gated_delta_rule_chunked_autodiff,
+  "pallas_gpu": functools.partial(gated_delta_rule_pallas_gpu, interpret=True),
+  "pallas_tpu": functools.partial(gated_delta_rule_pallas_tpu, interpret=True),
 }
 FAST = ["chunked", "chunked_autodiff", "pallas_gpu", "pallas_tpu"]
 PALLAS = ["pallas_gpu", "pallas_tpu"]
@@ -44,8 +47,18 @@ def impls(names, slow=("chunked_autodiff", "pallas_tpu")):
   return [pytest.param(name, marks=[pytest.mark.slow] if name in slow else []) for name in names]
 
 
-def make_inputs(seed, batch=1, tokens=8, heads=1, key_dim=4, value_dim=4, *, log_decay=None,
-                with_state=True, dtype=np.float32):
+def make_inputs(
+  seed,
+  batch=1,
+  tokens=8,
+  heads=1,
+  key_dim=4,
+  value_dim=4,
+  *,
+  log_decay=None,
+  with_state=True,
+  dtype=np.float32,
+):
   """Random inputs as the GDN layer produces them: unit keys, g <= 0, beta in (0, 1)."""
   rng = np.random.default_rng(seed)
   keys = rng.normal(size=(batch, tokens, heads, key_dim))
@@ -55,13 +68,12 @@ def make_inputs(seed, batch=1, tokens=8, heads=1, key_dim=4, value_dim=4, *, log
   else:
     g = np.full((batch, tokens, heads), log_decay)
   inputs = {
-      "q": rng.normal(size=(batch, tokens, heads, key_dim)),
-      "k": keys,
-      "v": rng.normal(size=(batch, tokens, heads, value_dim)),
-      "g": g,
-      "beta": rng.uniform(0.05, 0.95, size=(batch, tokens, heads)),
-      "initial_state": (rng.normal(size=(batch, heads, key_dim, value_dim)) if with_state
-                        else None),
+    "q": rng.normal(size=(batch, tokens, heads, key_dim)),
+    "k": keys,
+    "v": rng.normal(size=(batch, tokens, heads, value_dim)),
+    "g": g,
+    "beta": rng.uniform(0.05, 0.95, size=(batch, tokens, heads)),
+    "initial_state": (rng.normal(size=(batch, heads, key_dim, value_dim)) if with_state else None),
   }
   return {name: None if x is None else jnp.asarray(x, dtype) for name, x in inputs.items()}
 
@@ -108,8 +120,7 @@ def loss_and_grads(inputs, cotangents, impl, chunk_size):
 
   def loss(differentiable):
     out, state = IMPLEMENTATIONS[impl](**differentiable, chunk_size=chunk_size)
-    return (jnp.sum(out.astype(jnp.float32) * cotangents[0])
-            + jnp.sum(state * cotangents[1]))
+    return jnp.sum(out.astype(jnp.float32) * cotangents[0]) + jnp.sum(state * cotangents[1])
 
   return jax.value_and_grad(loss)(inputs)
 
@@ -118,8 +129,10 @@ def random_cotangents(inputs, seed=123):
   rng = np.random.default_rng(seed)
   batch, _, heads, key_dim = inputs["q"].shape
   value_dim = inputs["v"].shape[-1]
-  return (jnp.asarray(rng.normal(size=inputs["v"].shape), jnp.float32),
-          jnp.asarray(rng.normal(size=(batch, heads, key_dim, value_dim)), jnp.float32))
+  return (
+    jnp.asarray(rng.normal(size=inputs["v"].shape), jnp.float32),
+    jnp.asarray(rng.normal(size=(batch, heads, key_dim, value_dim)), jnp.float32),
+  )
 
 
 def with_zero_state(inputs):
@@ -132,10 +145,10 @@ def with_zero_state(inputs):
 
 # --- the oracle ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("with_state", [False, True])
 def test_reference_equals_the_float64_numpy_recurrence(with_state):
-  inputs = make_inputs(0, batch=2, tokens=9, heads=2, key_dim=4, value_dim=3,
-                       with_state=with_state)
+  inputs = make_inputs(0, batch=2, tokens=9, heads=2, key_dim=4, value_dim=3, with_state=with_state)
   out, state = gated_delta_rule_reference(**inputs)
   expected_out, expected_state = numpy_recurrence(**inputs)
   assert out.dtype == jnp.float32 and state.dtype == jnp.float32
@@ -150,12 +163,14 @@ def test_scale_multiplies_the_queries():
     assert_close(out, numpy_recurrence(**inputs, scale=0.3)[0], 1e-5, impl)
 
 
-@pytest.mark.parametrize("impl,tokens", [("reference", 1), ("reference", 5), ("chunked", 11),
-                                         ("chunked_autodiff", 11)])
+@pytest.mark.parametrize(
+  "impl,tokens", [("reference", 1), ("reference", 5), ("chunked", 11), ("chunked_autodiff", 11)]
+)
 def test_gradients_match_finite_differences_in_float64(impl, tokens):
   with jax.enable_x64(True):
-    inputs = make_inputs(2, batch=1, tokens=tokens, heads=2, key_dim=3, value_dim=2,
-                         dtype=np.float64)
+    inputs = make_inputs(
+      2, batch=1, tokens=tokens, heads=2, key_dim=3, value_dim=2, dtype=np.float64
+    )
 
     @jax.jit
     def outputs(*args):
@@ -168,11 +183,13 @@ def test_gradients_match_finite_differences_in_float64(impl, tokens):
 # --- every fast implementation == reference == float64 numpy ------------------------------------
 
 CASES = {
-    "one token": dict(batch=1, tokens=1, heads=1, key_dim=4, value_dim=4, chunk_size=16),
-    "T=37 not a multiple of C=16, K != V, H > 1, B > 1": dict(
-        batch=2, tokens=37, heads=3, key_dim=6, value_dim=10, chunk_size=16),
-    "T=24 shorter than the chunk": dict(batch=1, tokens=24, heads=1, key_dim=4, value_dim=4,
-                                        chunk_size=64),
+  "one token": dict(batch=1, tokens=1, heads=1, key_dim=4, value_dim=4, chunk_size=16),
+  "T=37 not a multiple of C=16, K != V, H > 1, B > 1": dict(
+    batch=2, tokens=37, heads=3, key_dim=6, value_dim=10, chunk_size=16
+  ),
+  "T=24 shorter than the chunk": dict(
+    batch=1, tokens=24, heads=1, key_dim=4, value_dim=4, chunk_size=64
+  ),
 }
 # The interpreted kernels cost seconds per case: the default suite runs them on the richest
 # case (with and without a state) and on T=1; the rest of the matrix is `slow`.
@@ -183,8 +200,9 @@ def _matrix():
   for impl in FAST:
     for case in CASES:
       for with_state in (False, True):
-        slow = impl in PALLAS and (case not in _PALLAS_IN_DEFAULT_SUITE
-                                   or (case == "one token" and with_state))
+        slow = impl in PALLAS and (
+          case not in _PALLAS_IN_DEFAULT_SUITE or (case == "one token" and with_state)
+        )
         marks = [pytest.mark.slow] if slow else []
         state_id = "initial state" if with_state else "zero state"
         yield pytest.param(impl, case, with_state, marks=marks, id=f"{impl}-{case}-{state_id}")
@@ -218,7 +236,8 @@ def test_unit_lower_inverses_match_numpy(size):
   inverse = jax.jit(_invert_unit_lower)(jnp.asarray(strict_lower, jnp.float32))
   assert_close(inverse, expected, 1e-6, "block inversion (chunked)")
   substituted = jax.jit(jax.vmap(kernel_math.invert_unit_lower))(
-      jnp.asarray(strict_lower, jnp.float32))
+    jnp.asarray(strict_lower, jnp.float32)
+  )
   assert_close(substituted, expected, 1e-6, "forward substitution (kernels)")
 
 
@@ -234,12 +253,12 @@ def test_auto_is_chunked_on_cpu_and_pallas_interprets_the_gpu_kernel():
 
 # --- numerical robustness -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", impls(["reference", *FAST]))
 def test_strong_decay_gives_finite_values_and_gradients(impl):
   # Same shapes as a case above, so compiled functions are reused. g = -20 per token: the
   # cumulative decay reaches -740 in a chunk of 37, where exp underflows to exactly 0.
-  inputs = make_inputs(5, batch=2, tokens=37, heads=3, key_dim=6, value_dim=10,
-                       log_decay=-20.0)
+  inputs = make_inputs(5, batch=2, tokens=37, heads=3, key_dim=6, value_dim=10, log_decay=-20.0)
   loss, grads = loss_and_grads(inputs, random_cotangents(inputs), impl, 16)
   out, state = run(impl, inputs, 16)
   for name, x in [("o", out), ("final_state", state), ("loss", loss), *grads.items()]:
@@ -283,8 +302,9 @@ def test_bfloat16_inputs_stay_close_to_float32(impl):
   # itself stays float32, so the error does not grow with T. Measured ~0.8% of the largest value;
   # tolerance 2%. Gradients come back in the inputs' dtypes.
   inputs = make_inputs(7, batch=1, tokens=40, heads=2, key_dim=8, value_dim=8)
-  low = {name: x if name == "initial_state" else x.astype(jnp.bfloat16)
-         for name, x in inputs.items()}
+  low = {
+    name: x if name == "initial_state" else x.astype(jnp.bfloat16) for name, x in inputs.items()
+  }
   out, state = run(impl, low, 16)
   assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
   expected_out, expected_state = run(impl, inputs, 16)
@@ -300,6 +320,7 @@ def test_bfloat16_inputs_stay_close_to_float32(impl):
 
 # --- input validation ---------------------------------------------------------------------------
 
+
 def _bad(**changes):
   inputs = make_inputs(8, batch=2, tokens=6, heads=2, key_dim=4, value_dim=3)
   for name, shape in changes.items():
@@ -308,19 +329,21 @@ def _bad(**changes):
 
 
 BAD_INPUTS = {
-    "k batch differs": (_bad(k=(1, 6, 2, 4)), "k has shape"),
-    "k tokens differ": (_bad(k=(2, 5, 2, 4)), "k has shape"),
-    "k heads differ": (_bad(k=(2, 6, 1, 4)), "k has shape"),
-    "K of q vs k": (_bad(k=(2, 6, 2, 5)), "k has shape"),
-    "v tokens differ": (_bad(v=(2, 5, 2, 3)), "v has shape"),
-    "v heads differ": (_bad(v=(2, 6, 3, 3)), "v has shape"),
-    "g shape": (_bad(g=(2, 6, 3)), "g has shape"),
-    "g rank": (_bad(g=(2, 6, 2, 1)), "g must have 3 dims"),
-    "beta shape": (_bad(beta=(2, 5, 2)), "beta has shape"),
-    "initial_state shape": (_bad(initial_state=(2, 2, 3, 4)), "initial_state has shape"),
-    "q rank": (_bad(q=(2, 6, 8)), "q must have 4 dims"),
-    "empty sequence": (_bad(q=(2, 0, 2, 4), k=(2, 0, 2, 4), v=(2, 0, 2, 3), g=(2, 0, 2),
-                            beta=(2, 0, 2)), "T == 0"),
+  "k batch differs": (_bad(k=(1, 6, 2, 4)), "k has shape"),
+  "k tokens differ": (_bad(k=(2, 5, 2, 4)), "k has shape"),
+  "k heads differ": (_bad(k=(2, 6, 1, 4)), "k has shape"),
+  "K of q vs k": (_bad(k=(2, 6, 2, 5)), "k has shape"),
+  "v tokens differ": (_bad(v=(2, 5, 2, 3)), "v has shape"),
+  "v heads differ": (_bad(v=(2, 6, 3, 3)), "v has shape"),
+  "g shape": (_bad(g=(2, 6, 3)), "g has shape"),
+  "g rank": (_bad(g=(2, 6, 2, 1)), "g must have 3 dims"),
+  "beta shape": (_bad(beta=(2, 5, 2)), "beta has shape"),
+  "initial_state shape": (_bad(initial_state=(2, 2, 3, 4)), "initial_state has shape"),
+  "q rank": (_bad(q=(2, 6, 8)), "q must have 4 dims"),
+  "empty sequence": (
+    _bad(q=(2, 0, 2, 4), k=(2, 0, 2, 4), v=(2, 0, 2, 3), g=(2, 0, 2), beta=(2, 0, 2)),
+    "T == 0",
+  ),
 }
 
 

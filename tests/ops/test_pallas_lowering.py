@@ -23,34 +23,46 @@ _ALLOW_TRITON = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.trito
 
 def _forward_and_backward(rule):
   def run(q, k, v, g, beta, initial_state):
-    outputs, vjp = jax.vjp(lambda *args: rule(*args[:5], initial_state=args[5]),
-                           q, k, v, g, beta, initial_state)
+    outputs, vjp = jax.vjp(
+      lambda *args: rule(*args[:5], initial_state=args[5]), q, k, v, g, beta, initial_state
+    )
     return outputs, vjp(outputs)
+
   return run
 
 
 def _abstract_inputs(batch, tokens, heads, key_dim, value_dim, dtype):
   spec = jax.ShapeDtypeStruct
-  return (spec((batch, tokens, heads, key_dim), dtype), spec((batch, tokens, heads, key_dim), dtype),
-          spec((batch, tokens, heads, value_dim), dtype), spec((batch, tokens, heads), jnp.float32),
-          spec((batch, tokens, heads), jnp.float32),
-          spec((batch, heads, key_dim, value_dim), jnp.float32))
+  return (
+    spec((batch, tokens, heads, key_dim), dtype),
+    spec((batch, tokens, heads, key_dim), dtype),
+    spec((batch, tokens, heads, value_dim), dtype),
+    spec((batch, tokens, heads), jnp.float32),
+    spec((batch, tokens, heads), jnp.float32),
+    spec((batch, heads, key_dim, value_dim), jnp.float32),
+  )
 
 
 # The benchmark's GPU shape (K = V = 128, bf16) at a T that is not a multiple of the chunk, and
 # a small float32 shape whose K and V need padding.
-SHAPES = {"bf16 K=V=128 T=200": (2, 200, 2, 128, 128, jnp.bfloat16),
-          "f32 K=8 V=24 T=37": (1, 37, 3, 8, 24, jnp.float32)}
+SHAPES = {
+  "bf16 K=V=128 T=200": (2, 200, 2, 128, 128, jnp.bfloat16),
+  "f32 K=8 V=24 T=37": (1, 37, 3, 8, 24, jnp.float32),
+}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("platform,rule,custom_call", [
+@pytest.mark.parametrize(
+  "platform,rule,custom_call",
+  [
     ("cuda", gated_delta_rule_pallas_gpu, "__gpu$xla.gpu.triton"),
     ("tpu", gated_delta_rule_pallas_tpu, "tpu_custom_call"),
-])
+  ],
+)
 def test_forward_and_backward_kernels_lower_for_their_platform(platform, rule, custom_call, shape):
-  exported = jax.export.export(jax.jit(_forward_and_backward(rule)), platforms=[platform],
-                               disabled_checks=_ALLOW_TRITON)(*_abstract_inputs(*SHAPES[shape]))
+  exported = jax.export.export(
+    jax.jit(_forward_and_backward(rule)), platforms=[platform], disabled_checks=_ALLOW_TRITON
+  )(*_abstract_inputs(*SHAPES[shape]))
   module = exported.mlir_module()
   assert module.count(custom_call) >= 2, "expected a forward and a backward kernel"
 
@@ -59,11 +71,14 @@ def _random_inputs(batch, tokens, heads, key_dim, value_dim, dtype):
   rng = np.random.default_rng(0)
   k = rng.normal(size=(batch, tokens, heads, key_dim))
   k /= np.linalg.norm(k, axis=-1, keepdims=True)
-  return (jnp.asarray(rng.normal(size=(batch, tokens, heads, key_dim)), dtype),
-          jnp.asarray(k, dtype), jnp.asarray(rng.normal(size=(batch, tokens, heads, value_dim)), dtype),
-          jnp.asarray(-rng.uniform(0.01, 1.0, size=(batch, tokens, heads)), jnp.float32),
-          jnp.asarray(rng.uniform(0.05, 0.95, size=(batch, tokens, heads)), jnp.float32),
-          jnp.asarray(rng.normal(size=(batch, heads, key_dim, value_dim)), jnp.float32))
+  return (
+    jnp.asarray(rng.normal(size=(batch, tokens, heads, key_dim)), dtype),
+    jnp.asarray(k, dtype),
+    jnp.asarray(rng.normal(size=(batch, tokens, heads, value_dim)), dtype),
+    jnp.asarray(-rng.uniform(0.01, 1.0, size=(batch, tokens, heads)), jnp.float32),
+    jnp.asarray(rng.uniform(0.05, 0.95, size=(batch, tokens, heads)), jnp.float32),
+    jnp.asarray(rng.normal(size=(batch, heads, key_dim, value_dim)), jnp.float32),
+  )
 
 
 def _check_on_device(platform):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from sleep_jax.ops import gated_delta_rule, partition
 
@@ -24,11 +24,14 @@ def make_inputs(batch=4, tokens=21, heads=4, key_dim=8, value_dim=12, seed=0):
   k = rng.normal(size=(batch, tokens, heads, key_dim))
   k /= np.linalg.norm(k, axis=-1, keepdims=True)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  return (f32(rng.normal(size=(batch, tokens, heads, key_dim))), f32(k),
-          f32(rng.normal(size=(batch, tokens, heads, value_dim))),
-          f32(-rng.uniform(0.01, 1.0, size=(batch, tokens, heads))),
-          f32(rng.uniform(0.05, 0.95, size=(batch, tokens, heads))),
-          f32(rng.normal(size=(batch, heads, key_dim, value_dim))))
+  return (
+    f32(rng.normal(size=(batch, tokens, heads, key_dim))),
+    f32(k),
+    f32(rng.normal(size=(batch, tokens, heads, value_dim))),
+    f32(-rng.uniform(0.01, 1.0, size=(batch, tokens, heads))),
+    f32(rng.uniform(0.05, 0.95, size=(batch, tokens, heads))),
+    f32(rng.normal(size=(batch, heads, key_dim, value_dim))),
+  )
 
 
 def loss_and_grads(impl, **axes):
@@ -50,9 +53,11 @@ def input_shardings(mesh, batch_axes, head_axes):
   return tuple(spec(layout) for layout in ("bthk", "bthk", "bthv", "bth", "bth", "bhkv"))
 
 
-MESHES = {"data 4 x tensor 2": ((4, 2), ("data", "tensor")),
-          "data 8": ((8,), ("data",)),
-          "x 2 x y 4, any axis names": ((2, 4), ("x", "y"))}
+MESHES = {
+  "data 4 x tensor 2": ((4, 2), ("data", "tensor")),
+  "data 8": ((8,), ("data",)),
+  "x 2 x y 4, any axis names": ((2, 4), ("x", "y")),
+}
 
 
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
@@ -67,8 +72,9 @@ def test_sharded_op_equals_one_device_in_values_and_gradients(impl, mesh_name):
   inputs = make_inputs(batch=8, heads=4)
   expected = jax.jit(loss_and_grads(impl))(*inputs)
   with jax.set_mesh(mesh):
-    sharded = jax.jit(loss_and_grads(impl, **axes),
-                      in_shardings=input_shardings(mesh, batch_axes, head_axes))
+    sharded = jax.jit(
+      loss_and_grads(impl, **axes), in_shardings=input_shardings(mesh, batch_axes, head_axes)
+    )
     got = sharded(*inputs)
     hlo = sharded.lower(*inputs).compile().as_text()
   # Per-shard matmuls may sum in another order than the whole batch's: float32 rounding only.
@@ -80,8 +86,7 @@ def test_sharded_op_equals_one_device_in_values_and_gradients(impl, mesh_name):
 
 
 def test_explicit_axes_follow_the_inputs_own_sharding():
-  mesh = jax.make_mesh((2, 4), ("rows", "cols"),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  mesh = jax.make_mesh((2, 4), ("rows", "cols"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   inputs = make_inputs(batch=8, heads=4)
   expected = jax.jit(loss_and_grads("chunked"))(*inputs)
   with jax.set_mesh(mesh):
@@ -119,9 +124,10 @@ def _export_for_cuda(mesh, batch_axes, head_axes):
   run = loss_and_grads("auto")
   with jax.set_mesh(mesh):
     jitted = jax.jit(run, in_shardings=input_shardings(mesh, batch_axes, head_axes))
-    abstract = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16 if x.ndim == 4 and i < 3 else x.dtype)
-                for i, x in enumerate(make_inputs(batch=8, tokens=64, heads=4, key_dim=64,
-                                                  value_dim=64))]
+    abstract = [
+      jax.ShapeDtypeStruct(x.shape, jnp.bfloat16 if x.ndim == 4 and i < 3 else x.dtype)
+      for i, x in enumerate(make_inputs(batch=8, tokens=64, heads=4, key_dim=64, value_dim=64))
+    ]
     allow = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     return jax.export.export(jitted, platforms=["cuda"], disabled_checks=allow)(*abstract)
 
@@ -139,4 +145,3 @@ def test_auto_exports_per_shard_triton_kernels_for_cuda_from_a_cpu_host():
 def test_auto_lowers_to_plain_xla_for_the_cpu():
   hlo = jax.jit(loss_and_grads("auto")).lower(*make_inputs()).compile().as_text()
   assert "triton" not in hlo and "tpu_custom_call" not in hlo
-

@@ -23,16 +23,29 @@ def model_config(pattern="AGAG"):
 
 
 def sleep_config(passes=1, **overrides):
-  return dict(passes=passes, window=WINDOW, eviction="hard", context_len=CONTEXT, grad_passes=None,
-              remat=True) | overrides
+  return (
+    dict(
+      passes=passes,
+      window=WINDOW,
+      eviction="hard",
+      context_len=CONTEXT,
+      grad_passes=None,
+      remat=True,
+    )
+    | overrides
+  )
 
 
 def random_tokens(seed, batch=2):
-  return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, CONTEXT + PREDICT), dtype=np.int32)
+  return np.random.default_rng(seed).integers(
+    0, VOCAB, size=(batch, CONTEXT + PREDICT), dtype=np.int32
+  )
 
 
 def prediction_logits(model, tokens, **sleep_overrides):
-  return np.asarray(sleep_jax.apply(model, tokens, sleep_config=sleep_config(**sleep_overrides))[:, CONTEXT:])
+  return np.asarray(
+    sleep_jax.apply(model, tokens, sleep_config=sleep_config(**sleep_overrides))[:, CONTEXT:]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +75,9 @@ def test_apply_returns_float32_logits_with_zeros_at_sleep_positions(hybrid):
 def test_attention_only_cannot_see_evicted_chunks_and_ignores_passes(attention_only):
   tokens = random_tokens(1)
   base = prediction_logits(attention_only, tokens)
-  np.testing.assert_array_equal(prediction_logits(attention_only, with_new_context(tokens, 2)), base)
+  np.testing.assert_array_equal(
+    prediction_logits(attention_only, with_new_context(tokens, 2)), base
+  )
   np.testing.assert_array_equal(prediction_logits(attention_only, tokens, passes=3), base)
 
 
@@ -97,13 +112,14 @@ def test_sleep_equals_a_hand_written_chunk_by_chunk_forward(hybrid, passes):
   tokens = random_tokens(5)
   state = zero_fast_state(hybrid.cfg, tokens.shape[0])
   for chunk in range(CHUNKS):
-    h = hybrid.embed(tokens[:, chunk * WINDOW:(chunk + 1) * WINDOW])
+    h = hybrid.embed(tokens[:, chunk * WINDOW : (chunk + 1) * WINDOW])
     for _ in range(passes):
       h, state = hybrid.stack_pass(h, state)  # h is dropped after the chunk: only S survives
   h, _ = hybrid.stack_pass(hybrid.embed(tokens[:, CONTEXT:]), state)
   expected = np.asarray(hybrid.logits(h))
-  np.testing.assert_allclose(prediction_logits(hybrid, tokens, passes=passes), expected,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    prediction_logits(hybrid, tokens, passes=passes), expected, rtol=1e-5, atol=1e-5
+  )
 
 
 def loss_and_grads(model, tokens, fast_state, **sleep_overrides):
@@ -119,7 +135,9 @@ def loss_and_grads(model, tokens, fast_state, **sleep_overrides):
 
 def incoming_state(model, seed, batch=2):
   keys = jax.random.split(jax.random.key(seed), model.cfg.num_fast_weight_layers)
-  return tuple(0.1 * jax.random.normal(k, s.shape) for k, s in zip(keys, zero_fast_state(model.cfg, batch)))
+  return tuple(
+    0.1 * jax.random.normal(k, s.shape) for k, s in zip(keys, zero_fast_state(model.cfg, batch))
+  )
 
 
 def test_grad_passes_blocks_gradients_to_the_earlier_passes(hybrid):
@@ -134,8 +152,9 @@ def test_grad_passes_blocks_gradients_to_the_earlier_passes(hybrid):
   assert max(jax.tree.leaves(differs)) > 1e-6
   # grad_passes = passes is the same as no truncation.
   _, (same_params, _) = loss_and_grads(hybrid, tokens, s0, passes=2, grad_passes=2)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), same_params,
-               full_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), same_params, full_params
+  )
 
 
 def test_remat_gives_identical_gradients(hybrid):
@@ -143,17 +162,22 @@ def test_remat_gives_identical_gradients(hybrid):
   loss_a, grads_a = loss_and_grads(hybrid, tokens, s0, passes=2, remat=True)
   loss_b, grads_b = loss_and_grads(hybrid, tokens, s0, passes=2, remat=False)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_a, grads_b)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_a, grads_b
+  )
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     (dict(passes=0), "passes"),
     (dict(window=5), "does not tile"),
     (dict(eviction="sliding"), "not implemented yet"),
     (dict(eviction="soft"), "unknown sleep.eviction"),
     (dict(grad_passes=3, passes=2), "grad_passes"),
     (dict(bogus=1), "unknown sleep config fields"),
-])
+  ],
+)
 def test_bad_sleep_config_is_a_clear_error(hybrid, overrides, message):
   with pytest.raises(ValueError, match=message):
     sleep_jax.apply(hybrid, random_tokens(0), sleep_config=sleep_config(**overrides))
@@ -168,10 +192,14 @@ def test_a_prediction_chunk_longer_than_the_window_is_an_error(hybrid):
 def test_no_eviction_is_one_plain_pass_over_the_whole_sequence(hybrid):
   tokens = random_tokens(8)
   # The same as hard eviction with no context and one window spanning the sequence.
-  expected = np.asarray(sleep_jax.apply(hybrid, tokens, sleep_config=sleep_config(
-      context_len=0, window=CONTEXT + PREDICT)))[:, CONTEXT:]
-  np.testing.assert_allclose(prediction_logits(hybrid, tokens, eviction="none"), expected,
-                             rtol=1e-5, atol=1e-5)
+  expected = np.asarray(
+    sleep_jax.apply(
+      hybrid, tokens, sleep_config=sleep_config(context_len=0, window=CONTEXT + PREDICT)
+    )
+  )[:, CONTEXT:]
+  np.testing.assert_allclose(
+    prediction_logits(hybrid, tokens, eviction="none"), expected, rtol=1e-5, atol=1e-5
+  )
   # The whole sequence is one chunk, so a prediction span longer than the window is fine.
   cfg = SleepConfig.from_config(sleep_config(eviction="none"))
   cfg.check_sequence(CONTEXT + WINDOW + 1)
@@ -179,13 +207,15 @@ def test_no_eviction_is_one_plain_pass_over_the_whole_sequence(hybrid):
 
 
 @pytest.mark.parametrize("eviction, sees_context", [("hard", False), ("none", True)])
-def test_attention_only_sees_the_context_only_without_eviction(attention_only, eviction,
-                                                               sees_context):
+def test_attention_only_sees_the_context_only_without_eviction(
+  attention_only, eviction, sees_context
+):
   # Context tokens 0..3, prediction tokens 4..6: the gradient of the prediction logits
   # w.r.t. the embedding rows 0..3 measures what reaches the predictions from the context.
   rng = np.random.default_rng(9)
-  tokens = np.concatenate([rng.integers(0, 4, (2, CONTEXT)), rng.integers(4, VOCAB, (2, PREDICT))],
-                          1).astype(np.int32)
+  tokens = np.concatenate(
+    [rng.integers(0, 4, (2, CONTEXT)), rng.integers(4, VOCAB, (2, PREDICT))], 1
+  ).astype(np.int32)
   graphdef, state = nnx.split(attention_only)
   cfg = SleepConfig.from_config(sleep_config(eviction=eviction))
   assert attention_only.cfg.num_fast_weight_layers == 0

@@ -10,7 +10,8 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import depo as depo_configs
 from configs import rule110 as rule110_configs
@@ -30,18 +31,24 @@ def check(result, *, devices, processes):
   assert result["fits"] and result["flops_per_step"] > 0
 
 
-@pytest.mark.parametrize("topology, num_slices, devices, processes", [
+@pytest.mark.parametrize(
+  "topology, num_slices, devices, processes",
+  [
     ("v5e:2x2", 1, 4, 1),
     ("v5e:4x4", 1, 16, 4),  # four hosts
     ("v5e:2x2", 2, 8, 2),  # two slices over DCN
-])
+  ],
+)
 def test_tiny_config_compiles_with_mosaic_kernels(topology, num_slices, devices, processes):
   config = rule110_configs.get_config("tiny")
   batch = 8 * max(devices, processes)  # whole data blocks per process, whole rows per device
   config.train.batch_size = config.eval.batch_size = batch
   config.eval.num_examples = config.eval.num_slice_examples = batch
-  check(aot.compile_for_topology(config, topology, num_slices=num_slices),
-        devices=devices, processes=processes)
+  check(
+    aot.compile_for_topology(config, topology, num_slices=num_slices),
+    devices=devices,
+    processes=processes,
+  )
 
 
 def test_paper_rule110_compiles_for_a_v5e_slice_and_fits():
@@ -60,22 +67,26 @@ def test_fsdp_and_tensor_parallel_meshes_compile_on_tpu():
 
 def test_sharded_op_compiles_to_per_shard_mosaic_kernels_without_gathers():
   devices = topology_lib.tpu_devices("v5e:2x2")
-  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh(
+    (2, 2), ("data", "tensor"), devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
   b, t, h, d = 4, 256, 4, 128
   x4, x3 = P("data", None, "tensor", None), P("data", None, "tensor")
   specs = (x4, x4, x4, x3, x3, P("data", "tensor", None, None))
-  shapes = [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)] * 3 + [
-      jax.ShapeDtypeStruct((b, t, h), jnp.float32)] * 2 + [
-      jax.ShapeDtypeStruct((b, h, d, d), jnp.float32)]
+  shapes = (
+    [jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)] * 3
+    + [jax.ShapeDtypeStruct((b, t, h), jnp.float32)] * 2
+    + [jax.ShapeDtypeStruct((b, h, d, d), jnp.float32)]
+  )
 
   def loss(*args):
     o, state = gated_delta_rule(*args[:5], initial_state=args[5])  # impl="auto"
     return o.astype(jnp.float32).sum() + state.sum()
 
   with jax.set_mesh(mesh):
-    grads = jax.jit(jax.grad(loss, argnums=range(6)),
-                    in_shardings=tuple(NamedSharding(mesh, s) for s in specs))
+    grads = jax.jit(
+      jax.grad(loss, argnums=range(6)), in_shardings=tuple(NamedSharding(mesh, s) for s in specs)
+    )
     hlo = grads.lower(*shapes).compile().as_text()
   assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 2  # forward, backward
   for collective in ("all-gather", "all-to-all", "collective-permute"):

@@ -20,8 +20,9 @@ def test_answer_words_are_right_only_when_every_symbol_is_right():
   predictions = np.array([[0, 1, 0, 0, 3, 0], [4, 0, 1, 1, 2, 0]])
   answer_ids = np.array([[-1, 0, 0, -1, 1, -1], [0, -1, 1, 1, -1, -1]])
   mask = (answer_ids >= 0).astype(np.float32)
-  sums = prediction_sums(logits_predicting(predictions), jnp.asarray(targets), jnp.asarray(mask),
-                         jnp.asarray(answer_ids))
+  sums = prediction_sums(
+    logits_predicting(predictions), jnp.asarray(targets), jnp.asarray(mask), jnp.asarray(answer_ids)
+  )
   metrics = summarize(sums)
   assert metrics["accuracy"] == pytest.approx(5 / 6)  # tokens
   assert metrics["answer_accuracy"] == 3 / 4  # words
@@ -35,8 +36,9 @@ def test_answer_words_are_right_only_when_every_symbol_is_right():
 
 def test_without_answer_ids_labels_are_positions():
   targets = np.array([[1, 2], [1, 3]])
-  sums = prediction_sums(logits_predicting([[1, 2], [1, 2]]), jnp.asarray(targets),
-                         jnp.ones((2, 2), jnp.float32))
+  sums = prediction_sums(
+    logits_predicting([[1, 2], [1, 2]]), jnp.asarray(targets), jnp.ones((2, 2), jnp.float32)
+  )
   metrics = summarize(sums)
   assert "answer_accuracy" not in metrics
   assert metrics["label_accuracy/0"] == 1.0 and metrics["label_accuracy/1"] == 0.5

@@ -24,8 +24,12 @@ from sleep_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A run long enough to be interrupted mid-way, with sparse evaluations and saves.
-LONG_RUN = ("--config.train.num_steps=300", "--config.eval.every_steps=100",
-            "--config.checkpoint.every_steps=100", "--config.log_every_steps=1")
+LONG_RUN = (
+  "--config.train.num_steps=300",
+  "--config.eval.every_steps=100",
+  "--config.checkpoint.every_steps=100",
+  "--config.log_every_steps=1",
+)
 
 
 def tiny_config(**sections):
@@ -39,9 +43,18 @@ def tiny_config(**sections):
 def start_main(workdir, *flags):
   """launch/main.py on the tiny config, as a child process with its own stderr."""
   return subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "launch", "main.py"),
-       f"--config={os.path.join(REPO, 'configs', 'rule110.py')}:tiny", f"--workdir={workdir}",
-       *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      os.path.join(REPO, "launch", "main.py"),
+      f"--config={os.path.join(REPO, 'configs', 'rule110.py')}:tiny",
+      f"--workdir={workdir}",
+      *flags,
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def run_main(workdir, *flags, timeout=300):
@@ -76,8 +89,11 @@ def assert_same_run(workdir_a, workdir_b, num_steps):
   assert log_a == log_b
   assert run_a.results().eval == run_b.results().eval
   assert run_a.results().step == run_b.results().step == num_steps
-  jax.tree.map(np.testing.assert_array_equal, final_params(workdir_a, num_steps),
-               final_params(workdir_b, num_steps))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    final_params(workdir_a, num_steps),
+    final_params(workdir_b, num_steps),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +151,9 @@ def test_nan_stops_with_a_clear_error_keeps_the_last_good_checkpoint_and_resumes
   # An absurd learning rate blows the weights up after step 3's update (a NaN one is refused
   # when the config is loaded).
   blow_up = dict(train__num_steps=6, train__muon_lr=1e30, train__adamw_lr=1e30)
-  with pytest.raises(loop.NonFiniteLossError, match="non-finite metrics at step [3-6].*smaller "
-                     "learning rate"):
+  with pytest.raises(
+    loop.NonFiniteLossError, match="non-finite metrics at step [3-6].*smaller learning rate"
+  ):
     loop.train_and_evaluate(tiny_config(**blow_up), workdir)
   assert sorted(os.listdir(os.path.join(workdir, rundir.CHECKPOINT_DIR))) == ["2"]
   results = loop.train_and_evaluate(tiny_config(train__num_steps=6, train__muon_lr=1e-3), workdir)

@@ -38,13 +38,18 @@ def train_log(workdir):
 
 
 def final_params(workdir, step):
-  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  restored = ocp.StandardCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", str(step), "state")
+  )
   return restored["params"]
 
 
-MESHES = {"DP 8": dict(data=8), "FSDP 8": dict(data=1, fsdp=8),
-          "data 4 x tensor 2": dict(data=4, tensor=2),
-          "data 2 x fsdp 2 x tensor 2": dict(data=2, fsdp=2, tensor=2)}
+MESHES = {
+  "DP 8": dict(data=8),
+  "FSDP 8": dict(data=1, fsdp=8),
+  "data 4 x tensor 2": dict(data=4, tensor=2),
+  "data 2 x fsdp 2 x tensor 2": dict(data=2, fsdp=2, tensor=2),
+}
 # The default suite runs the mesh that uses every axis; the rest are `slow` (~1 min each).
 FAST = {("data 2 x fsdp 2 x tensor 2", "chunked")}
 
@@ -63,8 +68,7 @@ def train_steps(config, devices, num_steps=3):
   batches = iter(tasks.train_dataset(task, seed=config.seed, batch_size=config.train.batch_size))
   state, losses = program.init_state(), []
   for _ in range(num_steps):
-    batch = mesh_lib.to_global_batch(next(batches), program.batch_sharding,
-                                     config.train.batch_size)
+    batch = mesh_lib.to_global_batch(next(batches), program.batch_sharding, config.train.batch_size)
     state, metrics = program.train_step(state, batch)
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params)
@@ -78,8 +82,9 @@ def test_every_mesh_matches_one_device(mesh_name, impl):
   config.parallel.mesh.update(MESHES[mesh_name])
   losses_many, params_many = train_steps(config, jax.devices())
   np.testing.assert_allclose(losses_many, losses_one, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               params_many, params_one)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_many, params_one
+  )
 
 
 def test_fsdp_and_tensor_parallelism_really_split_the_parameters():
@@ -93,8 +98,7 @@ def test_fsdp_and_tensor_parallelism_really_split_the_parameters():
   mlp_down = params["blocks"][1]["mlp"]["down"]["kernel"]  # [layers 2, mlp 64, embed 32]
   assert shard_shape(mlp_down) == (2, 32, 16)
   # Optimizer moments mirror their parameter's split; the batch goes over data x fsdp.
-  moments = [x for x in jax.tree.leaves(program.abstract_state.opt_state)
-             if x.shape == (2, 32, 32)]
+  moments = [x for x in jax.tree.leaves(program.abstract_state.opt_state) if x.shape == (2, 32, 32)]
   assert moments and all(shard_shape(m) == (2, 16, 16) for m in moments)
   assert program.batch_sharding.shard_shape((16, 100)) == (4, 100)
 
@@ -110,16 +114,28 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
   assert resumed["eval"] == straight["eval"]
   log_a, log_b = train_log(tmp_path / "straight"), train_log(tmp_path / "resumed")
   assert [log_a[s]["loss"] for s in range(1, 7)] == [log_b[s]["loss"] for s in range(1, 7)]
-  jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "resumed", 6),
-               final_params(tmp_path / "straight", 6))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    final_params(tmp_path / "resumed", 6),
+    final_params(tmp_path / "straight", 6),
+  )
 
 
 def test_main_pulse_writes_checkpoints_events_and_results(tmp_path):
   workdir = tmp_path / "pulse"
-  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "main.py"),
-                        "--config=" + os.path.join(REPO, "configs", "rule110.py") + ":tiny",
-                        f"--workdir={workdir}", "--config.sleep.passes=2"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "launch", "main.py"),
+      "--config=" + os.path.join(REPO, "configs", "rule110.py") + ":tiny",
+      f"--workdir={workdir}",
+      "--config.sleep.passes=2",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   files = os.listdir(workdir)
   assert {"config.json", "results.json", rundir.TRAIN_LOG_FILE} <= set(files)
@@ -130,40 +146,60 @@ def test_main_pulse_writes_checkpoints_events_and_results(tmp_path):
   assert results["task"] == "rule110" and results["passes"] == 2 and results["window"] == 24
   assert results["task_settings"] == {"depth": 1} and results["num_steps"] == 4
   assert results["step"] == 4 and results["tokens_seen"] == 4 * 16 * 100 and results["wall_s"] > 0
-  assert {"loss", "accuracy", "exact_accuracy", "label_accuracy/0", "label_accuracy/3"} <= set(results["eval"])
+  assert {"loss", "accuracy", "exact_accuracy", "label_accuracy/0", "label_accuracy/3"} <= set(
+    results["eval"]
+  )
   # Per-depth slices (task.eval_depths = (1, 3) in the tiny config), flat float keys.
   depth_keys = {f"depth{t}/{m}" for t in (1, 3) for m in ("exact_accuracy", "loss", "accuracy")}
   assert depth_keys <= set(results["eval"])
   assert all(isinstance(results["eval"][k], float) for k in depth_keys)
   assert results["eviction"] == "hard" and results["pattern"] == "AGAG"
   # One eval line per evaluation (every 2 steps), the last equal to results.json's.
-  eval_lines = [json.loads(line) for line in (workdir / rundir.EVAL_LOG_FILE).read_text().splitlines()]
+  eval_lines = [
+    json.loads(line) for line in (workdir / rundir.EVAL_LOG_FILE).read_text().splitlines()
+  ]
   assert [line["step"] for line in eval_lines] == [2, 4]
   assert eval_lines[-1] == {"step": 4, **results["eval"]}
   assert "step 4/4" in out.stderr and "tok/s" in out.stderr and "ETA" in out.stderr
   assert "finished rule110 at step 4/4" in out.stderr and "depth3/exact_accuracy" in out.stderr
 
 
-@pytest.mark.parametrize("overrides, error, message", [
+@pytest.mark.parametrize(
+  "overrides, error, message",
+  [
     (dict(task__name="rule111"), ValueError, "unknown task.name"),
     (dict(model__pattern="AGZ"), ValueError, "pattern"),
     (dict(sleep__passes=0), ValueError, "passes"),
     (dict(sleep__window=25), ValueError, "does not tile"),
     (dict(task__depth=-1), ValueError, "depth"),
-    (dict(train__batch_size=12), ValueError, r"not divisible by the batch shards data x fsdp = 8 x 1"),
+    (
+      dict(train__batch_size=12),
+      ValueError,
+      r"not divisible by the batch shards data x fsdp = 8 x 1",
+    ),
     (dict(parallel__mesh__data=3), ValueError, "multiplies to 3, but there are 8 devices"),
-    (dict(parallel__mesh__data=2, parallel__mesh__fsdp=-1, parallel__mesh__tensor=-1),
-     ValueError, "at most one is -1"),
-    (dict(parallel__mesh__tensor=8, parallel__mesh__data=1), ValueError,
-     "model.num_heads=2 is not divisible by parallel.mesh.tensor=8"),
-    (dict(parallel__mesh__fsdp=8, parallel__mesh__data=1, model__d_model=36, model__head_dim=18),
-     ValueError, r"parameter .* dimension \d \(36\) is split over mesh axes \('fsdp',\)"),
+    (
+      dict(parallel__mesh__data=2, parallel__mesh__fsdp=-1, parallel__mesh__tensor=-1),
+      ValueError,
+      "at most one is -1",
+    ),
+    (
+      dict(parallel__mesh__tensor=8, parallel__mesh__data=1),
+      ValueError,
+      "model.num_heads=2 is not divisible by parallel.mesh.tensor=8",
+    ),
+    (
+      dict(parallel__mesh__fsdp=8, parallel__mesh__data=1, model__d_model=36, model__head_dim=18),
+      ValueError,
+      r"parameter .* dimension \d \(36\) is split over mesh axes \('fsdp',\)",
+    ),
     (dict(sleep__eviction="sliding"), ValueError, "not implemented yet"),
     (dict(sleep__context_len=72), ValueError, "context_len"),
     (dict(sleep__eviction="none", sleep__passes=2), ValueError, "passes must be 1"),
     (dict(task__eval_depths=(2, -1)), ValueError, "eval_depths"),
     (dict(eval__num_slice_examples=24), ValueError, "num_slice_examples"),
-])
+  ],
+)
 def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message):
     loop.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
@@ -202,20 +238,27 @@ def test_depo_run_reports_per_hop_metrics(tmp_path):
   assert results["task"] == "depo" and results["window"] == 75 and results["step"] == 2
   assert results["tokens_seen"] == 2 * 16 * 360
   hop_keys = {f"hops{k}/{m}" for k in (1, 16) for m in ("loss", "accuracy")}
-  assert hop_keys | {"loss", "accuracy", "exact_accuracy", "answer_accuracy"} <= set(results["eval"])
+  assert hop_keys | {"loss", "accuracy", "exact_accuracy", "answer_accuracy"} <= set(
+    results["eval"]
+  )
   assert all(isinstance(v, float) and np.isfinite(v) for v in results["eval"].values())
   assert json.loads((workdir / "results.json").read_text())["eval"] == results["eval"]
   assert [f"label_accuracy/{i}" for i in range(10)] == sorted(
-      k for k in results["eval"] if k.startswith("label_accuracy/"))
+    k for k in results["eval"] if k.startswith("label_accuracy/")
+  )
 
 
-@pytest.mark.parametrize("pattern, eviction, sees_context", [
+@pytest.mark.parametrize(
+  "pattern, eviction, sees_context",
+  [
     ("AAAA", "hard", False),  # the attention-only floor: evicted tokens are gone
     ("AAAA", "none", True),  # the full-attention ceiling: attention sees every token
     ("AGAG", "hard", True),  # the hybrid: the context reaches the queries via the fast state
-])
+  ],
+)
 def test_baselines_see_the_context_exactly_when_they_should(pattern, eviction, sees_context):
   import sleep_jax
+
   config = tiny_config(model__pattern=pattern, sleep__eviction=eviction)
   model = sleep_jax.build_model(config.model, seed=0)
   tokens = tasks.get_task(config.task).generate(np.random.default_rng(0), 4)["tokens"]

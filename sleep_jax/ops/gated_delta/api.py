@@ -12,7 +12,6 @@ import numbers
 import jax
 
 from sleep_jax.ops import partition
-
 from sleep_jax.ops.gated_delta.chunked import gated_delta_rule_chunked
 from sleep_jax.ops.gated_delta.pallas_gpu import gated_delta_rule_pallas_gpu
 from sleep_jax.ops.gated_delta.pallas_tpu import gated_delta_rule_pallas_tpu
@@ -27,18 +26,37 @@ def _reference(q, k, v, g, beta, initial_state, *, scale, chunk_size):
 
 
 def _chunked(q, k, v, g, beta, initial_state, *, scale, chunk_size):
-  return gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                  chunk_size=chunk_size)
+  return gated_delta_rule_chunked(
+    q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size
+  )
 
 
 def _triton(q, k, v, g, beta, initial_state, *, scale, chunk_size, interpret=False):
-  return gated_delta_rule_pallas_gpu(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                     chunk_size=chunk_size, interpret=interpret)
+  return gated_delta_rule_pallas_gpu(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=scale,
+    initial_state=initial_state,
+    chunk_size=chunk_size,
+    interpret=interpret,
+  )
 
 
 def _mosaic(q, k, v, g, beta, initial_state, *, scale, chunk_size):
-  return gated_delta_rule_pallas_tpu(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                     chunk_size=chunk_size, interpret=False)
+  return gated_delta_rule_pallas_tpu(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=scale,
+    initial_state=initial_state,
+    chunk_size=chunk_size,
+    interpret=False,
+  )
 
 
 def _by_platform(default, **per_platform):
@@ -53,17 +71,18 @@ def _by_platform(default, **per_platform):
   def run(*args, scale, chunk_size):
     bind = lambda impl: functools.partial(impl, scale=scale, chunk_size=chunk_size)
     return jax.lax.platform_dependent(
-        *args, default=bind(default), **{name: bind(impl) for name, impl in per_platform.items()})
+      *args, default=bind(default), **{name: bind(impl) for name, impl in per_platform.items()}
+    )
 
   return run
 
 
 # Name -> implementation. "pallas" off a GPU or TPU interprets the GPU kernels (slow: for tests).
 _IMPLEMENTATIONS = {
-    "reference": _reference,
-    "chunked": _chunked,
-    "pallas": _by_platform(functools.partial(_triton, interpret=True), cuda=_triton, tpu=_mosaic),
-    "auto": _by_platform(_chunked, cuda=_triton, tpu=_mosaic),
+  "reference": _reference,
+  "chunked": _chunked,
+  "pallas": _by_platform(functools.partial(_triton, interpret=True), cuda=_triton, tpu=_mosaic),
+  "auto": _by_platform(_chunked, cuda=_triton, tpu=_mosaic),
 }
 
 
@@ -94,14 +113,10 @@ def _validate(q, k, v, g, beta, initial_state, impl, chunk_size):
     raise ValueError(f"gated_delta_rule: unknown impl {impl!r}; expected one of {known}.")
   is_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
   if not is_int or chunk_size < 1:
-    raise ValueError(
-      f"gated_delta_rule: chunk_size must be a positive int, got {chunk_size!r}."
-    )
+    raise ValueError(f"gated_delta_rule: chunk_size must be a positive int, got {chunk_size!r}.")
   for name, x, ndim in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)):
     if x.ndim != ndim:
-      raise ValueError(
-        f"gated_delta_rule: {name} must have {ndim} dims, got shape {x.shape}."
-      )
+      raise ValueError(f"gated_delta_rule: {name} must have {ndim} dims, got shape {x.shape}.")
   batch, num_tokens, heads, key_dim = q.shape
   value_dim = v.shape[-1]
   if num_tokens == 0:
@@ -115,8 +130,18 @@ def _validate(q, k, v, g, beta, initial_state, impl, chunk_size):
 
 
 def gated_delta_rule(
-  q, k, v, g, beta, *, scale=None, initial_state=None, impl="auto", chunk_size=64,
-  batch_axes=None, head_axes=None,
+  q,
+  k,
+  v,
+  g,
+  beta,
+  *,
+  scale=None,
+  initial_state=None,
+  impl="auto",
+  chunk_size=64,
+  batch_axes=None,
+  head_axes=None,
 ):
   """Gated delta rule over a sequence, from an optional initial fast-weight state.
 
@@ -153,9 +178,14 @@ def gated_delta_rule(
   _validate(q, k, v, g, beta, initial_state, impl, chunk_size)
   scale, initial_state = fill_defaults(q, v, scale, initial_state)
   run = functools.partial(_IMPLEMENTATIONS[impl], scale=float(scale), chunk_size=chunk_size)
-  batch_axes, head_axes = partition.batch_and_head_axes(q, batch_axes=batch_axes,
-                                                         head_axes=head_axes)
+  batch_axes, head_axes = partition.batch_and_head_axes(
+    q, batch_axes=batch_axes, head_axes=head_axes
+  )
   run = partition.shard_over_batch_and_heads(
-      run, in_layouts=("bthk", "bthk", "bthv", "bth", "bth", "bhkv"),
-      out_layouts=("bthv", "bhkv"), batch_axes=batch_axes, head_axes=head_axes)
+    run,
+    in_layouts=("bthk", "bthk", "bthv", "bth", "bth", "bhkv"),
+    out_layouts=("bthv", "bhkv"),
+    batch_axes=batch_axes,
+    head_axes=head_axes,
+  )
   return run(q, k, v, g, beta, initial_state)

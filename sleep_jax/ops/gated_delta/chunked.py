@@ -81,8 +81,9 @@ def _invert_unit_lower(strict_lower_ts):
     lower_left = diagonal_blocks[..., block:, :block]
     upper_inverse = inverse_blocks[..., 0::2, :, :]
     lower_inverse = inverse_blocks[..., 1::2, :, :]
-    corner = -_einsum("...ij,...jk->...ik", lower_inverse,
-             _einsum("...ij,...jk->...ik", lower_left, upper_inverse))
+    corner = -_einsum(
+      "...ij,...jk->...ik", lower_inverse, _einsum("...ij,...jk->...ik", lower_left, upper_inverse)
+    )
     top = jnp.concatenate([upper_inverse, jnp.zeros_like(upper_inverse)], axis=-1)
     bottom = jnp.concatenate([corner, lower_inverse], axis=-1)
     inverse_blocks = jnp.concatenate([top, bottom], axis=-2)
@@ -114,8 +115,9 @@ def _inverse_backward(inverse_ts, d_inverse_ts):
 _invert_unit_lower_analytic_vjp.defvjp(_inverse_forward, _inverse_backward)
 
 
-def _chunk_local_terms(q_bhnck, k_bhnck, v_bhncv, g_bhnc, beta_bhnc, scale,
-                       invert=_invert_unit_lower):
+def _chunk_local_terms(
+  q_bhnck, k_bhnck, v_bhncv, g_bhnc, beta_bhnc, scale, invert=_invert_unit_lower
+):
   """Steps 1-3 and the intra-chunk scores of step 5, for all chunks at once.
 
   `invert` computes (I + A)^{-1}; the lean VJP passes the variant with the closed-form gradient.
@@ -184,6 +186,7 @@ def _run_chunks(chunked, initial_state, scale):
 # layout and kept alive. Residuals are the inputs themselves plus the [K,V] state entering every
 # chunk; gradients are written chunk by chunk into [B,T,H,...] buffers in place.
 
+
 def _chunk_at(x_bt, index, chunk, dtype):
   """Chunk `index` of a [B,T,H,...] array as [B,H,C,...] in `dtype`."""
   x_bc = jax.lax.dynamic_slice_in_dim(x_bt, index * chunk, chunk, axis=1)
@@ -213,8 +216,9 @@ def _lean_forward(inputs, initial_state, scale, chunk):
 
   final_state, (out_nbhcv, states_in) = jax.lax.scan(step, initial_state, jnp.arange(num_chunks))
   num, batch, heads, chunk_len, value_dim = out_nbhcv.shape
-  out_btv = jnp.transpose(out_nbhcv, (1, 0, 3, 2, 4)).reshape(batch, num * chunk_len, heads,
-                                                                value_dim)
+  out_btv = jnp.transpose(out_nbhcv, (1, 0, 3, 2, 4)).reshape(
+    batch, num * chunk_len, heads, value_dim
+  )
   return (out_btv, final_state), states_in
 
 
@@ -238,24 +242,25 @@ def _lean_vjp_backward(scale, chunk, residuals, cotangents):
     chunk_inputs = [_chunk_at(x, index, chunk, compute_dtype) for x in inputs]
     _, chunk_vjp = jax.vjp(functools.partial(_one_chunk, scale), *chunk_inputs, states_in[index])
     *d_chunk_inputs, d_state_in_bhkv = chunk_vjp(
-        (_chunk_at(d_out_btv, index, chunk, compute_dtype), d_state_bhkv))
-    grads = tuple(jax.lax.dynamic_update_slice_in_dim(buffer, jnp.moveaxis(d, 2, 1), index * chunk,
-                                                      axis=1)
-                  for buffer, d in zip(grads, d_chunk_inputs))
+      (_chunk_at(d_out_btv, index, chunk, compute_dtype), d_state_bhkv)
+    )
+    grads = tuple(
+      jax.lax.dynamic_update_slice_in_dim(buffer, jnp.moveaxis(d, 2, 1), index * chunk, axis=1)
+      for buffer, d in zip(grads, d_chunk_inputs)
+    )
     return (d_state_in_bhkv, grads), None
 
   zero_grads = tuple(jnp.zeros(x.shape, compute_dtype) for x in inputs)
   (d_initial_state, grads), _ = jax.lax.scan(
-      reverse_step, (d_final_state, zero_grads), jnp.arange(states_in.shape[0]), reverse=True)
+    reverse_step, (d_final_state, zero_grads), jnp.arange(states_in.shape[0]), reverse=True
+  )
   return (*(d.astype(x.dtype) for d, x in zip(grads, inputs)), d_initial_state)
 
 
 _chunked_with_lean_vjp.defvjp(_lean_vjp_forward, _lean_vjp_backward)
 
 
-def gated_delta_rule_chunked(
-    q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64
-):
+def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64):
   """Runs the gated delta rule chunk by chunk, with the memory-lean custom VJP.
 
   Args:
@@ -277,17 +282,18 @@ def gated_delta_rule_chunked(
   chunk = min(chunk_size, num_tokens)
   inputs = [pad_tokens(x, chunk) for x in (q, k, v, g, beta)]
   compute_dtype = state_dtype(q, k, v, g, beta, initial_state)
-  out_btv, final_state = _chunked_with_lean_vjp(*inputs, initial_state.astype(compute_dtype),
-                                                float(scale), chunk)
+  out_btv, final_state = _chunked_with_lean_vjp(
+    *inputs, initial_state.astype(compute_dtype), float(scale), chunk
+  )
   return out_btv[:, :num_tokens].astype(v.dtype), final_state
 
 
 def gated_delta_rule_chunked_autodiff(
-    q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64
+  q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64
 ):
   """The same forward as `gated_delta_rule_chunked`, differentiated by plain autodiff."""
   chunked, initial_state, scale = _prepare(q, k, v, g, beta, scale, initial_state, chunk_size)
   out_bhncv, final_state = _run_chunks(chunked, initial_state, scale)
   batch, heads, num_chunks, chunk, value_dim = out_bhncv.shape
   out_bhtv = out_bhncv.reshape(batch, heads, num_chunks * chunk, value_dim)
-  return jnp.moveaxis(out_bhtv, 1, 2)[:, :q.shape[1]].astype(v.dtype), final_state
+  return jnp.moveaxis(out_bhtv, 1, 2)[:, : q.shape[1]].astype(v.dtype), final_state

@@ -19,7 +19,7 @@ kernels into a differentiable `gated_delta_rule` implementation.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,10 @@ def _matmul_tn(a, b):
 
 
 def _index_grids(size):
-  return (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0),
-          jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
+  return (
+    jax.lax.broadcasted_iota(jnp.int32, (size, size), 0),
+    jax.lax.broadcasted_iota(jnp.int32, (size, size), 1),
+  )
 
 
 def _column_to_row(x_c1):
@@ -60,8 +62,7 @@ def _decay_terms(g_c1):
   """Cumulative log decay G [C,1], masked decay matrix D [C,C] and the chunk's total G_C [1,1]."""
   row_ts, col_ts = _index_grids(g_c1.shape[0])
   causal_ts = row_ts >= col_ts
-  cum_log_decay_c1 = jnp.sum(jnp.where(causal_ts, _column_to_row(g_c1), 0.0), axis=1,
-                             keepdims=True)
+  cum_log_decay_c1 = jnp.sum(jnp.where(causal_ts, _column_to_row(g_c1), 0.0), axis=1, keepdims=True)
   gap_ts = cum_log_decay_c1 - _column_to_row(cum_log_decay_c1)
   # Mask before exp: above the diagonal the gap is positive and may overflow.
   decay_ts = jnp.where(causal_ts, jnp.exp(jnp.where(causal_ts, gap_ts, 0.0)), 0.0)
@@ -90,8 +91,9 @@ def invert_unit_lower(a_ts):
 
   def substitute_row(i, inverse_ts):
     a_row_i_s1 = jnp.sum(jnp.where(col_ts == i, a_transposed_st, 0.0), axis=1, keepdims=True)
-    new_row_1s = (jnp.where(col_1s == i, 1.0, 0.0)
-                  - jnp.sum(a_row_i_s1 * inverse_ts, axis=0, keepdims=True))
+    new_row_1s = jnp.where(col_1s == i, 1.0, 0.0) - jnp.sum(
+      a_row_i_s1 * inverse_ts, axis=0, keepdims=True
+    )
     return jnp.where(row_ts == i, new_row_1s, inverse_ts)
 
   identity_ts = jnp.where(row_ts == col_ts, 1.0, 0.0)
@@ -128,8 +130,16 @@ def chunk_backward(q_ck, k_ck, v_cv, g_c1, beta_c1, state_kv, d_out_cv, d_new_st
   """
   a_ts, a_vjp = jax.vjp(_strict_lower_a, k_ck, g_c1, beta_c1)
   inverse_ts = invert_unit_lower(a_ts)
-  _, outputs_vjp = jax.vjp(functools.partial(_chunk_outputs, scale=scale), inverse_ts, q_ck,
-                           k_ck, v_cv, g_c1, beta_c1, state_kv)
+  _, outputs_vjp = jax.vjp(
+    functools.partial(_chunk_outputs, scale=scale),
+    inverse_ts,
+    q_ck,
+    k_ck,
+    v_cv,
+    g_c1,
+    beta_c1,
+    state_kv,
+  )
   d_inverse_ts, dq, dk, dv, dg, dbeta, d_state = outputs_vjp((d_out_cv, d_new_state_kv))
   inverse_st = inverse_ts.T
   d_a_ts = -_dot(_dot(inverse_st, d_inverse_ts), inverse_st)
@@ -139,18 +149,24 @@ def chunk_backward(q_ck, k_ck, v_cv, g_c1, beta_c1, state_kv, d_out_cv, d_new_st
 
 # --- Layout and the differentiable wrapper shared by the Pallas backends. ---------------------
 
+
 def to_kernel_layout(q, k, v, g, beta, chunk):
   """[B,T,H,...] -> head-major [B,H,Tp,...] with T zero-padded to Tp, a multiple of `chunk`.
 
   q, k, v keep their dtype (the kernels upcast tiles to float32); g and beta become float32
   [B,H,Tp,1] columns. Zero padding is the no-op token (g = 0, beta = 0, k = q = v = 0).
   """
+
   def head_major(x):
     return jnp.moveaxis(pad_tokens(x, chunk), 2, 1)
 
-  return (head_major(q), head_major(k), head_major(v),
-          head_major(g.astype(jnp.float32))[..., None],
-          head_major(beta.astype(jnp.float32))[..., None])
+  return (
+    head_major(q),
+    head_major(k),
+    head_major(v),
+    head_major(g.astype(jnp.float32))[..., None],
+    head_major(beta.astype(jnp.float32))[..., None],
+  )
 
 
 # forward(q, k, v, g, beta, initial_state, *, scale, chunk, interpret) -> (o, states_in, final)
@@ -170,20 +186,33 @@ def make_differentiable(forward: ForwardKernel, backward: BackwardKernel):
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
   def run(q, k, v, g, beta, initial_state, scale, chunk, interpret):
-    out, _, final_state = forward(q, k, v, g, beta, initial_state, scale=scale, chunk=chunk,
-                                  interpret=interpret)
+    out, _, final_state = forward(
+      q, k, v, g, beta, initial_state, scale=scale, chunk=chunk, interpret=interpret
+    )
     return out, final_state
 
   def run_forward(q, k, v, g, beta, initial_state, scale, chunk, interpret):
-    out, states_in, final_state = forward(q, k, v, g, beta, initial_state, scale=scale,
-                                          chunk=chunk, interpret=interpret)
+    out, states_in, final_state = forward(
+      q, k, v, g, beta, initial_state, scale=scale, chunk=chunk, interpret=interpret
+    )
     return (out, final_state), (q, k, v, g, beta, states_in)
 
   def run_backward(scale, chunk, interpret, residuals, cotangents):
     q, k, v, g, beta, states_in = residuals
     d_out, d_final_state = cotangents
-    return backward(q, k, v, g, beta, states_in, d_out, d_final_state, scale=scale, chunk=chunk,
-                    interpret=interpret)
+    return backward(
+      q,
+      k,
+      v,
+      g,
+      beta,
+      states_in,
+      d_out,
+      d_final_state,
+      scale=scale,
+      chunk=chunk,
+      interpret=interpret,
+    )
 
   run.defvjp(run_forward, run_backward)
   return run
@@ -203,7 +232,8 @@ def run_in_kernel_layout(run, q, k, v, g, beta, *, scale, initial_state, chunk, 
   """
   scale, initial_state = fill_defaults(q, v, scale, initial_state)
   laid_out = to_kernel_layout(q, k, v, g, beta, chunk)
-  out_bhtv, final_state = run(*laid_out, initial_state.astype(jnp.float32), float(scale), chunk,
-                              interpret)
-  out_bthv = jnp.moveaxis(out_bhtv, 1, 2)[:, :q.shape[1]]
+  out_bhtv, final_state = run(
+    *laid_out, initial_state.astype(jnp.float32), float(scale), chunk, interpret
+  )
+  out_bthv = jnp.moveaxis(out_bhtv, 1, 2)[:, : q.shape[1]]
   return out_bthv.astype(v.dtype), final_state

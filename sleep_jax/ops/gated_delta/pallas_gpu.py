@@ -42,8 +42,21 @@ def _compiler_params():
   return pltriton.CompilerParams(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, initial_state_ref, out_ref, states_ref,
-                    final_state_ref, *, scale, chunk, num_chunks):
+def _forward_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  g_ref,
+  beta_ref,
+  initial_state_ref,
+  out_ref,
+  states_ref,
+  final_state_ref,
+  *,
+  scale,
+  chunk,
+  num_chunks,
+):
   def step(c, state_kv):
     rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
 
@@ -52,16 +65,34 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, initial_state_ref, out
 
     states_ref[c, :, :] = state_kv
     out_cv, new_state_kv = kernel_math.chunk_forward(
-        tile(q_ref), tile(k_ref), tile(v_ref), tile(g_ref), tile(beta_ref), state_kv, scale)
+      tile(q_ref), tile(k_ref), tile(v_ref), tile(g_ref), tile(beta_ref), state_kv, scale
+    )
     out_ref[rows, :] = out_cv.astype(out_ref.dtype)
     return new_state_kv
 
   final_state_ref[...] = jax.lax.fori_loop(0, num_chunks, step, initial_state_ref[...])
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, d_out_ref,
-                     d_final_state_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref,
-                     d_initial_state_ref, *, scale, chunk, num_chunks):
+def _backward_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  g_ref,
+  beta_ref,
+  states_ref,
+  d_out_ref,
+  d_final_state_ref,
+  dq_ref,
+  dk_ref,
+  dv_ref,
+  dg_ref,
+  dbeta_ref,
+  d_initial_state_ref,
+  *,
+  scale,
+  chunk,
+  num_chunks,
+):
   def step(i, d_state_kv):
     c = num_chunks - 1 - i
     rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
@@ -70,10 +101,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, d_out_ref
       return ref[rows, :].astype(jnp.float32)
 
     dq, dk, dv, dg, dbeta, d_state_in_kv = kernel_math.chunk_backward(
-        tile(q_ref), tile(k_ref), tile(v_ref), tile(g_ref), tile(beta_ref), states_ref[c, :, :],
-        tile(d_out_ref), d_state_kv, scale)
-    for ref, grad in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dg_ref, dg),
-                      (dbeta_ref, dbeta)):
+      tile(q_ref),
+      tile(k_ref),
+      tile(v_ref),
+      tile(g_ref),
+      tile(beta_ref),
+      states_ref[c, :, :],
+      tile(d_out_ref),
+      d_state_kv,
+      scale,
+    )
+    for ref, grad in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dg_ref, dg), (dbeta_ref, dbeta)):
       ref[rows, :] = grad.astype(ref.dtype)
     return d_state_in_kv
 
@@ -86,23 +124,25 @@ def _specs(q, v, chunk):
   value_dim = v.shape[-1]
   block_v = min(_BLOCK_V, value_dim)
   num_chunks = padded_len // chunk
-  sequence = lambda width: pl.BlockSpec((None, None, padded_len, width),
-                                        lambda b, h, j: (b, h, 0, 0))
+  sequence = lambda width: pl.BlockSpec(
+    (None, None, padded_len, width), lambda b, h, j: (b, h, 0, 0)
+  )
   return dict(
-      grid=(batch, heads, value_dim // block_v),
-      num_chunks=num_chunks,
-      block_v=block_v,
-      keys=sequence(key_dim),
-      column=sequence(1),
-      values=pl.BlockSpec((None, None, padded_len, block_v), lambda b, h, j: (b, h, 0, j)),
-      state=pl.BlockSpec((None, None, key_dim, block_v), lambda b, h, j: (b, h, 0, j)),
-      states=pl.BlockSpec((None, None, num_chunks, key_dim, block_v),
-                          lambda b, h, j: (b, h, 0, 0, j)),
-      # One partial gradient per value block for the inputs every value block reads.
-      partial_keys=pl.BlockSpec((None, None, None, padded_len, key_dim),
-                                lambda b, h, j: (b, h, j, 0, 0)),
-      partial_column=pl.BlockSpec((None, None, None, padded_len, 1),
-                                  lambda b, h, j: (b, h, j, 0, 0)),
+    grid=(batch, heads, value_dim // block_v),
+    num_chunks=num_chunks,
+    block_v=block_v,
+    keys=sequence(key_dim),
+    column=sequence(1),
+    values=pl.BlockSpec((None, None, padded_len, block_v), lambda b, h, j: (b, h, 0, j)),
+    state=pl.BlockSpec((None, None, key_dim, block_v), lambda b, h, j: (b, h, 0, j)),
+    states=pl.BlockSpec(
+      (None, None, num_chunks, key_dim, block_v), lambda b, h, j: (b, h, 0, 0, j)
+    ),
+    # One partial gradient per value block for the inputs every value block reads.
+    partial_keys=pl.BlockSpec(
+      (None, None, None, padded_len, key_dim), lambda b, h, j: (b, h, j, 0, 0)
+    ),
+    partial_column=pl.BlockSpec((None, None, None, padded_len, 1), lambda b, h, j: (b, h, j, 0, 0)),
   )
 
 
@@ -111,21 +151,20 @@ def forward(q, k, v, g, beta, initial_state, *, scale, chunk, interpret):
   s = _specs(q, v, chunk)
   batch, heads, padded_len, key_dim = q.shape
   value_dim = v.shape[-1]
-  kernel = functools.partial(_forward_kernel, scale=scale, chunk=chunk,
-                             num_chunks=s["num_chunks"])
+  kernel = functools.partial(_forward_kernel, scale=scale, chunk=chunk, num_chunks=s["num_chunks"])
   return pl.pallas_call(
-      kernel,
-      grid=s["grid"],
-      in_specs=[s["keys"], s["keys"], s["values"], s["column"], s["column"], s["state"]],
-      out_specs=[s["values"], s["states"], s["state"]],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, heads, padded_len, value_dim), v.dtype),
-          jax.ShapeDtypeStruct((batch, heads, s["num_chunks"], key_dim, value_dim), jnp.float32),
-          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
-      ],
-      compiler_params=_compiler_params(),
-      interpret=interpret,
-      name="gated_delta_forward",
+    kernel,
+    grid=s["grid"],
+    in_specs=[s["keys"], s["keys"], s["values"], s["column"], s["column"], s["state"]],
+    out_specs=[s["values"], s["states"], s["state"]],
+    out_shape=[
+      jax.ShapeDtypeStruct((batch, heads, padded_len, value_dim), v.dtype),
+      jax.ShapeDtypeStruct((batch, heads, s["num_chunks"], key_dim, value_dim), jnp.float32),
+      jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
+    ],
+    compiler_params=_compiler_params(),
+    interpret=interpret,
+    name="gated_delta_forward",
   )(q, k, v, g, beta, initial_state)
 
 
@@ -135,24 +174,45 @@ def backward(q, k, v, g, beta, states_in, d_out, d_final_state, *, scale, chunk,
   batch, heads, padded_len, key_dim = q.shape
   num_value_blocks = s["grid"][2]
   partial = lambda width: jax.ShapeDtypeStruct(
-      (batch, heads, num_value_blocks, padded_len, width), jnp.float32)
-  kernel = functools.partial(_backward_kernel, scale=scale, chunk=chunk,
-                             num_chunks=s["num_chunks"])
+    (batch, heads, num_value_blocks, padded_len, width), jnp.float32
+  )
+  kernel = functools.partial(_backward_kernel, scale=scale, chunk=chunk, num_chunks=s["num_chunks"])
   dq, dk, dv, dg, dbeta, d_initial_state = pl.pallas_call(
-      kernel,
-      grid=s["grid"],
-      in_specs=[s["keys"], s["keys"], s["values"], s["column"], s["column"], s["states"],
-                s["values"], s["state"]],
-      out_specs=[s["partial_keys"], s["partial_keys"], s["values"], s["partial_column"],
-                 s["partial_column"], s["state"]],
-      out_shape=[partial(key_dim), partial(key_dim), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 partial(1), partial(1), jax.ShapeDtypeStruct(d_final_state.shape, jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=interpret,
-      name="gated_delta_backward",
+    kernel,
+    grid=s["grid"],
+    in_specs=[
+      s["keys"],
+      s["keys"],
+      s["values"],
+      s["column"],
+      s["column"],
+      s["states"],
+      s["values"],
+      s["state"],
+    ],
+    out_specs=[
+      s["partial_keys"],
+      s["partial_keys"],
+      s["values"],
+      s["partial_column"],
+      s["partial_column"],
+      s["state"],
+    ],
+    out_shape=[
+      partial(key_dim),
+      partial(key_dim),
+      jax.ShapeDtypeStruct(v.shape, v.dtype),
+      partial(1),
+      partial(1),
+      jax.ShapeDtypeStruct(d_final_state.shape, jnp.float32),
+    ],
+    compiler_params=_compiler_params(),
+    interpret=interpret,
+    name="gated_delta_backward",
   )(q, k, v, g, beta, states_in, d_out, d_final_state)
-  summed = [x.sum(axis=2).astype(like.dtype) for x, like in ((dq, q), (dk, k), (dg, g),
-                                                             (dbeta, beta))]
+  summed = [
+    x.sum(axis=2).astype(like.dtype) for x, like in ((dq, q), (dk, k), (dg, g), (dbeta, beta))
+  ]
   return summed[0], summed[1], dv, summed[2], summed[3], d_initial_state
 
 
@@ -163,8 +223,9 @@ def _power_of_two_at_least_16(n):
   return max(16, 1 << (n - 1).bit_length())
 
 
-def gated_delta_rule_pallas_gpu(q, k, v, g, beta, *, scale=None, initial_state=None,
-                                chunk_size=64, interpret=False):
+def gated_delta_rule_pallas_gpu(
+  q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64, interpret=False
+):
   """Gated delta rule with the fused GPU kernels; the contract of `gated_delta_rule`.
 
   Args:
@@ -182,10 +243,20 @@ def gated_delta_rule_pallas_gpu(q, k, v, g, beta, *, scale=None, initial_state=N
   padded_k, padded_v = _power_of_two_at_least_16(key_dim), _power_of_two_at_least_16(value_dim)
   widen = lambda x, width: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
   q, k, v = widen(q, padded_k), widen(k, padded_k), widen(v, padded_v)
-  initial_state = jnp.pad(initial_state, [(0, 0), (0, 0), (0, padded_k - key_dim),
-                                          (0, padded_v - value_dim)])
+  initial_state = jnp.pad(
+    initial_state, [(0, 0), (0, 0), (0, padded_k - key_dim), (0, padded_v - value_dim)]
+  )
   chunk = _power_of_two_at_least_16(min(chunk_size, q.shape[1]))
   out, final_state = kernel_math.run_in_kernel_layout(
-      _RUN, q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk=chunk,
-      interpret=interpret)
+    _RUN,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=scale,
+    initial_state=initial_state,
+    chunk=chunk,
+    interpret=interpret,
+  )
   return out[..., :value_dim], final_state[..., :key_dim, :value_dim]

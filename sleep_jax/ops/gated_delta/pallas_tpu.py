@@ -37,8 +37,20 @@ def _interpret_mode(interpret):
   return pltpu.InterpretParams() if interpret else False
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, initial_state_ref, out_ref,
-                    state_in_ref, final_state_ref, state_scratch, *, scale):
+def _forward_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  g_ref,
+  beta_ref,
+  initial_state_ref,
+  out_ref,
+  state_in_ref,
+  final_state_ref,
+  state_scratch,
+  *,
+  scale,
+):
   chunk_index = pl.program_id(2)
 
   @pl.when(chunk_index == 0)
@@ -49,7 +61,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, initial_state_ref, out
   state_in_ref[...] = state_kv
   tile = lambda ref: ref[...].astype(jnp.float32)
   out_cv, new_state_kv = kernel_math.chunk_forward(
-      tile(q_ref), tile(k_ref), tile(v_ref), tile(g_ref), tile(beta_ref), state_kv, scale)
+    tile(q_ref), tile(k_ref), tile(v_ref), tile(g_ref), tile(beta_ref), state_kv, scale
+  )
   out_ref[...] = out_cv.astype(out_ref.dtype)
   state_scratch[...] = new_state_kv
 
@@ -58,9 +71,25 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, initial_state_ref, out
     final_state_ref[...] = new_state_kv
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_in_ref, d_out_ref,
-                     d_final_state_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref,
-                     d_initial_state_ref, d_state_scratch, *, scale):
+def _backward_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  g_ref,
+  beta_ref,
+  state_in_ref,
+  d_out_ref,
+  d_final_state_ref,
+  dq_ref,
+  dk_ref,
+  dv_ref,
+  dg_ref,
+  dbeta_ref,
+  d_initial_state_ref,
+  d_state_scratch,
+  *,
+  scale,
+):
   step = pl.program_id(2)
 
   @pl.when(step == 0)
@@ -69,8 +98,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_in_ref, d_out_r
 
   tile = lambda ref: ref[...].astype(jnp.float32)
   dq, dk, dv, dg, dbeta, d_state_in_kv = kernel_math.chunk_backward(
-      tile(q_ref), tile(k_ref), tile(v_ref), tile(g_ref), tile(beta_ref), state_in_ref[...],
-      tile(d_out_ref), d_state_scratch[...], scale)
+    tile(q_ref),
+    tile(k_ref),
+    tile(v_ref),
+    tile(g_ref),
+    tile(beta_ref),
+    state_in_ref[...],
+    tile(d_out_ref),
+    d_state_scratch[...],
+    scale,
+  )
   for ref, grad in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dg_ref, dg), (dbeta_ref, dbeta)):
     ref[...] = grad.astype(ref.dtype)
   d_state_scratch[...] = d_state_in_kv
@@ -88,14 +125,15 @@ def _specs(q, v, chunk, *, reverse):
   at = (lambda c: num_chunks - 1 - c) if reverse else (lambda c: c)
   tiles = lambda width: pl.BlockSpec((None, None, chunk, width), lambda b, h, c: (b, h, at(c), 0))
   return dict(
-      grid=(batch, heads, num_chunks),
-      num_chunks=num_chunks,
-      keys=tiles(key_dim),
-      values=tiles(value_dim),
-      column=tiles(1),
-      state=pl.BlockSpec((None, None, key_dim, value_dim), lambda b, h, c: (b, h, 0, 0)),
-      state_in=pl.BlockSpec((None, None, None, key_dim, value_dim),
-                            lambda b, h, c: (b, h, at(c), 0, 0)),
+    grid=(batch, heads, num_chunks),
+    num_chunks=num_chunks,
+    keys=tiles(key_dim),
+    values=tiles(value_dim),
+    column=tiles(1),
+    state=pl.BlockSpec((None, None, key_dim, value_dim), lambda b, h, c: (b, h, 0, 0)),
+    state_in=pl.BlockSpec(
+      (None, None, None, key_dim, value_dim), lambda b, h, c: (b, h, at(c), 0, 0)
+    ),
   )
 
 
@@ -105,19 +143,19 @@ def forward(q, k, v, g, beta, initial_state, *, scale, chunk, interpret):
   batch, heads, padded_len, key_dim = q.shape
   value_dim = v.shape[-1]
   return pl.pallas_call(
-      functools.partial(_forward_kernel, scale=scale),
-      grid=s["grid"],
-      in_specs=[s["keys"], s["keys"], s["values"], s["column"], s["column"], s["state"]],
-      out_specs=[s["values"], s["state_in"], s["state"]],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, heads, padded_len, value_dim), v.dtype),
-          jax.ShapeDtypeStruct((batch, heads, s["num_chunks"], key_dim, value_dim), jnp.float32),
-          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
-      ],
-      scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=_interpret_mode(interpret),
-      name="gated_delta_forward",
+    functools.partial(_forward_kernel, scale=scale),
+    grid=s["grid"],
+    in_specs=[s["keys"], s["keys"], s["values"], s["column"], s["column"], s["state"]],
+    out_specs=[s["values"], s["state_in"], s["state"]],
+    out_shape=[
+      jax.ShapeDtypeStruct((batch, heads, padded_len, value_dim), v.dtype),
+      jax.ShapeDtypeStruct((batch, heads, s["num_chunks"], key_dim, value_dim), jnp.float32),
+      jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
+    ],
+    scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
+    compiler_params=_compiler_params(),
+    interpret=_interpret_mode(interpret),
+    name="gated_delta_forward",
   )(q, k, v, g, beta, initial_state)
 
 
@@ -126,25 +164,36 @@ def backward(q, k, v, g, beta, states_in, d_out, d_final_state, *, scale, chunk,
   s = _specs(q, v, chunk, reverse=True)
   key_dim, value_dim = q.shape[-1], v.shape[-1]
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-  return tuple(pl.pallas_call(
+  return tuple(
+    pl.pallas_call(
       functools.partial(_backward_kernel, scale=scale),
       grid=s["grid"],
-      in_specs=[s["keys"], s["keys"], s["values"], s["column"], s["column"], s["state_in"],
-                s["values"], s["state"]],
+      in_specs=[
+        s["keys"],
+        s["keys"],
+        s["values"],
+        s["column"],
+        s["column"],
+        s["state_in"],
+        s["values"],
+        s["state"],
+      ],
       out_specs=[s["keys"], s["keys"], s["values"], s["column"], s["column"], s["state"]],
       out_shape=[like(q), like(k), like(v), like(g), like(beta), like(d_final_state)],
       scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
       compiler_params=_compiler_params(),
       interpret=_interpret_mode(interpret),
       name="gated_delta_backward",
-  )(q, k, v, g, beta, states_in, d_out, d_final_state))
+    )(q, k, v, g, beta, states_in, d_out, d_final_state)
+  )
 
 
 _RUN = kernel_math.make_differentiable(forward, backward)
 
 
-def gated_delta_rule_pallas_tpu(q, k, v, g, beta, *, scale=None, initial_state=None,
-                                chunk_size=64, interpret=False):
+def gated_delta_rule_pallas_tpu(
+  q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64, interpret=False
+):
   """Gated delta rule with the fused TPU kernels; the contract of `gated_delta_rule`.
 
   Args:
@@ -159,6 +208,15 @@ def gated_delta_rule_pallas_tpu(q, k, v, g, beta, *, scale=None, initial_state=N
   """
   chunk = min(chunk_size, q.shape[1])
   chunk += -chunk % _SUBLANES
-  return kernel_math.run_in_kernel_layout(_RUN, q, k, v, g, beta, scale=scale,
-                                          initial_state=initial_state, chunk=chunk,
-                                          interpret=interpret)
+  return kernel_math.run_in_kernel_layout(
+    _RUN,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=scale,
+    initial_state=initial_state,
+    chunk=chunk,
+    interpret=interpret,
+  )
