@@ -120,7 +120,7 @@ def test_the_config_guard_allows_loop_settings_and_refuses_the_rest(tmp_path):
     other[section][field] = value
     with pytest.raises(rundir.WorkdirError, match=f"{section}.*saved.*vs new"):
       run.check_compatible_config(other)
-  assert json.load(open(run.file(rundir.CONFIG_FILE))) == config
+  assert rundir.read_json(run.file(rundir.CONFIG_FILE)) == config
 
 
 def test_configs_run_directories_and_reports_load_without_jax_or_the_trainer():

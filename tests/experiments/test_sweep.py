@@ -1,6 +1,5 @@
 """Sweeps without training: grid expansion, skip/resume logic, failures, XManager job lists."""
 
-import json
 import os
 import subprocess
 import sys
@@ -117,7 +116,7 @@ def test_run_sweep_skips_finished_survives_a_failure_and_resumes(tmp_path):
 
   def fake_train(config, workdir):
     calls.append(os.path.relpath(workdir, sweep_dir))
-    assert json.load(open(os.path.join(workdir, rundir.SWEEP_RUN_FILE)))["seed"] == config.seed
+    assert rundir.read_json(os.path.join(workdir, rundir.SWEEP_RUN_FILE))["seed"] == config.seed
     if (config.sleep.passes, config.task.depth, config.seed) in fail_on:
       raise RuntimeError("simulated crash")
     write_results(workdir, config.train.num_steps, config.train.num_steps)
@@ -127,9 +126,9 @@ def test_run_sweep_skips_finished_survives_a_failure_and_resumes(tmp_path):
   assert os.path.join("n2", "depth1", "seed1") in calls  # unfinished: run again (resumes)
   assert [(r.arm, r.depth, r.seed) for r, _ in failures] == [("n2", 2, 0)]
   assert "simulated crash" in failures[0][1]
-  coords = json.load(open(os.path.join(sweep_dir, "n2", "depth2", "seed0", rundir.SWEEP_RUN_FILE)))
+  coords = rundir.read_json(os.path.join(sweep_dir, "n2", "depth2", "seed0", rundir.SWEEP_RUN_FILE))
   assert coords["arm"] == "n2" and coords["depth"] == 2 and coords["overrides"]["sleep.passes"] == 2
-  grid = json.load(open(os.path.join(sweep_dir, rundir.SWEEP_FILE)))
+  grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
   assert grid["arms"] == ["n1", "n2"] and len(grid["runs"]) == 8
 
   calls.clear()  # rerun the same sweep: only the failed run trains again
@@ -285,7 +284,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
   out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   for arm in ("n1", "n2"):
-    results = json.load(open(sweep_dir / arm / "depth1" / "seed0" / "results.json"))
+    results = rundir.read_json(sweep_dir / arm / "depth1" / "seed0" / "results.json")
     assert results["step"] == 4 and results["passes"] == int(arm[1])
   report = (sweep_dir / "report.md").read_text()
   assert (

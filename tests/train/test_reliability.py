@@ -145,6 +145,7 @@ def test_kill_9_at_random_moments_never_restores_a_torn_checkpoint(tmp_path, uni
   assert_same_run(workdir, uninterrupted, 300)
 
 
+@pytest.mark.slow
 def test_nan_stops_with_a_clear_error_keeps_the_last_good_checkpoint_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(tiny_config(train__num_steps=2), workdir)  # checkpoint at step 2
@@ -170,6 +171,7 @@ def test_an_unwritable_workdir_fails_before_compiling_and_changes_nothing(tmp_pa
   assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_a_clear_error_and_loses_nothing_saved_before(tmp_path):
   workdir = tmp_path / "run"
   process = start_main(workdir, *LONG_RUN)
@@ -190,6 +192,7 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing_saved_before(tmp_path):
   assert rundir.RunDir(str(workdir)).results().step == 300
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_workdir_trains_nothing_and_reports_the_same(tmp_path):
   workdir = str(tmp_path / "run")
   first = loop.train_and_evaluate(tiny_config(), workdir)

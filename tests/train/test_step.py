@@ -105,6 +105,7 @@ def test_loss_and_accuracies_are_the_masked_cross_entropy_and_argmax_of_the_logi
   assert metrics["exact_accuracy"] == pytest.approx(exact, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_with_float32_parameters_and_fast_state(
   batch_and_logits, float32_run
 ):
@@ -152,6 +153,7 @@ def loss_and_grads(config):
   return float(loss), jax.device_get(grads)
 
 
+@pytest.mark.slow
 def test_grad_passes_truncates_the_gradient_but_not_the_forward_pass():
   loss_all, grads_all = loss_and_grads(tiny_config(passes=2))
   loss_last, grads_last = loss_and_grads(tiny_config(passes=2, grad_passes=1))
