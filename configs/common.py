@@ -11,6 +11,8 @@ repository root on the path).
 
 from ml_collections import config_dict
 
+from sleep_jax.parallel import config as parallel_config
+
 
 def model(vocab_size: int) -> config_dict.ConfigDict:
   """`config.model`: the hybrid LM (sleep_jax/model)."""
@@ -88,23 +90,10 @@ def parallel() -> config_dict.ConfigDict:
   --config.parallel.mesh.fsdp=8`; 2-way tensor parallelism `--config.parallel.mesh.tensor=2`.
   """
   c = config_dict.ConfigDict()
-  c.mesh = config_dict.ConfigDict()
-  c.mesh.data = -1  # -1: every device not used by the other axes
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  # Logical axis of a parameter dimension -> mesh axes (None: whole on every device). The batch
-  # is always split over data x fsdp. A dimension must divide by its mesh axes' total size;
-  # "layers" is the leading axis of the stacked repeated blocks.
-  c.rules = (
-    ("vocab", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("head_dim", None),
-    ("gate_heads", "tensor"),
-    ("conv", None),
-    ("layers", None),
-  )
+  c.mesh = config_dict.ConfigDict(dict(parallel_config.DEFAULT_MESH))  # data -1: the rest
+  # Logical axis -> mesh axes, one pair per parameter dimension kind (the table and its
+  # meaning: sleep_jax/parallel/config.py).
+  c.rules = parallel_config.DEFAULT_RULES
   return c
 
 

@@ -9,6 +9,10 @@ from typing import Any
 from sleep_jax.typed_config import dataclass_from_section
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_MESH = {"data": -1, "fsdp": 1, "tensor": 1}  # -1: every device the others leave
+# Logical axis of a parameter dimension -> mesh axes (None: whole on every device). The batch
+# is always split over data x fsdp. A dimension must divide by its mesh axes' total size;
+# "layers" is the leading axis of the stacked repeated blocks.
 DEFAULT_RULES = (
   ("vocab", None),
   ("embed", "fsdp"),
@@ -33,9 +37,7 @@ class ParallelConfig:
       split.
   """
 
-  mesh: Mapping[str, int] = dataclasses.field(
-    default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1}
-  )
+  mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
   rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
 
   def __post_init__(self):
