@@ -31,9 +31,9 @@ from sleep_jax.ops.gated_delta.reference import fill_defaults, pad_tokens, state
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _einsum(spec, *operands):
+def _einsum(spec, *operands, precision=_HIGHEST):
   # GPUs default float32 matmuls to TF32; the state must stay accurate over many chunks.
-  return jnp.einsum(spec, *operands, precision=_HIGHEST)
+  return jnp.einsum(spec, *operands, precision=precision)
 
 
 def _to_chunks(x_bt, chunk, dtype):
@@ -92,7 +92,7 @@ def _invert_unit_lower(strict_lower_ts):
 
 
 @jax.custom_vjp
-def _invert_unit_lower_analytic_vjp(strict_lower_ts):
+def invert_unit_lower_analytic_vjp(strict_lower_ts):
   """`_invert_unit_lower` with the closed-form gradient of a matrix inverse.
 
   For M = (I + A)^{-1}: dA = -M^T dM M^T, kept on A's strictly lower support. Two matmuls,
@@ -112,15 +112,24 @@ def _inverse_backward(inverse_ts, d_inverse_ts):
   return (jnp.tril(d_lower, k=-1),)
 
 
-_invert_unit_lower_analytic_vjp.defvjp(_inverse_forward, _inverse_backward)
+invert_unit_lower_analytic_vjp.defvjp(_inverse_forward, _inverse_backward)
 
 
-def _chunk_local_terms(
-  q_bhnck, k_bhnck, v_bhncv, g_bhnc, beta_bhnc, scale, invert=_invert_unit_lower
+def chunk_local_terms(
+  q_bhnck,
+  k_bhnck,
+  v_bhncv,
+  g_bhnc,
+  beta_bhnc,
+  scale,
+  invert=_invert_unit_lower,
+  precision=_HIGHEST,
 ):
   """Steps 1-3 and the intra-chunk scores of step 5, for all chunks at once.
 
   `invert` computes (I + A)^{-1}; the lean VJP passes the variant with the closed-form gradient.
+  `precision` is that of the matmuls outside the inverse (the staged GPU kernels lower it for
+  bfloat16 inputs, see pallas_gpu_staged.py).
   """
   cum_log_decay_bhnc = jnp.cumsum(g_bhnc, axis=-1)
   decay_from_start_bhnc = jnp.exp(cum_log_decay_bhnc)
@@ -128,7 +137,7 @@ def _chunk_local_terms(
   decay_to_end_bhnc = jnp.exp(cum_log_decay_bhnc[..., -1:] - cum_log_decay_bhnc)
 
   decay_bhnts = _masked_decay(cum_log_decay_bhnc)
-  key_gram_bhnts = _einsum("bhntk,bhnsk->bhnts", k_bhnck, k_bhnck)
+  key_gram_bhnts = _einsum("bhntk,bhnsk->bhnts", k_bhnck, k_bhnck, precision=precision)
   chunk = g_bhnc.shape[-1]
   strictly_lower_ts = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
   a_bhnts = jnp.where(
@@ -137,11 +146,14 @@ def _chunk_local_terms(
 
   inverse_bhnts = invert(a_bhnts)
   decayed_keys_bhnck = (beta_bhnc * decay_from_start_bhnc)[..., None] * k_bhnck
-  w_bhnck = _einsum("bhnts,bhnsk->bhntk", inverse_bhnts, decayed_keys_bhnck)
-  u_bhncv = _einsum("bhnts,bhnsv->bhntv", inverse_bhnts, beta_bhnc[..., None] * v_bhncv)
+  w_bhnck = _einsum("bhnts,bhnsk->bhntk", inverse_bhnts, decayed_keys_bhnck, precision=precision)
+  u_bhncv = _einsum(
+    "bhnts,bhnsv->bhntv", inverse_bhnts, beta_bhnc[..., None] * v_bhncv, precision=precision
+  )
 
   scaled_q_bhnck = scale * q_bhnck
-  scores_bhnts = _einsum("bhntk,bhnsk->bhnts", scaled_q_bhnck, k_bhnck) * decay_bhnts
+  scores_bhnts = _einsum("bhntk,bhnsk->bhnts", scaled_q_bhnck, k_bhnck, precision=precision)
+  scores_bhnts = scores_bhnts * decay_bhnts
   return {
     "w": w_bhnck,
     "u": u_bhncv,
@@ -152,13 +164,14 @@ def _chunk_local_terms(
   }
 
 
-def _chunk_step(state_bhkv, local):
+def chunk_step(state_bhkv, local, precision=_HIGHEST):
   """Steps 4-6 for one chunk: correct the values with the incoming state, read, update."""
-  corrected_bhcv = local["u"] - _einsum("bhck,bhkv->bhcv", local["w"], state_bhkv)
-  out_bhcv = _einsum("bhck,bhkv->bhcv", local["q_decayed"], state_bhkv) + _einsum(
+  einsum = functools.partial(_einsum, precision=precision)
+  corrected_bhcv = local["u"] - einsum("bhck,bhkv->bhcv", local["w"], state_bhkv)
+  out_bhcv = einsum("bhck,bhkv->bhcv", local["q_decayed"], state_bhkv) + einsum(
     "bhts,bhsv->bhtv", local["scores"], corrected_bhcv
   )
-  new_state_bhkv = local["chunk_decay"][..., None, None] * state_bhkv + _einsum(
+  new_state_bhkv = local["chunk_decay"][..., None, None] * state_bhkv + einsum(
     "bhck,bhcv->bhkv", local["k_to_end"], corrected_bhcv
   )
   return new_state_bhkv, out_bhcv
@@ -175,9 +188,9 @@ def _prepare(q, k, v, g, beta, scale, initial_state, chunk_size):
 
 def _run_chunks(chunked, initial_state, scale):
   """Local terms of all chunks at once, then the state scan: (out [B,H,N,C,V], final state)."""
-  local = _chunk_local_terms(*chunked, scale)
+  local = chunk_local_terms(*chunked, scale)
   local_by_chunk = jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), local)
-  final_state, out_nbhcv = jax.lax.scan(_chunk_step, initial_state, local_by_chunk)
+  final_state, out_nbhcv = jax.lax.scan(chunk_step, initial_state, local_by_chunk)
   return jnp.moveaxis(out_nbhcv, 0, 2), final_state
 
 
@@ -199,8 +212,8 @@ def _one_chunk(scale, q_bhck, k_bhck, v_bhcv, g_bhc, beta_bhc, state_bhkv):
   The inverse uses its closed-form gradient, two matmuls instead of the recursion's chain.
   """
   one = tuple(x[:, :, None] for x in (q_bhck, k_bhck, v_bhcv, g_bhc, beta_bhc))
-  local = _chunk_local_terms(*one, scale, invert=_invert_unit_lower_analytic_vjp)
-  new_state_bhkv, out_bhcv = _chunk_step(state_bhkv, jax.tree.map(lambda x: x[:, :, 0], local))
+  local = chunk_local_terms(*one, scale, invert=invert_unit_lower_analytic_vjp)
+  new_state_bhkv, out_bhcv = chunk_step(state_bhkv, jax.tree.map(lambda x: x[:, :, 0], local))
   return out_bhcv, new_state_bhkv
 
 

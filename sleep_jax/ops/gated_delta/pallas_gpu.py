@@ -38,7 +38,7 @@ _NUM_WARPS = 4
 _NUM_STAGES = 1  # the chunk loop carries a dependency; there is nothing to prefetch ahead
 
 
-def _compiler_params():
+def compiler_params():
   return pltriton.CompilerParams(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
 
 
@@ -162,7 +162,7 @@ def forward(q, k, v, g, beta, initial_state, *, scale, chunk, interpret):
       jax.ShapeDtypeStruct((batch, heads, s["num_chunks"], key_dim, value_dim), jnp.float32),
       jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32),
     ],
-    compiler_params=_compiler_params(),
+    compiler_params=compiler_params(),
     interpret=interpret,
     name="gated_delta_forward",
   )(q, k, v, g, beta, initial_state)
@@ -206,7 +206,7 @@ def backward(q, k, v, g, beta, states_in, d_out, d_final_state, *, scale, chunk,
       partial(1),
       jax.ShapeDtypeStruct(d_final_state.shape, jnp.float32),
     ],
-    compiler_params=_compiler_params(),
+    compiler_params=compiler_params(),
     interpret=interpret,
     name="gated_delta_backward",
   )(q, k, v, g, beta, states_in, d_out, d_final_state)
@@ -238,6 +238,26 @@ def gated_delta_rule_pallas_gpu(
   Returns:
     (o [B,T,H,V] in v's dtype, final_state [B,H,K,V] float32).
   """
+  return run_padded_for_triton(
+    _RUN,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=scale,
+    initial_state=initial_state,
+    chunk_size=chunk_size,
+    interpret=interpret,
+  )
+
+
+def run_padded_for_triton(run, q, k, v, g, beta, *, scale, initial_state, chunk_size, interpret):
+  """Runs a `kernel_math.make_differentiable` function under Triton's tile rules.
+
+  K and V are zero-padded to powers of two >= 16 and the chunk is one too (capped by T); the
+  padding is cut off the results.
+  """
   key_dim, value_dim = q.shape[-1], v.shape[-1]
   scale, initial_state = fill_defaults(q, v, scale, initial_state)
   padded_k, padded_v = _power_of_two_at_least_16(key_dim), _power_of_two_at_least_16(value_dim)
@@ -248,7 +268,7 @@ def gated_delta_rule_pallas_gpu(
   )
   chunk = _power_of_two_at_least_16(min(chunk_size, q.shape[1]))
   out, final_state = kernel_math.run_in_kernel_layout(
-    _RUN,
+    run,
     q,
     k,
     v,
