@@ -9,7 +9,7 @@ from sleep_jax.typed_config import dataclass_from_section
 ATTENTION = "A"
 GATED_DELTA = "G"
 BLOCK_KINDS = {ATTENTION: "attention block", GATED_DELTA: "gated-delta (fast-weight) block"}
-FAST_WEIGHT_IMPLS = ("reference", "chunked", "pallas", "auto")
+FAST_WEIGHT_IMPLS = ("reference", "chunked", "pallas", "pallas_staged", "auto")
 DTYPES = ("float32", "bfloat16")
 
 

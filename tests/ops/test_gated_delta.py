@@ -2,8 +2,9 @@
 
 Implementations: "reference" (per-token scan, the oracle), "chunked" (WY form with the lean
 custom VJP), "chunked_autodiff" (same forward, plain autodiff), and the two Pallas kernels
-run in interpret mode on the CPU ("pallas_gpu": the Triton kernel; "pallas_tpu": the Mosaic
-kernel under the TPU interpreter). Shapes: B batch, T tokens, H heads, K key/query width,
+run in interpret mode on the CPU ("pallas_gpu": the fused Triton kernel; "pallas_gpu_staged":
+the staged GPU form, XLA stages around a Triton state walk; "pallas_tpu": the Mosaic kernel
+under the TPU interpreter). Shapes: B batch, T tokens, H heads, K key/query width,
 V value width.
 """
 
@@ -24,6 +25,7 @@ from sleep_jax.ops.gated_delta.chunked import (
   gated_delta_rule_chunked_autodiff,
 )
 from sleep_jax.ops.gated_delta.pallas_gpu import gated_delta_rule_pallas_gpu
+from sleep_jax.ops.gated_delta.pallas_gpu_staged import gated_delta_rule_pallas_gpu_staged
 from sleep_jax.ops.gated_delta.pallas_tpu import gated_delta_rule_pallas_tpu
 from sleep_jax.ops.gated_delta.reference import gated_delta_rule_reference
 
@@ -35,10 +37,11 @@ IMPLEMENTATIONS = {
   "auto": functools.partial(gated_delta_rule, impl="auto"),
   "chunked_autodiff": gated_delta_rule_chunked_autodiff,
   "pallas_gpu": functools.partial(gated_delta_rule_pallas_gpu, interpret=True),
+  "pallas_gpu_staged": functools.partial(gated_delta_rule_pallas_gpu_staged, interpret=True),
   "pallas_tpu": functools.partial(gated_delta_rule_pallas_tpu, interpret=True),
 }
-FAST = ["chunked", "chunked_autodiff", "pallas_gpu", "pallas_tpu"]
-PALLAS = ["pallas_gpu", "pallas_tpu"]
+FAST = ["chunked", "chunked_autodiff", "pallas_gpu", "pallas_gpu_staged", "pallas_tpu"]
+PALLAS = ["pallas_gpu", "pallas_gpu_staged", "pallas_tpu"]
 
 
 def impls(names, slow=("chunked_autodiff", "pallas_tpu")):

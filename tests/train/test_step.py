@@ -139,10 +139,10 @@ def test_bfloat16_compute_trains_with_float32_parameters_and_fast_state(
   assert len(fast_state) == 2 and all(s.dtype == jnp.float32 for s in fast_state)
 
 
-def loss_and_grads(config):
+def loss_and_grads(config, impl="reference"):
   """The train step's objective and its gradient at the initial parameters."""
   # Where the gradient is cut does not depend on the kernel; the reference scan compiles faster.
-  config.model.fast_weight_impl = "reference"
+  config.model.fast_weight_impl = impl
   program = program_lib.build_program(config, jax.devices()[:1])
   graphdef, sleep_cfg = program.graphdef, program.validated.sleep
   objective = lambda params, batch: mean_loss(
@@ -172,3 +172,22 @@ def test_grad_passes_truncates_the_gradient_but_not_the_forward_pass():
   # The cut reaches the stack's weights too, not just the embedding.
   block_all, block_last = grads_all["blocks"][1]["mixer"], grads_last["blocks"][1]["mixer"]
   assert not np.allclose(block_all["k"]["kernel"], block_last["k"]["kernel"], rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["pallas", "pallas_staged"])
+def test_the_train_steps_gradient_with_gpu_kernels_matches_the_chunked_form(impl):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  # Two passes, so the kernels' state gradient flows from one pass into the next. The model's
+  # own float32 matmuls would run TF32 on the GPU (a 1e-3 rounding that a 1e-7 difference from
+  # the kernel can flip): full float32 here, so that only the kernels differ.
+  with jax.default_matmul_precision("float32"):
+    loss, grads = loss_and_grads(tiny_config(passes=2), impl=impl)
+    expected_loss, expected_grads = loss_and_grads(tiny_config(passes=2), impl="chunked")
+  assert loss == pytest.approx(expected_loss, rel=1e-5)
+  flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected_grads))
+  for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+    want = np.asarray(flat_expected[path], np.float64)
+    error = np.abs(np.asarray(grad, np.float64) - want).max()
+    assert error <= 1e-4 * max(np.abs(want).max(), 1e-12), jax.tree_util.keystr(path)

@@ -14,6 +14,7 @@ import jax
 from sleep_jax.ops import partition
 from sleep_jax.ops.gated_delta.chunked import gated_delta_rule_chunked
 from sleep_jax.ops.gated_delta.pallas_gpu import gated_delta_rule_pallas_gpu
+from sleep_jax.ops.gated_delta.pallas_gpu_staged import gated_delta_rule_pallas_gpu_staged
 from sleep_jax.ops.gated_delta.pallas_tpu import gated_delta_rule_pallas_tpu
 from sleep_jax.ops.gated_delta.reference import fill_defaults, gated_delta_rule_reference
 
@@ -33,6 +34,20 @@ def _chunked(q, k, v, g, beta, initial_state, *, scale, chunk_size):
 
 def _triton(q, k, v, g, beta, initial_state, *, scale, chunk_size, interpret=False):
   return gated_delta_rule_pallas_gpu(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=scale,
+    initial_state=initial_state,
+    chunk_size=chunk_size,
+    interpret=interpret,
+  )
+
+
+def _triton_staged(q, k, v, g, beta, initial_state, *, scale, chunk_size, interpret=False):
+  return gated_delta_rule_pallas_gpu_staged(
     q,
     k,
     v,
@@ -77,11 +92,15 @@ def _by_platform(default, **per_platform):
   return run
 
 
-# Name -> implementation. "pallas" off a GPU or TPU interprets the GPU kernels (slow: for tests).
+# Name -> implementation. "pallas" off a GPU or TPU interprets the GPU kernels (slow: for tests);
+# "pallas_staged" (GPU only) interprets its walk kernels anywhere else.
 _IMPLEMENTATIONS = {
   "reference": _reference,
   "chunked": _chunked,
   "pallas": _by_platform(functools.partial(_triton, interpret=True), cuda=_triton, tpu=_mosaic),
+  "pallas_staged": _by_platform(
+    functools.partial(_triton_staged, interpret=True), cuda=_triton_staged
+  ),
   "auto": _by_platform(_chunked, cuda=_triton, tpu=_mosaic),
 }
 
@@ -160,7 +179,9 @@ def gated_delta_rule(
     initial_state: [B,H,K,V] float32, or None for zeros.
     impl: "reference" (per-token scan), "chunked" (WY form in XLA with a memory-lean
       custom VJP), "pallas" (fused kernels: Triton on GPUs, Mosaic on TPUs, the GPU kernel
-      interpreted elsewhere), or "auto" (pallas on GPUs and TPUs, chunked elsewhere). Static.
+      interpreted elsewhere), "pallas_staged" (GPUs: the chunks' parallel work in XLA and
+      a thin Triton kernel for the state hand-off, see pallas_gpu_staged.py; interpreted
+      elsewhere), or "auto" (pallas on GPUs and TPUs, chunked elsewhere). Static.
       The platform is the one being lowered for, not the host's default backend.
     chunk_size: tokens per chunk for the chunked form. Static under jit.
     batch_axes, head_axes: under a mesh (`with jax.set_mesh(mesh)`), the mesh axes the batch
