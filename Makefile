@@ -2,7 +2,7 @@
 PYTHON ?= python
 SWEEP_DIR ?= runs/first_look
 
-.PHONY: install run test lint format test-all test-tpu-compile bench bench-gpu aot-table reproduce fuzz
+.PHONY: install run test lint format test-all test-tpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
@@ -40,8 +40,13 @@ bench:
 
 # On a GPU host: the accelerator tests and the kernel benchmark at the GPU shape (with fla).
 bench-gpu:
-	$(PYTHON) -m pytest -m gpu -q tests/ops
+	JAX_PLATFORMS=cuda $(PYTHON) -m pytest -m gpu -q tests/ops
 	$(PYTHON) bench/gated_delta.py --shape gpu
+
+# On one H100/H200, about 8 minutes: the GPU tests, the kernel table (with fla), the paper's
+# train step at N = 1, 2, 4 and N=1 beside N=2 at depth; JSON and report.md in docs/results/gpu/.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out docs/results/gpu
 
 # The two CPU sweeps (about an hour each on 2 cores), then their reports under docs/results/.
 reproduce:

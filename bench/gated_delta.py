@@ -4,11 +4,13 @@
     python bench/gated_delta.py --shape cpu           # B=2  T=2048  H=4  K=V=64  float32
     python bench/gated_delta.py --shape long          # B=2  T=16384 H=4  K=V=64  float32
     python bench/gated_delta.py --shape gpu           # B=8  T=4096  H=16 K=V=128 bfloat16
+    python bench/gated_delta.py --shape model         # B=512 T=24  H=4  K=V=64  float32
     python bench/gated_delta.py --impls chunked,chunked_autodiff --repeats 10
 
 Implementations: "reference" (per-token scan), "chunked" (WY form, lean custom VJP),
 "chunked_autodiff" (same forward, plain autodiff), "pallas" (fused kernels; on a CPU only when
-asked for, since they are interpreted there), and "fla" (flash-linear-attention's Triton
+asked for, since they are interpreted there), "pallas_staged" (GPU: XLA stages around a Triton
+state walk; "pallas_staged_highest" with float32 matmuls for bf16 inputs too), and "fla" (flash-linear-attention's Triton
 `chunk_gated_delta_rule`, when torch and fla-core are importable and a CUDA GPU is present).
 
 For each: median milliseconds of forward and of forward+backward (gradients of all six inputs
@@ -37,17 +39,28 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH_DIR))  # runnable as a plain script from anywhere
 from sleep_jax.ops import gated_delta_rule  # noqa: E402
 from sleep_jax.ops.gated_delta.chunked import gated_delta_rule_chunked_autodiff  # noqa: E402
+from sleep_jax.ops.gated_delta.pallas_gpu_staged import (  # noqa: E402
+  gated_delta_rule_pallas_gpu_staged,
+)
 
 SHAPES = {
   "cpu": dict(batch=2, tokens=2048, heads=4, key_dim=64, value_dim=64, dtype="float32"),
   "long": dict(batch=2, tokens=16384, heads=4, key_dim=64, value_dim=64, dtype="float32"),
   "gpu": dict(batch=8, tokens=4096, heads=16, key_dim=128, value_dim=128, dtype="bfloat16"),
+  # One call in the paper's Rule 110 model: a 24-token window of the batch of 512, 4 heads of 64.
+  "model": dict(batch=512, tokens=24, heads=4, key_dim=64, value_dim=64, dtype="float32"),
 }
 JAX_IMPLS = {
   "reference": lambda **kw: gated_delta_rule(**kw, impl="reference"),
   "chunked": lambda **kw: gated_delta_rule(**kw, impl="chunked"),
   "chunked_autodiff": gated_delta_rule_chunked_autodiff,
   "pallas": lambda **kw: gated_delta_rule(**kw, impl="pallas"),
+  "pallas_staged": lambda **kw: gated_delta_rule(**kw, impl="pallas_staged"),
+  # The staged kernels with float32 matmuls whatever the inputs' dtype (bf16 inputs otherwise
+  # get TF32): what the precision choice costs.
+  "pallas_staged_highest": lambda **kw: gated_delta_rule_pallas_gpu_staged(
+    **kw, precision=jax.lax.Precision.HIGHEST, interpret=jax.default_backend() != "gpu"
+  ),
 }
 
 
@@ -55,11 +68,19 @@ def default_impls(shape_name):
   on_accelerator = jax.default_backend() in ("gpu", "tpu")
   if shape_name == "long":  # the memory comparison; the per-token scan would take minutes
     return ["chunked", "chunked_autodiff"] + (["pallas"] if on_accelerator else [])
+  if jax.default_backend() == "gpu":
+    return (
+      ["pallas_staged", "pallas"]
+      + (["fla"] if fla_available() else [])
+      + [
+        "chunked",
+        "pallas_staged_highest",
+        "reference",
+      ]
+    )
   impls = ["reference", "chunked", "chunked_autodiff"]
   if on_accelerator:
     impls.append("pallas")
-  if jax.default_backend() == "gpu" and fla_available():
-    impls.append("fla")
   return impls
 
 
@@ -111,17 +132,19 @@ def measure_jax(rule, inputs, repeats):
     temp_bytes = memory.temp_size_in_bytes
     peak_bytes = memory.argument_size_in_bytes + memory.output_size_in_bytes + temp_bytes
   out = forward(inputs)[0]
-  _, grads = forward_backward(inputs)
-  return (
-    {
-      "fwd_ms": median_ms(lambda: jax.block_until_ready(forward(inputs)), repeats),
-      "fwd_bwd_ms": median_ms(lambda: jax.block_until_ready(forward_backward(inputs)), repeats),
-      "peak_mb": peak_bytes / 2**20,
-      "working_mb": temp_bytes / 2**20,
-    },
-    np.asarray(out, np.float32),
-    {k: np.asarray(v, np.float32) for k, v in grads.items()},
-  )
+  row = {
+    "fwd_ms": median_ms(lambda: jax.block_until_ready(forward(inputs)), repeats),
+    "peak_mb": peak_bytes / 2**20,
+    "working_mb": temp_bytes / 2**20,
+  }
+  grads = None
+  try:  # e.g. the per-token scan's backward at the GPU shape can run out of device memory
+    _, grads = forward_backward(inputs)
+    grads = {k: np.asarray(v, np.float32) for k, v in grads.items()}
+    row["fwd_bwd_ms"] = median_ms(lambda: jax.block_until_ready(forward_backward(inputs)), repeats)
+  except Exception as error:
+    row["fwd_bwd_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+  return row, np.asarray(out, np.float32), grads
 
 
 def measure_fla(inputs, repeats):
@@ -201,15 +224,45 @@ def main(argv=None):
   inputs = make_inputs(**shape)
   tokens_per_call = shape["batch"] * shape["tokens"]
 
+  path = args.json or os.path.join(BENCH_DIR, "results", f"gated_delta_{shape_name}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def write(rows, **more):
+    with open(path, "w") as f:
+      json.dump(
+        {
+          "shape_name": shape_name,
+          "shape": shape,
+          "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind,
+          "jax": jax.__version__,
+          "repeats": args.repeats,
+          "results": rows,
+          **more,
+        },
+        f,
+        indent=2,
+      )
+
   rows, outputs, grads = {}, {}, {}
   for impl in impls:
     print(f"measuring {impl} ...", file=sys.stderr, flush=True)
-    if impl == "fla":
-      rows[impl], outputs[impl], grads[impl] = measure_fla(inputs, args.repeats)
-    else:
-      rows[impl], outputs[impl], grads[impl] = measure_jax(JAX_IMPLS[impl], inputs, args.repeats)
-  baseline = "chunked" if "chunked" in rows else impls[0]
+    try:
+      if impl == "fla":
+        rows[impl], outputs[impl], grads[impl] = measure_fla(inputs, args.repeats)
+      else:
+        measured = measure_jax(JAX_IMPLS[impl], inputs, args.repeats)
+        rows[impl], outputs[impl], grads[impl] = measured
+    except Exception as error:  # one implementation failing must not lose the others' numbers
+      print(f"{impl} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+      rows[impl] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    write(rows, partial=True)  # a run stopped from outside keeps the rows it measured
+  measured = [impl for impl in impls if "error" not in rows[impl]]
+  outputs = {impl: outputs[impl] for impl in measured}
+  baseline = "chunked" if "chunked" in measured else (measured or impls)[0]
   for impl, row in rows.items():
+    if impl not in measured or baseline not in measured:
+      continue
     row["fwd_tokens_per_s"] = tokens_per_call / (row["fwd_ms"] / 1e3)
     if "fwd_bwd_ms" in row:
       row["fwd_bwd_tokens_per_s"] = tokens_per_call / (row["fwd_bwd_ms"] / 1e3)
@@ -223,6 +276,11 @@ def main(argv=None):
   pairs = [
     ("pallas", "fla", "fwd_ms"),
     ("pallas", "fla", "fwd_bwd_ms"),
+    ("pallas_staged", "fla", "fwd_ms"),
+    ("pallas_staged", "fla", "fwd_bwd_ms"),
+    ("pallas_staged", "pallas", "fwd_ms"),
+    ("pallas_staged", "pallas", "fwd_bwd_ms"),
+    ("pallas_staged", "pallas_staged_highest", "fwd_bwd_ms"),
     ("chunked", "chunked_autodiff", "fwd_bwd_ms"),
     ("chunked", "chunked_autodiff", "peak_mb"),
     ("chunked", "chunked_autodiff", "working_mb"),
@@ -253,29 +311,14 @@ def main(argv=None):
       f"{fmt(row, 'grad_rel_err', '.1e')} |"
     )
   for impl, row in rows.items():
-    if "fwd_bwd_error" in row:
-      print(f"\n{impl} forward+backward failed: {row['fwd_bwd_error']}")
+    for key in ("error", "fwd_bwd_error"):
+      if key in row:
+        print(f"\n{impl} {key}: {row[key]}")
   print()
   for name, value in ratios.items():
     print(f"{name}: {value:.2f}")
 
-  path = args.json or os.path.join(BENCH_DIR, "results", f"gated_delta_{shape_name}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(
-      {
-        "shape_name": shape_name,
-        "shape": shape,
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-        "repeats": args.repeats,
-        "baseline": baseline,
-        "results": rows,
-        "ratios": ratios,
-      },
-      f,
-      indent=2,
-    )
+  write(rows, baseline=baseline, ratios=ratios)
   print(f"\nwrote {path}")
 
 

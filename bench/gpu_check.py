@@ -1,0 +1,518 @@
+"""The GPU proof in one command: correctness, kernel speed, the paper's step, sleep at depth.
+
+  python bench/gpu_check.py --out docs/results/gpu          # make gpu-check; ~8 min on one H100
+
+Four sections, in subprocesses with time limits (one that fails or runs out of time is reported,
+and the next one runs). The timed ones run alone on the GPU, first:
+
+  kernels  bench/gated_delta.py at the paper model's own call (B=512, T=24, H=4, K=V=64), which
+           picks the kernel for the train step, then --shape gpu (B=8, T=4096, H=16, K=V=128,
+           bfloat16): both GPU kernels ("pallas", the fused Triton kernel, and "pallas_staged",
+           XLA stages around a Triton state walk), fla's chunk_gated_delta_rule, chunked and
+           the per-token reference, one process.
+  step     bench/train_step.py on configs/rule110.py:paper (batch 512) at N = 1, 2, 4.
+  depth    configs/sweeps/rule110_gpu_check.py: N=1 beside N=2 at equal steps (both at once),
+           sized to the time left (depth 8, or 4 when fewer than 2,000 steps fit).
+  tests    `pytest -m gpu`, beside the depth runs: both kernels against "chunked" at T=1000,
+           K=V=128, float32 and bfloat16, outputs and all six gradients from a random initial
+           state; the model's train-step gradient with each kernel against "chunked".
+
+Writes to --out, flat: gpu_check.json (everything, with versions and the targets met or
+missed), gated_delta.json, train_step.json, depth_curves.json, report.md, depth_curves.png
+(eval exact accuracy against steps) and gpu_check.log (every subprocess's output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from sleep_jax import rundir  # noqa: E402  (standard library only)
+
+KERNELS = ("pallas_staged", "pallas")  # the GPU kernels the step section chooses between
+TARGET_PALLAS_FWD_BWD_MS = 2.0
+TARGET_STEP_MS_N1 = 15.0
+TARGET_RATIO_SLACK = 0.10  # N=4 / N=1 step time within 10% of the FLOP ratio
+PAPER_STEPS = 100_000
+DEPTH_STEPS_FOR_T8 = 2_000  # fewer steps than this fit: depth 4 (t=8 needed ~2,700 at N=1)
+
+
+class Check:
+  """Runs the sections, keeps the log and the time, and collects the results."""
+
+  def __init__(self, out_dir: str, budget_s: float, platform: str, step_setting: str):
+    self.out_dir = out_dir
+    # Scratch outside `out_dir`, which must stay a handful of files; deleted at the end.
+    self.work_dir = tempfile.mkdtemp(prefix="gpu_check_")
+    self.log = open(os.path.join(out_dir, "gpu_check.log"), "w")
+    self.start = time.monotonic()
+    self.budget_s = budget_s
+    self.platform = platform  # JAX_PLATFORMS of every subprocess ("cpu" for a dry run)
+    self.step_setting = step_setting  # bench/train_step.py --setting
+    self.depth_base = None  # a base config for the depth sweep other than its own (dry runs)
+    self.junit_path = os.path.join(self.work_dir, "gpu_tests.xml")
+    self.results: dict = {"sections": {}}
+
+  def elapsed(self) -> float:
+    return time.monotonic() - self.start
+
+  def left(self) -> float:
+    return self.budget_s - self.elapsed()
+
+  def say(self, text: str) -> None:
+    line = f"[gpu_check {self.elapsed():6.0f}s] {text}"
+    print(line, flush=True)
+    self.log.write(line + "\n")
+    self.log.flush()
+
+  def run(self, name: str, argv: list[str], timeout_s: float, env: dict | None = None) -> dict:
+    """Runs argv with a time limit; its output goes to the log. Returns rc, wall_s, tail."""
+    return self.run_together([(name, argv, env)], timeout_s)[0]
+
+  def run_together(self, commands: list[tuple], timeout_s: float) -> list[dict]:
+    """Runs (name, argv, extra env) commands at once, all within one time limit."""
+    timeout_s = max(10.0, timeout_s)
+    start = time.monotonic()
+    procs = []
+    for name, argv, env in commands:
+      full_env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS=self.platform, **(env or {}))
+      full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, full_env.get("PYTHONPATH")]))
+      self.say(f"{name}: {' '.join(argv)} (limit {timeout_s:.0f}s)")
+      log_file = tempfile.TemporaryFile("w+")
+      procs.append(
+        (
+          subprocess.Popen(
+            argv, cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, text=True
+          ),
+          log_file,
+          name,
+        )
+      )
+    ended = {}  # index -> (return code or "timeout", seconds)
+    while len(ended) < len(procs):
+      for index, (proc, _, _) in enumerate(procs):
+        if index not in ended and proc.poll() is not None:
+          ended[index] = (proc.returncode, time.monotonic() - start)
+      if time.monotonic() - start > timeout_s:
+        for index, (proc, _, _) in enumerate(procs):
+          if index not in ended:
+            proc.kill()
+            proc.wait()
+            ended[index] = ("timeout", time.monotonic() - start)
+      time.sleep(0.5)
+    runs = []
+    for index, (_, log_file, name) in enumerate(procs):
+      rc, wall = ended[index]
+      log_file.seek(0)
+      output = log_file.read()
+      log_file.close()
+      self.log.write(f"----- {name} output -----\n{output}\n----- end {name} -----\n")
+      self.log.flush()
+      tail = output.strip().splitlines()[-15:]
+      self.say(f"{name}: rc={rc} after {wall:.0f}s")
+      if rc != 0:
+        print("\n".join(tail), flush=True)
+      runs.append({"rc": rc, "wall_s": round(wall, 1), "tail": tail})
+    return runs
+
+
+def versions() -> dict:
+  found = {"python": sys.version.split()[0]}
+  for module in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "triton", "torch", "fla"):
+    try:
+      found[module] = __import__(module, fromlist=["__version__"]).__version__
+    except Exception as error:  # not installed, or broken: say which
+      found[module] = f"unavailable ({type(error).__name__})"
+  try:
+    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
+    found["nvidia_smi"] = subprocess.run(
+      ["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+  except (OSError, subprocess.TimeoutExpired) as error:
+    found["nvidia_smi"] = f"unavailable ({type(error).__name__})"
+  return found
+
+
+# --- 1. tests -----------------------------------------------------------------------------------
+
+
+def tests_command(check: Check) -> tuple:
+  """(name, argv, env) of the gpu-marked tests. They run beside the depth runs, which hold 90% of
+  the GPU's memory: the tests allocate as they go instead of preallocating."""
+  argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rA"]
+  argv += [f"--junitxml={check.junit_path}"]
+  argv += ["tests/ops/test_pallas_lowering.py", "tests/train/test_step.py"]
+  return ("tests", argv, {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+
+
+def tests_results(check: Check, run: dict) -> dict:
+  junit = check.junit_path
+  cases = []
+  if os.path.exists(junit):
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+      problem = next(
+        (child for child in case if child.tag in ("failure", "error", "skipped")), None
+      )
+      cases.append(
+        {
+          "test": f"{case.get('classname')}::{case.get('name')}",
+          "outcome": "passed" if problem is None else problem.tag,
+          "seconds": float(case.get("time", 0)),
+          "message": None if problem is None else (problem.get("message") or "")[:600],
+        }
+      )
+  run["cases"] = cases
+  run["passed"] = sum(c["outcome"] == "passed" for c in cases)
+  run["not_passed"] = sum(c["outcome"] != "passed" for c in cases)
+  return run
+
+
+# --- 2. kernel speed ----------------------------------------------------------------------------
+
+
+def section_kernels(check: Check, timeout_s: float, shape: str) -> dict:
+  deadline = time.monotonic() + timeout_s
+  # First the model's own call (B=512, T=24): which kernel the train step should use.
+  model_path = os.path.join(check.work_dir, "gated_delta_model.json")
+  model_run = check.run(
+    "kernels at the model's shape",
+    [sys.executable, "bench/gated_delta.py", "--shape", "model", "--repeats", "20"]
+    + ["--impls", ",".join(KERNELS + ("chunked",)), "--json", model_path],
+    0.3 * timeout_s,
+  )
+  model_shape = rundir.read_json(model_path) if os.path.exists(model_path) else None
+  raw_path = os.path.join(check.work_dir, "gated_delta_raw.json")
+  run = check.run(
+    "kernels",
+    [sys.executable, "bench/gated_delta.py", "--shape", shape, "--repeats", "10"]
+    + ["--json", raw_path],
+    deadline - time.monotonic(),
+    # fla's torch shares the GPU with JAX's preallocated pool: leave it room.
+    env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"},
+  )
+  run["model_shape_run"] = model_run
+  run["model_shape"] = model_shape
+  if not os.path.exists(raw_path):
+    return run
+  raw = rundir.read_json(raw_path)
+  impls = raw["results"]
+  summary = {
+    "device": raw["device"],
+    "jax": raw.get("jax"),
+    "shape": raw["shape"],
+    "repeats": raw["repeats"],
+    "baseline_for_errors": raw.get("baseline"),
+    "partial": raw.get("partial", False),
+    "impls": impls,
+    "ratios": raw.get("ratios", {}),
+    "model_shape": None
+    if model_shape is None
+    else {"shape": model_shape["shape"], "impls": model_shape["results"]},
+  }
+  fla_fwd = impls.get("fla", {}).get("fwd_ms")
+  targets = {}
+  for kernel in KERNELS:
+    row = impls.get(kernel, {})
+    if "fwd_ms" in row and fla_fwd:
+      targets[f"{kernel} fwd <= fla fwd"] = {
+        "value_ms": row["fwd_ms"],
+        "target_ms": fla_fwd,
+        "met": row["fwd_ms"] <= fla_fwd,
+      }
+    if "fwd_bwd_ms" in row:
+      targets[f"{kernel} fwd+bwd <= {TARGET_PALLAS_FWD_BWD_MS} ms"] = {
+        "value_ms": row["fwd_bwd_ms"],
+        "target_ms": TARGET_PALLAS_FWD_BWD_MS,
+        "met": row["fwd_bwd_ms"] <= TARGET_PALLAS_FWD_BWD_MS,
+      }
+  summary["targets"] = targets
+  rundir.write_json(os.path.join(check.out_dir, "gated_delta.json"), summary)
+  run["summary"] = summary
+  return run
+
+
+# --- 3. the paper's train step ------------------------------------------------------------------
+
+
+def _ok(row: dict) -> bool:
+  return "error" not in row and row.get("ms_per_step") is not None
+
+
+def choose_kernel(kernels: dict | None) -> str:
+  """The GPU kernel with the faster forward+backward at the model's own shape, else "auto"."""
+  rows = ((kernels or {}).get("model_shape") or {}).get("results", {})
+  timed = [(rows[k]["fwd_bwd_ms"], k) for k in KERNELS if "fwd_bwd_ms" in rows.get(k, {})]
+  return min(timed)[1] if timed else "auto"
+
+
+def section_step(check: Check, timeout_s: float, kernels: dict | None) -> dict:
+  best = choose_kernel(kernels)
+  path = os.path.join(check.work_dir, "train_step.json")
+  platform = "gpu" if check.platform == "cuda" else check.platform
+  argv = [sys.executable, "bench/train_step.py", "--platform", platform]
+  argv += ["--setting", check.step_setting, "--passes", "1", "2", "4", "--impl", best]
+  argv += ["--steps", "5", "--timeout_s", str(int(timeout_s / 3 - 5)), "--json", path]
+  run = check.run("step", argv, timeout_s)
+  report = rundir.read_json(path) if os.path.exists(path) else {}
+  header = {k: v for k, v in report.items() if k != "rows"}
+  rows = report.get("rows", [])
+
+  by_passes = {row["passes"]: row for row in rows if _ok(row) and row["impl"] == best}
+  base = by_passes.get(1)
+  for row in rows:
+    if _ok(row) and base and row["impl"] == best:
+      row["time_ratio"] = row["ms_per_step"] / base["ms_per_step"]
+      row["flop_ratio"] = row["gflop_per_step"] / base["gflop_per_step"]
+  targets = {}
+  if base:
+    targets[f"N=1 <= {TARGET_STEP_MS_N1} ms/step"] = {
+      "value_ms": base["ms_per_step"],
+      "target_ms": TARGET_STEP_MS_N1,
+      "met": base["ms_per_step"] <= TARGET_STEP_MS_N1,
+    }
+  if base and 4 in by_passes:
+    n4 = by_passes[4]
+    off = n4["time_ratio"] / n4["flop_ratio"] - 1
+    targets["N=4/N=1 time within 10% of the FLOP ratio"] = {
+      "time_ratio": n4["time_ratio"],
+      "flop_ratio": n4["flop_ratio"],
+      "off_by": off,
+      "met": abs(off) <= TARGET_RATIO_SLACK,
+    }
+  projected = {
+    f"N={n} t=32 {PAPER_STEPS:,} steps h": PAPER_STEPS * row["ms_per_step"] / 3.6e6
+    for n, row in sorted(by_passes.items())
+  }
+  summary = {
+    **header,
+    "config": "configs/rule110.py:paper",
+    "chosen_impl": best,
+    "rows": rows,
+    "targets": targets,
+    "projected_paper_run": projected,
+  }
+  rundir.write_json(os.path.join(check.out_dir, "train_step.json"), summary)
+  return {"run": run, "summary": summary}
+
+
+# --- 4. sleep at depth ----------------------------------------------------------------------------
+
+
+def depth_and_tests(check: Check, timeout_s: float, step: dict | None, tests: bool) -> dict:
+  """The depth runs (N=1 and N=2 at once) and, beside them, the gpu tests: neither is timed."""
+  rows = (step or {}).get("summary", {}).get("rows", [])
+  impl = (step or {}).get("summary", {}).get("chosen_impl", "auto")
+  ms = {row["passes"]: row["ms_per_step"] for row in rows if _ok(row) and row["impl"] == impl}
+  ms_n1 = ms.get(1, 60.0)
+  ms_n2 = ms.get(2, 2 * ms_n1)
+  # Each run compiles a train and an eval program (~45 s together, a guess) and evaluates 8 times;
+  # the two arms (and the tests) share the GPU: assume the slower arm runs 1.5x slower than alone.
+  training_s = timeout_s - 45 - 20
+  num_steps = int(training_s / (1.5 * ms_n2 / 1e3)) // 100 * 100
+  num_steps = max(200, min(2_700, num_steps))
+  depth = 8 if num_steps >= DEPTH_STEPS_FOR_T8 else 4
+  eval_every = max(50, num_steps // 8)
+  sweep_dir = os.path.join(check.work_dir, "depth")
+  argv = [sys.executable, "launch/sweep.py", "--config=configs/sweeps/rule110_gpu_check.py"]
+  argv += [f"--sweep_dir={sweep_dir}", f"--config.num_steps={num_steps}"]
+  argv += [f"--config.depths={depth}", f"--config.overrides.eval.every_steps={eval_every}"]
+  argv += [f"--config.overrides.checkpoint.every_steps={num_steps}"]
+  argv += [f"--config.overrides.model.fast_weight_impl={impl}"]
+  if check.depth_base:
+    argv += [f"--config.base={check.depth_base}"]
+  # The two arms at once: each alone leaves the GPU mostly idle at this model size, and one
+  # compiles while the other trains. Each gets under half of the GPU's memory.
+  memory = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
+  commands = [(f"depth {arm}", argv + [f"--only={arm}"], memory) for arm in ("n1", "n2")]
+  runs = check.run_together(commands + ([tests_command(check)] if tests else []), timeout_s)
+  run = {"runs": runs[:2]}
+  tests_run = tests_results(check, runs[2]) if tests else None
+  curves = {
+    "impl": impl,
+    "depth": depth,
+    "num_steps": num_steps,
+    "eval_every": eval_every,
+    "sized_from_ms_per_step": {"N=1": ms_n1, "N=2": ms_n2},
+    "arms_at_once": True,
+    "arms": {},
+  }
+  for arm in ("n1", "n2"):
+    workdir = os.path.join(sweep_dir, arm, f"depth{depth}", "seed0")
+    if not os.path.isdir(workdir):
+      continue
+    run_dir = rundir.RunDir(workdir)
+    results = run_dir.results()
+    curves["arms"][arm] = {
+      "eval": run_dir.eval_log(),
+      "train": run_dir.train_log(),
+      "results": None if results is None else results.to_json(),
+    }
+  rundir.write_json(os.path.join(check.out_dir, "depth_curves.json"), curves)
+  try:  # eval exact accuracy against steps, one line per arm
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sleep_jax.experiments import report, report_figures
+
+    figure = report_figures.learning_curves(
+      report.load_runs(sweep_dir),
+      ["n1", "n2"],
+      "exact_accuracy",
+      f"Rule 110, depth {depth}: eval exact accuracy",
+      log="eval_log",
+    )
+    figure.savefig(os.path.join(check.out_dir, "depth_curves.png"), dpi=120)
+  except Exception as error:  # the numbers are in depth_curves.json either way
+    check.say(f"depth figure failed: {type(error).__name__}: {error}")
+  run["curves"] = {k: v for k, v in curves.items() if k != "arms"}
+  run["final"] = {
+    arm: (data["eval"][-1] if data["eval"] else None) for arm, data in curves["arms"].items()
+  }
+  return {"depth": run, "tests": tests_run}
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec=".2f"):
+  return "-" if value is None else format(value, spec)
+
+
+def report_markdown(results: dict) -> str:
+  v = results["versions"]
+  lines = [
+    "# GPU check",
+    "",
+    f"Device: {v.get('nvidia_smi')}; jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, "
+    f"triton {v.get('triton')}, torch {v.get('torch')}, fla {v.get('fla')}. "
+    f"Command: `python bench/gpu_check.py` ({results['wall_s']:.0f} s).",
+    "",
+  ]
+  tests = results["sections"].get("tests") or {}
+  lines += ["## 1. Correctness (`pytest -m gpu`)", ""]
+  lines += [f"{tests.get('passed', 0)} passed, {tests.get('not_passed', 0)} not passed.", ""]
+  lines += ["| test | outcome | s |", "|---|---|---:|"]
+  for case in tests.get("cases", []):
+    lines.append(f"| {case['test']} | {case['outcome']} | {case['seconds']:.1f} |")
+  for case in tests.get("cases", []):
+    if case["message"]:
+      lines += ["", f"`{case['test']}`: {case['message']}"]
+  kernels = results["sections"].get("kernels", {}).get("summary")
+  lines += ["", "## 2. Kernel speed (`bench/gated_delta.py --shape gpu`)", ""]
+  if kernels:
+    lines += [f"Shape {kernels['shape']}, median of {kernels['repeats']}.", ""]
+    lines += [
+      "| impl | fwd ms | fwd+bwd ms | peak MB | out err | grad err | note |",
+      "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for impl, row in kernels["impls"].items():
+      note = row.get("error") or row.get("fwd_bwd_error") or ""
+      lines.append(
+        f"| {impl} | {_fmt(row.get('fwd_ms'))} | {_fmt(row.get('fwd_bwd_ms'))} "
+        f"| {_fmt(row.get('peak_mb'), ',.0f')} | {_fmt(row.get('out_rel_err'), '.1e')} "
+        f"| {_fmt(row.get('grad_rel_err'), '.1e')} | {note[:80]} |"
+      )
+    lines += [""] + [
+      f"- {name}: {t['value_ms']:.2f} ms vs {t['target_ms']:.2f} ms: "
+      f"{'met' if t['met'] else 'MISSED'}"
+      for name, t in kernels["targets"].items()
+    ]
+  step = results["sections"].get("step", {}).get("summary")
+  lines += ["", "## 3. The paper's train step (`bench/train_step.py --setting paper`)", ""]
+  if step:
+    lines += [
+      "| N | impl | ms/step | tokens/s | MFU (bf16 peak) | peak GB | N/N=1 time | FLOP ratio |",
+      "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in step["rows"]:
+      if not _ok(row):
+        lines.append(f"| {row.get('passes')} | {row.get('impl')} | error: {row.get('error')} |")
+        continue
+      lines.append(
+        f"| {row['passes']} | {row['impl']} | {row['ms_per_step']:.1f} "
+        f"| {_fmt(row.get('tokens_per_s'), ',.0f')} | {_fmt(row.get('mfu'), '.3f')} "
+        f"| {_fmt(row.get('peak_gb'))} | {_fmt(row.get('time_ratio'))} "
+        f"| {_fmt(row.get('flop_ratio'))} |"
+      )
+    lines += ["", f"Kernel chosen for N=2, 4 and the depth run: `{step['chosen_impl']}`."]
+    lines += [f"- {name}: {json.dumps(t)}" for name, t in step["targets"].items()]
+    lines += [
+      f"- projected {name}: {hours:.1f}" for name, hours in step["projected_paper_run"].items()
+    ]
+  depth = results["sections"].get("depth") or {}
+  lines += ["", "## 4. Sleep at depth (`configs/sweeps/rule110_gpu_check.py`)", ""]
+  if depth.get("curves"):
+    c = depth["curves"]
+    lines += [
+      f"Depth t={c['depth']}, {c['num_steps']} steps per arm, kernel `{c['impl']}`, "
+      f"eval every {c['eval_every']} steps.",
+      "",
+      "| arm | last eval step | exact accuracy | loss |",
+      "|---|---:|---:|---:|",
+    ]
+    for arm, last in depth.get("final", {}).items():
+      if last:
+        lines.append(
+          f"| {arm} | {last.get('step')} | {_fmt(last.get('exact_accuracy'), '.3f')} "
+          f"| {_fmt(last.get('loss'), '.3f')} |"
+        )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=os.path.join(REPO, "docs", "results", "gpu"))
+  parser.add_argument("--budget_s", type=float, default=480.0, help="the whole check's wall time")
+  parser.add_argument("--skip", default="", help="comma-separated sections to skip")
+  # A dry run of the plumbing on a CPU: --platform cpu --kernel_shape cpu --step_setting sweep.
+  parser.add_argument("--platform", default="cuda", help="JAX_PLATFORMS of every section")
+  parser.add_argument("--kernel_shape", default="gpu", help="bench/gated_delta.py --shape")
+  parser.add_argument("--step_setting", default="paper", help="bench/train_step.py --setting")
+  parser.add_argument("--depth_base", default=None, help="e.g. configs/rule110.py:tiny")
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  check = Check(args.out, args.budget_s, args.platform, args.step_setting)
+  check.depth_base = args.depth_base
+  skip = set(filter(None, args.skip.split(",")))
+  check.results["versions"] = versions()
+  check.say(json.dumps(check.results["versions"]))
+  sections = check.results["sections"]
+
+  def save():  # after every section: a check stopped from outside keeps what it measured
+    check.results["wall_s"] = check.elapsed()
+    rundir.write_json(os.path.join(args.out, "gpu_check.json"), check.results)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+      f.write(report_markdown(check.results))
+
+  # The timed sections first, alone on the GPU; then the depth runs with the tests beside them,
+  # in whatever time remains.
+  if "kernels" not in skip:
+    sections["kernels"] = section_kernels(check, min(120, 0.22 * check.left()), args.kernel_shape)
+    save()
+  if "step" not in skip:
+    sections["step"] = section_step(check, min(200, 0.45 * check.left()), sections.get("kernels"))
+    save()
+  if "depth" not in skip or "tests" not in skip:
+    if "depth" in skip:
+      sections["tests"] = tests_results(check, check.run(*tests_command(check)[:2], check.left()))
+    else:
+      last = depth_and_tests(check, check.left() - 15, sections.get("step"), "tests" not in skip)
+      sections["depth"], sections["tests"] = last["depth"], last["tests"]
+    save()
+  shutil.rmtree(check.work_dir, ignore_errors=True)
+  check.say(f"done; wrote {args.out}")
+  print(report_markdown(check.results))
+
+
+if __name__ == "__main__":
+  main()
