@@ -173,10 +173,69 @@ def _timed(fn, reps: int = 1) -> tuple[float, float]:
   return (time.perf_counter() - wall) / reps, (time.process_time() - cpu) / reps
 
 
+def summarize_trace(trace_dir: str, num_steps: int, top: int = 15) -> dict:
+  """Device time per step from a jax.profiler trace: by kernel name and by source op.
+
+  Reads the device planes ("/device:GPU:0", ...) of the .xplane.pb under `trace_dir`. Every
+  event on a stream line is one kernel run: its time is summed by kernel name, and by its
+  "tf_op" stat (JAX's name stack: the model code it came from), cut to the first five scopes.
+  """
+  import collections
+  import glob
+
+  from jax.profiler import ProfileData
+
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  if not paths:
+    return {"error": "no .xplane.pb written"}
+  data = ProfileData.from_file(paths[0])
+  by_kernel, by_source, lines = collections.Counter(), collections.Counter(), {}
+  kernels, stat_keys = 0, set()
+  device_lines = [
+    (plane.name, line, list(line.events))
+    for plane in data.planes
+    if plane.name.startswith("/device:")
+    for line in plane.lines
+  ]
+  # Kernels are on the stream lines; "XLA Modules" / "XLA Ops" summarize the same time (used
+  # only where a runtime reports no stream lines).
+  stream_lines = [x for x in device_lines if x[1].name.startswith("Stream")]
+  for plane_name, line, events in device_lines:
+    lines[f"{plane_name} {line.name}"] = sum(e.duration_ns for e in events) / num_steps / 1e6
+  for _, _line, events in stream_lines or [x for x in device_lines if x[1].name == "XLA Ops"]:
+    for event in events:
+      kernels += 1
+      by_kernel[event.name[:80]] += event.duration_ns
+      stats = dict(event.stats)
+      stat_keys.update(stats)
+      source = str(stats.get("tf_op") or stats.get("hlo_op") or "?")
+      by_source["/".join(source.split("/")[:5])[:120]] += event.duration_ns
+  per_step_ms = lambda counter: [
+    (name, round(ns / num_steps / 1e6, 3)) for name, ns in counter.most_common(top)
+  ]
+  return {
+    "kernel_ms_per_step": sum(by_kernel.values()) / num_steps / 1e6,
+    "kernels_per_step": kernels / num_steps,
+    "line_ms_per_step": lines,
+    "top_kernels": per_step_ms(by_kernel),
+    "top_sources": per_step_ms(by_source),
+    "stat_keys": sorted(stat_keys),
+  }
+
+
 def measure(
-  setting: str, passes: int, remat: bool, steps: int, dtype="config", impl="config"
+  setting: str,
+  passes: int,
+  remat: bool,
+  steps: int,
+  dtype="config",
+  impl="config",
+  profile_steps: int = 0,
 ) -> dict:
-  """Compiles and times the train step (and the reference matmuls) in this process."""
+  """Compiles and times the train step (and the reference matmuls) in this process.
+
+  With `profile_steps`, also traces that many more steps and summarizes where the device time
+  went (`summarize_trace`)."""
   try:  # the project's XLA CPU workarounds, before the backend starts (older trees: on import)
     from sleep_jax import xla_flags
 
@@ -264,6 +323,19 @@ def measure(
     cpu.append(c)
     mm.append(_timed(lambda: matmuls(lhs, rhs))[0] / MM_REPS)
     peak.append(_timed(lambda: matmul(*square), square_reps)[0])
+  profile = None
+  if profile_steps:
+    import tempfile
+
+    trace_dir = tempfile.mkdtemp(prefix="train_step_trace_")
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(profile_steps):
+      jax.block_until_ready(run_step())
+    jax.profiler.stop_trace()
+    try:
+      profile = summarize_trace(trace_dir, profile_steps)
+    except Exception as error:  # the timing stands without it
+      profile = {"error": f"{type(error).__name__}: {error}"}
   median_s = statistics.median(wall)
   matmul_gflops = 2 * rows * inner * cols / statistics.median(mm) / 1e9
   peak_gflops = 2 * square_size**3 / statistics.median(peak) / 1e9
@@ -303,6 +375,7 @@ def measure(
     ),
     "peak_gb": peak_gb,
     "compile_s": compile_s,
+    "profile": profile,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
@@ -363,6 +436,22 @@ def print_table(rows: list[dict], args) -> None:
     )
 
 
+def print_profile(row: dict) -> None:
+  profile = row["profile"]
+  print(f"\nprofile, N={row['passes']} impl={row.get('impl')}: ", end="")
+  if "error" in profile:
+    print(profile["error"])
+    return
+  print(
+    f"{profile['kernel_ms_per_step']:.1f} ms of kernels per step "
+    f"({profile['kernels_per_step']:.0f} kernels) vs {row['median_ms']:.1f} ms wall"
+  )
+  for title, key in (("kernel", "top_kernels"), ("source op", "top_sources")):
+    print(f"\n| {title} | ms/step |\n|---|---:|")
+    for name, ms in profile[key]:
+      print(f"| `{name}` | {ms:.2f} |")
+
+
 def print_gpu_table(rows: list[dict], args) -> None:
   first = next(r for r in rows if "error" not in r)
   print(
@@ -416,6 +505,8 @@ def run_worker(args, passes: int, remat: bool, env: dict) -> dict:
     args.dtype,
     "--impl",
     args.impl,
+    "--profile",
+    str(args.profile),
     "--worker",
     str(passes),
     str(int(remat)),
@@ -514,13 +605,25 @@ def main():
     "--xla_flags", default="", help="appended to XLA_FLAGS in every measuring process"
   )
   parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "train_step.json"))
+  parser.add_argument(
+    "--profile",
+    type=int,
+    default=0,
+    help="trace this many more steps and report device time by kernel and by source op",
+  )
   parser.add_argument("--worker", nargs=2, metavar=("PASSES", "REMAT"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.setting is None:
     args.setting = "paper" if args.platform == "gpu" else "sweep"
   if args.worker:
     row = measure(
-      args.setting, int(args.worker[0]), args.worker[1] == "1", args.steps, args.dtype, args.impl
+      args.setting,
+      int(args.worker[0]),
+      args.worker[1] == "1",
+      args.steps,
+      args.dtype,
+      args.impl,
+      args.profile,
     )
     print(json.dumps(row))
     return
@@ -543,6 +646,9 @@ def main():
       write_json(rows, args, env)  # so far: a run cut short keeps the rows it has
 
   print_table(rows, args)  # adds the ratio keys
+  for row in rows:
+    if row.get("profile"):
+      print_profile(row)
   write_json(rows, args, env)
 
 
