@@ -246,6 +246,8 @@ def test_unit_lower_inverses_match_numpy(size):
 
 def test_auto_is_chunked_on_cpu_and_pallas_interprets_the_gpu_kernel():
   assert resolve_impl("auto", "cpu") == "chunked"
+  assert resolve_impl("auto", "cuda") == "pallas_staged"  # see docs/results/gpu/report.md
+  assert resolve_impl("auto", "tpu") == "pallas"
   inputs = make_inputs(4, tokens=3)
   for got, want in zip(run("auto", inputs, 2), run("chunked", inputs, 2)):
     np.testing.assert_array_equal(got, want)

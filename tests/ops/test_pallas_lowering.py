@@ -45,10 +45,11 @@ def _abstract_inputs(batch, tokens, heads, key_dim, value_dim, dtype):
 
 
 # The benchmark's GPU shape (K = V = 128, bf16) at a T that is not a multiple of the chunk (and
-# whose 5 chunks are not a power of two), and a small float32 shape whose K and V need padding.
+# whose 5 chunks are not a power of two), and a small float32 shape whose K and V need padding
+# (two chunks of 64: one chunk launches no state-walk kernel).
 SHAPES = {
   "bf16 K=V=128 T=300": (2, 300, 2, 128, 128, jnp.bfloat16),
-  "f32 K=8 V=24 T=37": (1, 37, 3, 8, 24, jnp.float32),
+  "f32 K=8 V=24 T=70": (1, 70, 3, 8, 24, jnp.float32),
 }
 
 
@@ -67,6 +68,19 @@ def test_forward_and_backward_kernels_lower_for_their_platform(platform, rule, c
   )(*_abstract_inputs(*SHAPES[shape]))
   module = exported.mlir_module()
   assert module.count(custom_call) >= 2, "expected a forward and a backward kernel"
+
+
+def test_auto_lowers_to_the_staged_kernels_for_gpus_and_the_fused_one_for_tpus():
+  inputs = _abstract_inputs(*SHAPES["f32 K=8 V=24 T=70"])[:5]
+  auto = jax.jit(functools.partial(gated_delta_rule, impl="auto", chunk_size=16))
+  for platform, present, absent in [
+    ("cuda", "gated_delta_state_walk", "gated_delta_forward"),
+    ("tpu", "tpu_custom_call", "gated_delta_state_walk"),
+  ]:
+    module = jax.export.export(auto, platforms=[platform], disabled_checks=_ALLOW_TRITON)(
+      *inputs
+    ).mlir_module()
+    assert present in module and absent not in module, platform
 
 
 def _random_inputs(batch, tokens, heads, key_dim, value_dim, dtype):

@@ -101,20 +101,22 @@ _IMPLEMENTATIONS = {
   "pallas_staged": _by_platform(
     functools.partial(_triton_staged, interpret=True), cuda=_triton_staged
   ),
-  "auto": _by_platform(_chunked, cuda=_triton, tpu=_mosaic),
+  # On GPUs the staged kernels: the fused kernel needs more shared memory than an H100 has at
+  # K = V = 128 (docs/results/gpu/report.md).
+  "auto": _by_platform(_chunked, cuda=_triton_staged, tpu=_mosaic),
 }
 
 
 def resolve_impl(impl: str, platform: str) -> str:
   """The implementation `impl` runs when lowered for `platform` ("cpu", "cuda", "tpu", ...).
 
-  "auto" is the fused Pallas kernels on CUDA GPUs and TPUs and the chunked XLA form elsewhere
-  (where Pallas only interprets). The choice is made when a function is lowered, not by the
-  host's default backend: see `_by_platform`.
+  "auto" is the staged Pallas kernels on CUDA GPUs, the fused Mosaic kernels on TPUs and the
+  chunked XLA form elsewhere (where Pallas only interprets). The choice is made when a function
+  is lowered, not by the host's default backend: see `_by_platform`.
   """
   if impl != "auto":
     return impl
-  return "pallas" if platform in ("cuda", "gpu", "tpu") else "chunked"
+  return {"cuda": "pallas_staged", "gpu": "pallas_staged", "tpu": "pallas"}.get(platform, "chunked")
 
 
 def _check_shape(name, actual, expected):
@@ -181,7 +183,8 @@ def gated_delta_rule(
       custom VJP), "pallas" (fused kernels: Triton on GPUs, Mosaic on TPUs, the GPU kernel
       interpreted elsewhere), "pallas_staged" (GPUs: the chunks' parallel work in XLA and
       a thin Triton kernel for the state hand-off, see pallas_gpu_staged.py; interpreted
-      elsewhere), or "auto" (pallas on GPUs and TPUs, chunked elsewhere). Static.
+      elsewhere), or "auto" (pallas_staged on GPUs, pallas on TPUs, chunked elsewhere).
+      Static.
       The platform is the one being lowered for, not the host's default backend.
     chunk_size: tokens per chunk for the chunked form. Static under jit.
     batch_axes, head_axes: under a mesh (`with jax.set_mesh(mesh)`), the mesh axes the batch

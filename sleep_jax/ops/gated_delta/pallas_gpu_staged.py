@@ -186,11 +186,14 @@ def _chunk_outputs(local, states_bhnkv, precision):
   return chunked.chunk_step(merged_states, _merge_chunks_into_heads(local), precision)
 
 
-def forward(q, k, v, g, beta, initial_state, *, scale, chunk, interpret, precision):
-  """Kernel-layout forward: (out [B,H,Tp,V], states_in [B,H,N,K,V], final_state [B,H,K,V])."""
-  local = _local_terms_fn(scale, chunk, precision)(q, k, v, g, beta)
+def _walk_states(local, initial_state, *, chunk, precision, interpret):
+  """(the state entering every chunk [B,H,N,K,V], the final state [B,H,K,V])."""
+  if local["w"].shape[2] == 1:  # one chunk: nothing to walk, no kernel to launch
+    states_in = initial_state[:, :, None]
+    final_state, _ = _chunk_outputs(local, states_in, precision)
+    return states_in, final_state.reshape(initial_state.shape)
   w, u, k_to_end, decay = _walk_inputs(local, chunk)
-  states_in, final_state = _walk(
+  return _walk(
     _walk_forward_kernel,
     (),
     ((w, False), (u, True), (k_to_end, False), (decay, False)),
@@ -199,6 +202,38 @@ def forward(q, k, v, g, beta, initial_state, *, scale, chunk, interpret, precisi
     precision=precision,
     interpret=interpret,
     name="gated_delta_state_walk",
+  )
+
+
+def _reverse_walk(local, pull_bhnkv, d_final_state, *, chunk, precision, interpret):
+  """(the cotangent of every chunk's outgoing state [B,H,N,K,V], that of the initial state)."""
+  if local["w"].shape[2] == 1:  # one chunk: one step of the reverse walk, in XLA
+    einsum = functools.partial(jnp.einsum, precision=precision)
+    through_keys_bhcv = einsum("bhck,bhkv->bhcv", local["k_to_end"][:, :, 0], d_final_state)
+    d_initial_state = (
+      pull_bhnkv[:, :, 0]
+      + local["chunk_decay"][:, :, 0, None, None] * d_final_state
+      - einsum("bhck,bhcv->bhkv", local["w"][:, :, 0], through_keys_bhcv)
+    )
+    return d_final_state[:, :, None], d_initial_state
+  w, _, k_to_end, decay = _walk_inputs(local, chunk)
+  return _walk(
+    _walk_backward_kernel,
+    (pull_bhnkv,),
+    ((w, False), (k_to_end, False), (decay, False)),
+    d_final_state,
+    chunk=chunk,
+    precision=precision,
+    interpret=interpret,
+    name="gated_delta_state_walk_backward",
+  )
+
+
+def forward(q, k, v, g, beta, initial_state, *, scale, chunk, interpret, precision):
+  """Kernel-layout forward: (out [B,H,Tp,V], states_in [B,H,N,K,V], final_state [B,H,K,V])."""
+  local = _local_terms_fn(scale, chunk, precision)(q, k, v, g, beta)
+  states_in, final_state = _walk_states(
+    local, initial_state, chunk=chunk, precision=precision, interpret=interpret
   )
   _, out_bmcv = _chunk_outputs(local, states_in, precision)
   batch, heads, padded_len, value_dim = v.shape
@@ -218,16 +253,8 @@ def backward(
   pull_bhnkv = einsum("bhnck,bhncv->bhnkv", local["q_decayed"], d_out_bhncv) - einsum(
     "bhnck,bhncv->bhnkv", local["w"], scores_pull_bhncv
   )
-  w, _, k_to_end, decay = _walk_inputs(local, chunk)
-  d_states_out, d_initial_state = _walk(
-    _walk_backward_kernel,
-    (pull_bhnkv,),
-    ((w, False), (k_to_end, False), (decay, False)),
-    d_final_state,
-    chunk=chunk,
-    precision=precision,
-    interpret=interpret,
-    name="gated_delta_state_walk_backward",
+  d_states_out, d_initial_state = _reverse_walk(
+    local, pull_bhnkv, d_final_state, chunk=chunk, precision=precision, interpret=interpret
   )
   _, outputs_vjp = jax.vjp(lambda loc: _chunk_outputs(loc, states_in, precision), local)
   (d_local,) = outputs_vjp(_merge_chunks_into_heads((d_states_out, d_out_bhncv)))
