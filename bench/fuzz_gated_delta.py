@@ -66,6 +66,9 @@ sys.path.insert(0, os.path.dirname(BENCH_DIR))  # runnable as a plain script fro
 from sleep_jax.ops import gated_delta_rule  # noqa: E402
 from sleep_jax.ops.gated_delta.chunked import gated_delta_rule_chunked_autodiff  # noqa: E402
 from sleep_jax.ops.gated_delta.pallas_gpu import gated_delta_rule_pallas_gpu  # noqa: E402
+from sleep_jax.ops.gated_delta.pallas_gpu_staged import (  # noqa: E402
+  gated_delta_rule_pallas_gpu_staged,
+)
 from sleep_jax.ops.gated_delta.pallas_tpu import gated_delta_rule_pallas_tpu  # noqa: E402
 
 IMPLEMENTATIONS = {
@@ -73,6 +76,7 @@ IMPLEMENTATIONS = {
   # On a CPU "auto" lowers to the chunked form, through `jax.lax.platform_dependent`.
   "auto": functools.partial(gated_delta_rule, impl="auto"),
   "pallas_gpu": functools.partial(gated_delta_rule_pallas_gpu, interpret=True),
+  "pallas_gpu_staged": functools.partial(gated_delta_rule_pallas_gpu_staged, interpret=True),
   "pallas_tpu": functools.partial(gated_delta_rule_pallas_tpu, interpret=True),
   "chunked_autodiff": gated_delta_rule_chunked_autodiff,
 }

@@ -61,23 +61,6 @@ def test_1000_cases_of_every_implementation_pass():
   print(fuzzer.format_table(report["rows"]))
   assert sum(r["cases"] for r in report["rows"] if r["impl"] == "chunked") >= 1000
   for row in report["rows"]:
-    assert row["nonfinite"] == 0, row
-  if report["passed"]:
-    return
-  # Known defects found by this fuzzer (2026-11-28), open until fixed; anything else fails:
-  #  * float32 rows: exp(G_t - G_s) from differences of cumulative sums loses ~eps*|G_C| under
-  #    strong decay (chunked, kernel_math); the Pallas kernels also take the chunk's total
-  #    decay from a separate sum instead of G's last row (cases 207, 851, 628).
-  #  * chunked_autodiff crashes XLA CPU's YNNPACK fusion (jaxlib 0.10) in the backward pass of
-  #    _invert_unit_lower with two leading dims > 1 and chunk >= 32.
-  unexpected = [
-    r
-    for r in report["rows"]
-    if not r["passed"] and r["dtype"] != "float32" and r["impl"] != "chunked_autodiff"
-  ]
-  unexpected += [c for c in report["crashes"] if c["impl"] != "chunked_autodiff"]
-  assert not unexpected, unexpected
-  pytest.xfail(
-    "known float32 precision defects under strong decay and a jaxlib 0.10 XLA crash "
-    "in chunked_autodiff (see the comment above)"
-  )
+    assert row["nonfinite"] == 0 and row["crashed"] == 0, row
+  assert not report["crashes"], report["crashes"]
+  _assert_passed(report)

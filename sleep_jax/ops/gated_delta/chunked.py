@@ -42,17 +42,24 @@ def _to_chunks(x_bt, chunk, dtype):
   return x_bht.reshape(x_bht.shape[:2] + (-1, chunk) + x_bht.shape[3:])
 
 
-def _masked_decay(cum_log_decay_bhnc):
-  """D[t, s] = exp(G_t - G_s) for s <= t, else exactly 0.
+def _segment_sums(g_bhnc):
+  """seg[t, s] = g_{s+1} + ... + g_t for s < t, and 0 for s >= t: [..., C, C].
 
-  The exponent is masked before `exp`: above the diagonal G_t - G_s > 0 can overflow, and
-  masking only the result would still send inf * 0 = NaN into the backward pass.
+  Summed segment by segment (a cumulative sum over t of g_t masked to t > s), not as the
+  difference G_t - G_s of two prefix sums: under strong decay G reaches -1000s, and the
+  difference of two such float32 numbers loses the small gap between them (a 1e-4 relative
+  error in exp(gap), seen by the fuzzer). Every entry is <= 0, so exp never overflows.
   """
-  chunk = cum_log_decay_bhnc.shape[-1]
+  chunk = g_bhnc.shape[-1]
+  strictly_below_ts = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)
+  return jnp.cumsum(jnp.where(strictly_below_ts, g_bhnc[..., :, None], 0.0), axis=-2)
+
+
+def _masked_decay(segment_sums_bhnts):
+  """D[t, s] = exp(g_{s+1} + ... + g_t) for s <= t, else exactly 0."""
+  chunk = segment_sums_bhnts.shape[-1]
   causal_ts = jnp.tril(jnp.ones((chunk, chunk), bool))
-  gap_bhnts = cum_log_decay_bhnc[..., :, None] - cum_log_decay_bhnc[..., None, :]
-  safe_gap_bhnts = jnp.where(causal_ts, gap_bhnts, 0.0)
-  return jnp.where(causal_ts, jnp.exp(safe_gap_bhnts), 0.0)
+  return jnp.where(causal_ts, jnp.exp(segment_sums_bhnts), 0.0)
 
 
 def _invert_unit_lower(strict_lower_ts):
@@ -67,6 +74,10 @@ def _invert_unit_lower(strict_lower_ts):
   """
   size = strict_lower_ts.shape[-1]
   padded = 1 << (size - 1).bit_length()
+  # One batch dimension: with several, XLA CPU's YNNPACK fusion of the backward pass crashed
+  # (jaxlib 0.10, chunk >= 32; found by bench/fuzz_gated_delta.py).
+  original_lead_shape = strict_lower_ts.shape[:-2]
+  strict_lower_ts = strict_lower_ts.reshape((-1, size, size))
   lead_shape = strict_lower_ts.shape[:-2]
   pad = [(0, 0)] * len(lead_shape) + [(0, padded - size)] * 2
   strict_lower_ts = jnp.pad(strict_lower_ts, pad)
@@ -88,7 +99,7 @@ def _invert_unit_lower(strict_lower_ts):
     bottom = jnp.concatenate([corner, lower_inverse], axis=-1)
     inverse_blocks = jnp.concatenate([top, bottom], axis=-2)
     block *= 2
-  return inverse_blocks[..., 0, :size, :size]
+  return inverse_blocks[..., 0, :size, :size].reshape(original_lead_shape + (size, size))
 
 
 @jax.custom_vjp
@@ -131,12 +142,12 @@ def chunk_local_terms(
   `precision` is that of the matmuls outside the inverse (the staged GPU kernels lower it for
   bfloat16 inputs, see pallas_gpu_staged.py).
   """
-  cum_log_decay_bhnc = jnp.cumsum(g_bhnc, axis=-1)
-  decay_from_start_bhnc = jnp.exp(cum_log_decay_bhnc)
-  # G_C - G_t is a sum of g's, hence <= 0: the decay from token t to the chunk's end.
-  decay_to_end_bhnc = jnp.exp(cum_log_decay_bhnc[..., -1:] - cum_log_decay_bhnc)
+  decay_from_start_bhnc = jnp.exp(jnp.cumsum(g_bhnc, axis=-1))
+  segment_sums_bhnts = _segment_sums(g_bhnc)
+  # The decay from token t to the chunk's end: the last row of the segment sums.
+  decay_to_end_bhnc = jnp.exp(segment_sums_bhnts[..., -1, :])
 
-  decay_bhnts = _masked_decay(cum_log_decay_bhnc)
+  decay_bhnts = _masked_decay(segment_sums_bhnts)
   key_gram_bhnts = _einsum("bhntk,bhnsk->bhnts", k_bhnck, k_bhnck, precision=precision)
   chunk = g_bhnc.shape[-1]
   strictly_lower_ts = jnp.tril(jnp.ones((chunk, chunk), bool), k=-1)

@@ -59,21 +59,34 @@ def _column_to_row(x_c1):
 
 
 def _decay_terms(g_c1):
-  """Cumulative log decay G [C,1], masked decay matrix D [C,C] and the chunk's total G_C [1,1]."""
+  """The chunk's decays, every one summed over its own tokens only.
+
+  Returns:
+    G [C,1] (g_1 + ... + g_t, the log decay from the chunk's start), the masked decay matrix
+    D [C,C] (exp(g_{s+1} + ... + g_t) for s <= t, else 0), the log decay to the chunk's end
+    [C,1] (g_{t+1} + ... + g_C) and the chunk's total [1,1].
+
+  Never as differences of prefix sums: under strong decay G reaches -1000s in float32, and
+  G_t - G_s would lose the small gap between two such numbers (see chunked._segment_sums).
+  The segment sums are one matmul, seg = [j <= t] @ (g_j [j > s]), exact term by term.
+  """
   row_ts, col_ts = _index_grids(g_c1.shape[0])
   causal_ts = row_ts >= col_ts
-  cum_log_decay_c1 = jnp.sum(jnp.where(causal_ts, _column_to_row(g_c1), 0.0), axis=1, keepdims=True)
-  gap_ts = cum_log_decay_c1 - _column_to_row(cum_log_decay_c1)
-  # Mask before exp: above the diagonal the gap is positive and may overflow.
-  decay_ts = jnp.where(causal_ts, jnp.exp(jnp.where(causal_ts, gap_ts, 0.0)), 0.0)
+  g_1s = _column_to_row(g_c1)
+  cum_log_decay_c1 = jnp.sum(jnp.where(causal_ts, g_1s, 0.0), axis=1, keepdims=True)
+  to_end_c1 = jnp.sum(jnp.where(col_ts > row_ts, g_1s, 0.0), axis=1, keepdims=True)
+  up_to_t_tj = jnp.where(causal_ts, 1.0, 0.0)
+  after_s_js = jnp.where(row_ts > col_ts, g_c1, 0.0)  # rows j, columns s: g_j for j > s
+  segment_ts = _dot(up_to_t_tj, after_s_js)
+  decay_ts = jnp.where(causal_ts, jnp.exp(segment_ts), 0.0)  # segment sums are <= 0
   total_11 = jnp.sum(g_c1, axis=0, keepdims=True)
-  return cum_log_decay_c1, decay_ts, total_11
+  return cum_log_decay_c1, decay_ts, to_end_c1, total_11
 
 
 def _strict_lower_a(k_ck, g_c1, beta_c1):
   """Step 1: A = strictly lower part of beta_t (k_t . k_s) D_ts."""
   row_ts, col_ts = _index_grids(k_ck.shape[0])
-  _, decay_ts, _ = _decay_terms(g_c1)
+  _, decay_ts, _, _ = _decay_terms(g_c1)
   return jnp.where(row_ts > col_ts, beta_c1 * _matmul_nt(k_ck, k_ck) * decay_ts, 0.0)
 
 
@@ -102,7 +115,7 @@ def invert_unit_lower(a_ts):
 
 def _chunk_outputs(inverse_ts, q_ck, k_ck, v_cv, g_c1, beta_c1, state_kv, scale):
   """Steps 3-6 given M = (I + A)^{-1}: the chunk's outputs [C, V] and outgoing state [K, V]."""
-  cum_log_decay_c1, decay_ts, total_11 = _decay_terms(g_c1)
+  cum_log_decay_c1, decay_ts, to_end_c1, total_11 = _decay_terms(g_c1)
   decay_from_start_c1 = jnp.exp(cum_log_decay_c1)
   w_ck = _dot(inverse_ts, beta_c1 * decay_from_start_c1 * k_ck)
   u_cv = _dot(inverse_ts, beta_c1 * v_cv)
@@ -110,8 +123,7 @@ def _chunk_outputs(inverse_ts, q_ck, k_ck, v_cv, g_c1, beta_c1, state_kv, scale)
   scaled_q_ck = scale * q_ck
   scores_ts = _matmul_nt(scaled_q_ck, k_ck) * decay_ts
   out_cv = _dot(scaled_q_ck * decay_from_start_c1, state_kv) + _dot(scores_ts, corrected_cv)
-  # total - G_t is a sum of g's after t, hence <= 0.
-  k_to_end_ck = k_ck * jnp.exp(total_11 - cum_log_decay_c1)
+  k_to_end_ck = k_ck * jnp.exp(to_end_c1)
   new_state_kv = jnp.exp(total_11) * state_kv + _matmul_tn(k_to_end_ck, corrected_cv)
   return out_cv, new_state_kv
 
