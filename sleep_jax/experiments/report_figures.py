@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from sleep_jax.data import rule110
+
 DPI = 100
 FIGSIZE = (6, 4)  # inches: 600x400 px at DPI
 
@@ -59,10 +61,12 @@ def _finish(fig, ax):
   return fig
 
 
-def accuracy_vs_passes(runs, arms, depths, values_fn):
-  """Rule 110: exact accuracy vs N, one line per depth; baselines as labelled markers."""
+def accuracy_vs_passes(runs, arms, depths, values_fn, majority=None):
+  """Rule 110: exact accuracy vs N, one line per depth; baselines as labelled markers; the
+  majority-label floor of each depth ({depth: accuracy}) as a dotted line."""
   fig, ax = _new("Rule 110: exact accuracy vs passes N", "passes N", "exact accuracy")
-  ax.axhline(1 / 16, color="gray", ls=":", lw=1, label="chance (1/16)")
+  for depth, floor in sorted((majority or {}).items()):
+    ax.axhline(floor, color="gray", ls=":", lw=1, label=f"majority label, t={depth}")
   markers = iter("s^Dv<>PX*")
   for depth in depths:
     points = [
@@ -134,8 +138,18 @@ def per_depth_eval(runs, arms, title):
       ax.errorbar(
         depths, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=arm
       )
-  ax.axhline(1 / 16, color="gray", ls=":", lw=1)
+  evaluated = sorted({d for r in runs for d in _evaluated_depths(r)})
+  if evaluated:  # the majority-label floor at each evaluated depth
+    floors = [rule110.majority_baseline(d) for d in evaluated]
+    ax.plot(evaluated, floors, color="gray", ls=":", marker=".", label="majority label")
   return _finish(fig, ax)
+
+
+def _evaluated_depths(run) -> list[int]:
+  if not (run.finished and run.results):
+    return []
+  keys = (re.fullmatch(r"depth(\d+)/exact_accuracy", key) for key in run.results.eval)
+  return [int(match.group(1)) for match in keys if match]
 
 
 def metric_vs_hops(runs, arms, metric, hops, values_fn):

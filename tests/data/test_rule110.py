@@ -123,3 +123,15 @@ def test_eval_depths_become_fixed_slices_at_those_depths():
   assert tasks.get_task({"name": "rule110", "depth": 3}).eval_slices == ()
   with pytest.raises(ValueError, match="eval_depths"):
     tasks.get_task({"name": "rule110", "depth": 3, "eval_depths": (2, -1)})
+
+
+def test_the_majority_baseline_is_the_best_constant_answer_by_direct_count():
+  labels = rule110.generate(np.random.default_rng(5), 4_000, 32)["targets"][
+    :, rule110.CONTEXT_LEN :
+  ]
+  # Every one of the 16 constant answers, scored by counting exact matches.
+  constants = np.array(np.meshgrid(*[[0, 1]] * 4, indexing="ij")).reshape(4, -1).T
+  counts = [np.sum(np.all(labels == answer, axis=1)) for answer in constants]
+  assert rule110.majority_exact_accuracy(labels) == max(counts) / len(labels)
+  # Unbalanced labels put the floor well above guessing (1/16) at t=32 (the issue measured 10%).
+  assert 0.09 < rule110.majority_baseline(32, num=20_000) < 0.11
