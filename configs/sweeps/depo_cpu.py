@@ -24,14 +24,15 @@ def get_config() -> config_dict.ConfigDict:
   c.depths = ()
   c.num_steps = 60  # per arm with step_ratio 1
   # Sized to finish in about an hour on 2 cores (shared with the Rule 110 sweep, an N=4 step
-  # took ~8 s): the cpu variant with a narrower MLP, small cycles (5..10 nodes instead of
-  # 10..75; the context is still left-padded to 300 tokens) and small evaluation sets. At this
+  # took ~8 s): the cpu variant with a narrower MLP, small cycles (10..20 nodes instead of
+  # 10..75: at least 10 for the 10 distinct query starts, and the k=16 slice draws 17..20; the
+  # context is still left-padded to 300 tokens) and small evaluation sets. At this
   # scale no arm is expected to learn the retrieval (the paper trains 100k steps): the sweep
   # checks the pipeline end to end and measures what 60 steps buy.
   c.overrides = config_dict.ConfigDict(
     {
       "model": {"mlp_dim": 128},
-      "task": {"min_nodes": 5, "max_nodes": 10},
+      "task": {"min_nodes": 10, "max_nodes": 20},
       "eval": {"every_steps": 30, "num_examples": 128, "num_slice_examples": 64},
       "checkpoint": {"every_steps": 30},
     }

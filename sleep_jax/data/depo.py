@@ -17,6 +17,12 @@ of the word follows and 50+s when it is the word's last, so word boundaries are 
 HOP_k = 99+k (k = 1..16), ANS = 116, PAD = 117. Words are distinct within an example; the
 cycle has `min_nodes..max_nodes` nodes (default 10..75; 75 nodes of 2-symbol words fill the
 300 context tokens exactly).
+
+The 10 queries of an example start at 10 distinct nodes (so a cycle has at least 10): with a
+repeated (k, start) the earlier answer would sit in the same prediction chunk for attention to
+copy. With a fixed k (the per-k evaluation slices, or `hops=k` in training) only cycles of more
+than k nodes are drawn, so that every query is exactly k hops deep; with k ~ U{1..16} (training)
+the full node range stays, and a query of k >= n hops on a cycle of n nodes wraps around.
 """
 
 from __future__ import annotations
@@ -77,11 +83,16 @@ def check_args(hops, min_nodes: int, max_nodes: int) -> None:
     raise ValueError(
       f"depo hops must be None (k ~ U{{1..{MAX_HOPS}}}) or an int in 1..{MAX_HOPS}, got {hops!r}"
     )
-  if not 2 <= min_nodes <= max_nodes <= MAX_NODES:
+  if not NUM_QUERIES <= min_nodes <= max_nodes <= MAX_NODES:
     raise ValueError(
-      f"depo node range must satisfy 2 <= min_nodes <= max_nodes <= {MAX_NODES} "
-      f"(the largest cycle that fits {CONTEXT_LEN} context tokens); got "
-      f"min_nodes={min_nodes}, max_nodes={max_nodes}"
+      f"depo node range must satisfy {NUM_QUERIES} <= min_nodes <= max_nodes <= {MAX_NODES} "
+      f"(the {NUM_QUERIES} queries start at distinct nodes; {MAX_NODES} is the largest cycle "
+      f"that fits {CONTEXT_LEN} context tokens); got min_nodes={min_nodes}, max_nodes={max_nodes}"
+    )
+  if hops is not None and max_nodes <= hops:
+    raise ValueError(
+      f"depo queries of a fixed k={hops} hops need cycles of more than {hops} nodes, but "
+      f"max_nodes={max_nodes}; raise task.max_nodes or drop k={hops} from task.eval_hops"
     )
 
 
@@ -113,7 +124,8 @@ def generate(
     rng: the random generator (the only source of randomness).
     num: number of examples.
     hops: None draws k ~ U{1..16} for every query; an int fixes k for all queries.
-    min_nodes: the smallest cycle (nodes drawn uniformly from min_nodes..max_nodes).
+    min_nodes: the smallest cycle (nodes drawn uniformly from min_nodes..max_nodes; with a
+      fixed k, from max(min_nodes, k + 1)..max_nodes). At least 10.
     max_nodes: the largest cycle (at most 75).
 
   Returns:
@@ -121,6 +133,8 @@ def generate(
     int32, all [num, 360]; "hops" int32 [num, 10].
   """
   check_args(hops, min_nodes, max_nodes)
+  if hops is not None:  # every query exactly k hops deep: no cycle of k nodes or fewer
+    min_nodes = max(min_nodes, hops + 1)
   rows = np.arange(num)[:, None]
   num_nodes = rng.integers(min_nodes, max_nodes + 1, size=(num, 1))
   node_valid = np.arange(MAX_NODES)[None, :] < num_nodes  # [num, 75]
@@ -154,7 +168,8 @@ def generate(
     if hops is None
     else np.full((num, NUM_QUERIES), hops)
   )
-  start = rng.integers(0, num_nodes, size=(num, NUM_QUERIES))
+  # Distinct start nodes (without replacement): the first 10 of a random order of the cycle.
+  start = _first_by_key(rng.random((num, MAX_NODES)), node_valid)[:, :NUM_QUERIES]
   start_words = cycle[rows, start]
   answer_words = cycle[rows, (start + query_hops) % num_nodes]
   specials = lambda token: np.full((num, NUM_QUERIES, 1), token)

@@ -53,6 +53,8 @@ def check_example(ex, b, min_nodes=depo.MIN_NODES, max_nodes=depo.MAX_NODES):
   tokens = ex["tokens"][b]
   successor, queries = parse(tokens)
   nodes = set(successor)
+  # The 10 queries start at distinct nodes: no answer can be copied from an earlier query.
+  assert len({start for _, start, _, _ in queries}) == depo.NUM_QUERIES
   # One cycle through every node, and every word is a distinct node of 1-2 symbols.
   assert set(successor.values()) == nodes and min_nodes <= len(nodes) <= max_nodes
   assert follow(successor, next(iter(nodes)), len(nodes)) == next(iter(nodes))
@@ -97,14 +99,18 @@ def test_every_label_follows_from_the_parsed_cycle():
   assert set(np.unique(ex["hops"])) == set(range(1, 17))  # k ~ U{1..16}
 
 
-@pytest.mark.parametrize("hops, min_nodes, max_nodes", [(1, 2, 2), (16, 75, 75), (5, 10, 12)])
+@pytest.mark.parametrize(
+  "hops, min_nodes, max_nodes", [(1, 10, 10), (16, 75, 75), (5, 10, 12), (16, 10, 20)]
+)
 def test_fixed_hops_and_node_ranges(hops, min_nodes, max_nodes):
   ex = depo.generate(
     np.random.default_rng(2), 40, hops=hops, min_nodes=min_nodes, max_nodes=max_nodes
   )
   np.testing.assert_array_equal(ex["hops"], hops)
   for b in range(40):
-    check_example(ex, b, min_nodes, max_nodes)
+    num_nodes, _ = check_example(ex, b, min_nodes, max_nodes)
+    # Exactly k hops deep: the walk from the start never comes back round the cycle.
+    assert num_nodes > hops
 
 
 def test_generation_is_a_pure_function_of_the_rng():
@@ -123,7 +129,8 @@ def test_generation_is_a_pure_function_of_the_rng():
     (dict(hops=17), "hops"),
     (dict(hops=2.0), "hops"),
     (dict(hops=True), "hops"),
-    (dict(min_nodes=1), "node range"),
+    (dict(min_nodes=9), "node range"),
+    (dict(hops=16, max_nodes=16), "more than 16 nodes"),
     (dict(max_nodes=76), "node range"),
     (dict(min_nodes=20, max_nodes=10), "node range"),
   ],
