@@ -51,12 +51,13 @@ def train(*, batch_size: int) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.batch_size = batch_size  # global batch (split over data x fsdp devices of all processes)
   c.num_steps = 100_000  # the paper's training length
-  c.warmup_steps = 1_000  # linear warmup, then cosine decay to min_lr_ratio
-  c.min_lr_ratio = 0.1  # final learning rate / peak learning rate
+  # (ours) marks a choice the paper does not state (README, "Where the paper is silent").
+  c.warmup_steps = 1_000  # (ours) linear warmup, then cosine decay to min_lr_ratio
+  c.min_lr_ratio = 0.1  # (ours) final learning rate / peak learning rate
   c.muon_lr = 2e-3  # Muon: hidden 2-D weight matrices (tuned at N=1, reused for all N)
-  c.adamw_lr = 5e-5  # AdamW: embeddings, head, norms, conv filters, gates
-  c.weight_decay = 0.0  # decoupled weight decay of both groups (paper: unstated)
-  c.grad_clip = 1.0  # clip the global gradient norm
+  c.adamw_lr = 5e-5  # AdamW: embeddings, head, norms; (ours) conv filters, gates, A_log, dt_bias
+  c.weight_decay = 0.0  # (ours) decoupled weight decay of both groups (paper: unstated)
+  c.grad_clip = 1.0  # (ours) clip the global gradient norm
   return c
 
 
