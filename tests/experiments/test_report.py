@@ -129,7 +129,8 @@ def test_report_of_an_empty_or_partial_sweep(tmp_path):
   sweep_dir = str(tmp_path / "empty")
   os.makedirs(sweep_dir)
   write_grid(sweep_dir, "configs/rule110.py:cpu", ["n1", "n2"], [0], [8])
-  text = open(report.write_report(sweep_dir, tensorboard=False)).read()
+  with open(report.write_report(sweep_dir, tensorboard=False)) as f:
+    text = f.read()
   assert "| n1 | - (0/1) | ~10% |" in text and "0/2 runs finished" in text
 
 
@@ -143,7 +144,8 @@ def test_depo_report(tmp_path):
         metrics[f"hops{k}/accuracy"] = min(1.0, passes / k)
       write_run(sweep_dir, arm, seed, task="depo", passes=passes, metrics=metrics)
   write_grid(sweep_dir, "configs/depo.py:cpu", ["n1", "n4"], [0, 1], [])
-  text = open(report.write_report(sweep_dir)).read()
+  with open(report.write_report(sweep_dir)) as f:
+    text = f.read()
   # loss at k=16: n1 -> 16, 17 (mean 16.5, std 0.707); n4 -> 4, 5
   assert (
     "| n1 | 1.500 ± 0.707 (2/2) | 2.500 ± 0.707 (2/2) | 4.500 ± 0.707 (2/2) | "
