@@ -50,7 +50,9 @@ DEPTH_STEPS_FOR_T8 = 2_000  # fewer steps than this fit: depth 4 (t=8 needed ~2,
 class Check:
   """Runs the sections, keeps the log and the time, and collects the results."""
 
-  def __init__(self, out_dir: str, budget_s: float, platform: str, step_setting: str):
+  def __init__(
+    self, out_dir: str, budget_s: float, platform: str, step_setting: str, depth_base: str | None
+  ):
     self.out_dir = out_dir
     # Scratch outside `out_dir`, which must stay a handful of files; deleted at the end.
     self.work_dir = tempfile.mkdtemp(prefix="gpu_check_")
@@ -59,7 +61,7 @@ class Check:
     self.budget_s = budget_s
     self.platform = platform  # JAX_PLATFORMS of every subprocess ("cpu" for a dry run)
     self.step_setting = step_setting  # bench/train_step.py --setting
-    self.depth_base = None  # a base config for the depth sweep other than its own (dry runs)
+    self.depth_base = depth_base  # a base config for the depth sweep other than its own (dry runs)
     self.junit_path = os.path.join(self.work_dir, "gpu_tests.xml")
     self.results: dict = {"sections": {}}
 
@@ -462,8 +464,7 @@ def main(argv=None):
   parser.add_argument("--depth_base", default=None, help="e.g. configs/rule110.py:tiny")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  check = Check(args.out, args.budget_s, args.platform, args.step_setting)
-  check.depth_base = args.depth_base
+  check = Check(args.out, args.budget_s, args.platform, args.step_setting, args.depth_base)
   skip = set(filter(None, args.skip.split(",")))
   check.results["versions"] = versions()
   check.say(json.dumps(check.results["versions"]))
@@ -485,7 +486,8 @@ def main(argv=None):
     save()
   if "depth" not in skip or "tests" not in skip:
     if "depth" in skip:
-      sections["tests"] = tests_results(check, check.run(*tests_command(check)[:2], check.left()))
+      name, argv, env = tests_command(check)
+      sections["tests"] = tests_results(check, check.run(name, argv, check.left(), env))
     else:
       last = depth_and_tests(check, check.left() - 15, sections.get("step"), "tests" not in skip)
       sections["depth"], sections["tests"] = last["depth"], last["tests"]

@@ -26,52 +26,25 @@ def _reference(q, k, v, g, beta, initial_state, *, scale, chunk_size):
   return gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state)
 
 
-def _chunked(q, k, v, g, beta, initial_state, *, scale, chunk_size):
-  return gated_delta_rule_chunked(
-    q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size
-  )
+def _keyword_contract(rule, **fixed):
+  """`rule(q, k, v, g, beta, *, scale, initial_state, chunk_size, **fixed)` as an implementation
+  of the signature above (the public rules of chunked.py and the Pallas modules)."""
+
+  def run(q, k, v, g, beta, initial_state, *, scale, chunk_size):
+    return rule(
+      q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size, **fixed
+    )
+
+  return run
 
 
-def _triton(q, k, v, g, beta, initial_state, *, scale, chunk_size, interpret=False):
-  return gated_delta_rule_pallas_gpu(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    scale=scale,
-    initial_state=initial_state,
-    chunk_size=chunk_size,
-    interpret=interpret,
-  )
-
-
-def _triton_staged(q, k, v, g, beta, initial_state, *, scale, chunk_size, interpret=False):
-  return gated_delta_rule_pallas_gpu_staged(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    scale=scale,
-    initial_state=initial_state,
-    chunk_size=chunk_size,
-    interpret=interpret,
-  )
-
-
-def _mosaic(q, k, v, g, beta, initial_state, *, scale, chunk_size):
-  return gated_delta_rule_pallas_tpu(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    scale=scale,
-    initial_state=initial_state,
-    chunk_size=chunk_size,
-    interpret=False,
-  )
+_chunked = _keyword_contract(gated_delta_rule_chunked)
+_triton = _keyword_contract(gated_delta_rule_pallas_gpu)
+_triton_staged = _keyword_contract(gated_delta_rule_pallas_gpu_staged)
+_mosaic = _keyword_contract(gated_delta_rule_pallas_tpu, interpret=False)
+# The GPU kernels in the Pallas interpreter: what "pallas" and "pallas_staged" run off a GPU.
+_triton_interpreted = _keyword_contract(gated_delta_rule_pallas_gpu, interpret=True)
+_triton_staged_interpreted = _keyword_contract(gated_delta_rule_pallas_gpu_staged, interpret=True)
 
 
 def _by_platform(default, **per_platform):
@@ -97,10 +70,8 @@ def _by_platform(default, **per_platform):
 _IMPLEMENTATIONS = {
   "reference": _reference,
   "chunked": _chunked,
-  "pallas": _by_platform(functools.partial(_triton, interpret=True), cuda=_triton, tpu=_mosaic),
-  "pallas_staged": _by_platform(
-    functools.partial(_triton_staged, interpret=True), cuda=_triton_staged
-  ),
+  "pallas": _by_platform(_triton_interpreted, cuda=_triton, tpu=_mosaic),
+  "pallas_staged": _by_platform(_triton_staged_interpreted, cuda=_triton_staged),
   # On GPUs the staged kernels: the fused kernel needs more shared memory than an H100 has at
   # K = V = 128 (docs/results/gpu/report.md).
   "auto": _by_platform(_chunked, cuda=_triton_staged, tpu=_mosaic),

@@ -187,11 +187,10 @@ def _chunk_outputs(local, states_bhnkv, precision):
 
 
 def _walk_states(local, initial_state, *, chunk, precision, interpret):
-  """(the state entering every chunk [B,H,N,K,V], the final state [B,H,K,V])."""
-  if local["w"].shape[2] == 1:  # one chunk: nothing to walk, no kernel to launch
-    states_in = initial_state[:, :, None]
-    final_state, _ = _chunk_outputs(local, states_in, precision)
-    return states_in, final_state.reshape(initial_state.shape)
+  """(the state entering every chunk [B,H,N,K,V], the final state [B,H,K,V]) by the walk kernel.
+
+  Needs two chunks or more: for one, `forward` takes the outgoing state from `_chunk_outputs`.
+  """
   w, u, k_to_end, decay = _walk_inputs(local, chunk)
   return _walk(
     _walk_forward_kernel,
@@ -232,10 +231,16 @@ def _reverse_walk(local, pull_bhnkv, d_final_state, *, chunk, precision, interpr
 def forward(q, k, v, g, beta, initial_state, *, scale, chunk, interpret, precision):
   """Kernel-layout forward: (out [B,H,Tp,V], states_in [B,H,N,K,V], final_state [B,H,K,V])."""
   local = _local_terms_fn(scale, chunk, precision)(q, k, v, g, beta)
-  states_in, final_state = _walk_states(
-    local, initial_state, chunk=chunk, precision=precision, interpret=interpret
-  )
-  _, out_bmcv = _chunk_outputs(local, states_in, precision)
+  one_chunk = local["w"].shape[2] == 1
+  if one_chunk:  # nothing to walk, no kernel to launch
+    states_in = initial_state[:, :, None]
+  else:
+    states_in, final_state = _walk_states(
+      local, initial_state, chunk=chunk, precision=precision, interpret=interpret
+    )
+  states_out, out_bmcv = _chunk_outputs(local, states_in, precision)
+  if one_chunk:
+    final_state = states_out.reshape(initial_state.shape)
   batch, heads, padded_len, value_dim = v.shape
   out = out_bmcv.reshape(batch, heads, padded_len, value_dim).astype(v.dtype)
   return out, states_in, final_state
