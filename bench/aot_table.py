@@ -21,7 +21,7 @@ from sleep_jax import console  # noqa: E402
 from sleep_jax.experiments import config_files  # noqa: E402
 from sleep_jax.train import aot  # noqa: E402
 
-CONFIGS = ("configs/rule110.py:paper", "configs/depo.py:paper")
+CONFIGS = ("configs/rule110.py:paper", "configs/depo.py:paper_fig3")
 SLICES = (("v5e-8", 1), ("v5p-32", 1), ("v5e-16", 2))
 
 

@@ -15,7 +15,7 @@ from sleep_jax.experiments.sweeps import arm
 def get_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.name = "depo_paper"
-  c.base = "configs/depo.py:paper"
+  c.base = "configs/depo.py:paper_fig3"
   c.seeds = (0,)
   c.depths = ()
   c.num_steps = config_dict.placeholder(int)  # None: the paper variant's train.num_steps

@@ -293,3 +293,12 @@ def test_tiny_sweep_end_to_end(tmp_path):
   assert "arms side by side" in out.stderr and "n1 (t=1)" in out.stderr  # the closing table
   again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert again.returncode == 0 and again.stderr.count("finished already, skipped") == 2
+
+
+def test_the_depo_paper_model_is_named_for_the_reading_it_implements():
+  """The paper's text and its Fig. 3 caption describe different Depo models (issue 11, item 4)."""
+  caption = config_files.load_config("configs/depo.py:paper_fig3")
+  assert (caption.model.pattern, caption.model.d_model) == ("AGAG", 256)
+  assert config_files.load_config("configs/depo.py").model.to_dict() == caption.model.to_dict()
+  with pytest.raises(ValueError, match="ambiguous.*10-layer.*paper_fig3"):
+    config_files.load_config("configs/depo.py:paper")
