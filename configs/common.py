@@ -37,10 +37,18 @@ def sleep(*, window: int, context_len: int) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.passes = 1  # N: passes of the stack over every evicted window (1 = the plain hybrid)
   c.window = window  # L: the attention window; must tile context_len
-  # "hard": drop the whole KV cache after every window. "none": the full-attention reference
-  # (one pass over the whole sequence, no sleep; passes must be 1).
+  # "hard": drop the whole KV cache after every window. "sliding" (paper section 6.4): keep
+  # the KV of the window's last L-1 tokens visible to the next window under a sliding mask.
+  # "none": the full-attention reference (one pass over the whole sequence; passes must be 1).
   c.eviction = "hard"
-  c.context_len = context_len  # tokens slept on before the prediction chunk
+  c.context_len = context_len  # tokens slept on before the first predicted chunk
+  # Chunks with loss (indices; None = every chunk after context_len), and whether a predicted
+  # chunk is also slept on (LM training with loss everywhere) (sleep_jax/sleep/config.py).
+  c.predict_chunks = config_dict.placeholder(tuple)
+  c.predict_then_sleep = False
+  # The short convolutions' state at a chunk boundary: "reset" (the paper's convention) or
+  # "carry" (the previous chunk's last-pass tails).
+  c.conv_state = "reset"
   c.grad_passes = config_dict.placeholder(int)  # backprop the last k passes; None = all
   c.remat = True  # jax.checkpoint per pass: faster on the CPU and far less memory for large N
   return c

@@ -272,10 +272,11 @@ class RunDir:
     if saved is None:
       return
     saved, config = _without_eval_fields(saved), _without_eval_fields(_json_roundtrip(config))
-    differing = [key for key in MUST_MATCH if _lookup(saved, key) != _lookup(config, key)]
+    value = lambda tree, key: _lookup(tree, key, ADDED_LATER.get(key))
+    differing = [key for key in MUST_MATCH if value(saved, key) != value(config, key)]
     if differing:
       details = "; ".join(
-        f"{k}: saved {_lookup(saved, k)!r} vs new {_lookup(config, k)!r}" for k in differing
+        f"{k}: saved {value(saved, k)!r} vs new {value(config, k)!r}" for k in differing
       )
       raise WorkdirError(
         f"workdir {self.path} holds a run with an incompatible config "
@@ -297,8 +298,13 @@ MUST_MATCH = (
   "sleep.window",
   "sleep.eviction",
   "sleep.context_len",
+  "sleep.predict_chunks",
+  "sleep.predict_then_sleep",
+  "sleep.conv_state",
   "sleep.grad_passes",
 )
+# Fields added after runs were saved without them: a missing one means this (old) behaviour.
+ADDED_LATER = {"sleep.predict_then_sleep": False, "sleep.conv_state": "reset"}
 # Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
 MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
 
@@ -307,9 +313,9 @@ def _json_roundtrip(value: Any) -> Any:
   return json.loads(json.dumps(value))  # tuples -> lists, as config.json holds them
 
 
-def _lookup(tree: Any, dotted: str) -> Any:
+def _lookup(tree: Any, dotted: str, default: Any = None) -> Any:
   for key in dotted.split("."):
-    tree = tree.get(key) if isinstance(tree, dict) else None
+    tree = tree.get(key, default) if isinstance(tree, dict) else default
   return tree
 
 

@@ -120,6 +120,13 @@ def test_the_config_guard_allows_loop_settings_and_refuses_the_rest(tmp_path):
     other[section][field] = value
     with pytest.raises(rundir.WorkdirError, match=f"{section}.*saved.*vs new"):
       run.check_compatible_config(other)
+  # A run saved before the schedule options existed resumes under their defaults only.
+  newer = json.loads(json.dumps(config))
+  newer["sleep"].update(predict_chunks=None, predict_then_sleep=False, conv_state="reset")
+  run.check_compatible_config(newer)
+  newer["sleep"]["conv_state"] = "carry"
+  with pytest.raises(rundir.WorkdirError, match="conv_state: saved 'reset' vs new 'carry'"):
+    run.check_compatible_config(newer)
   assert rundir.read_json(run.file(rundir.CONFIG_FILE)) == config
 
 

@@ -1,17 +1,21 @@
 """The residual block of the hybrid stack and the temporal mixers it wraps.
 
-Both mixers map `(x [B,T,D], fast_state) -> (y [B,T,D], fast_state)`: causal self-attention
-passes its fast state (None) through untouched; the Gated DeltaNet reads and writes one
-[B,H,K,V] float32 matrix. With one signature, one `ResidualBlock` serves every letter of a
-model's `pattern`. Nothing holds state between calls: attention sees only the tokens of the
-current call (the current chunk), and the fast-weight matrix is an explicit argument and result.
+Both mixers map `(x [B,T,D], state_in, *, context) -> (y [B,T,D], state_out)`, so one
+`ResidualBlock` serves every letter of a model's `pattern`. Nothing is held between calls:
+  * Gated DeltaNet: state_in is `(S, conv_tails)`: the fast weights S [B,H,K,V] float32 and
+    the q/k/v convolutions' last inputs (None: zeros); state_out is the same pair after the call.
+  * attention: state_in is the prefix `(k, v)` [B,C,H,Dh] of earlier tokens the call may also
+    see (None: only the call's own tokens, the paper's hard eviction); state_out is the call's
+    own `(k, v)` [B,T,H,Dh], before rotary positions, for the caller to keep or drop.
+`context` (a `PassContext`, None by default) places the call's tokens and the prefix in one
+position frame and carries the sliding window width; without it, positions run from 0.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from sleep_jax.model.config import ATTENTION, GATED_DELTA, ModelConfig
 from sleep_jax.model.layers import (
@@ -40,8 +44,40 @@ class SwiGLU(nnx.Module):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
+@struct.dataclass
+class PassContext:
+  """Where a call's tokens sit relative to the attention prefix (shared by every block).
+
+  Attributes:
+    positions: [T] int32 positions of the call's tokens.
+    prefix_positions: [C] int32 positions of the prefix tokens, in the same frame.
+    prefix_valid: [C] bool, which prefix slots hold a token (a fixed-size buffer may be part full).
+    width: a query sees keys fewer than `width` positions back (sliding window); None: all.
+    fast_weight_impl: overrides the model's gated delta impl (e.g. "reference" for one token).
+  """
+
+  positions: jax.Array
+  prefix_positions: jax.Array
+  prefix_valid: jax.Array
+  width: int | None = struct.field(pytree_node=False, default=None)
+  fast_weight_impl: str | None = struct.field(pytree_node=False, default=None)
+
+
+def attention_mask(context: PassContext, num_tokens: int) -> jax.Array:
+  """[T, C+T] bool: query i sees valid prefix slots and its own causal past, within `width`."""
+  own = jnp.arange(num_tokens)
+  sees_prefix = context.prefix_valid[None, :] & jnp.ones((num_tokens, 1), bool)
+  sees_own = own[None, :] <= own[:, None]
+  if context.width is not None:
+    back_prefix = context.positions[:, None] - context.prefix_positions[None, :]
+    back_own = context.positions[:, None] - context.positions[None, :]
+    sees_prefix &= back_prefix < context.width
+    sees_own &= back_own < context.width
+  return jnp.concatenate([sees_prefix, sees_own], axis=1)
+
+
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal softmax attention over the tokens of one call, with rotary positions."""
+  """Multi-head causal softmax attention over one call's tokens (and an optional prefix)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, hd = cfg.d_model, cfg.num_heads * cfg.head_dim
@@ -51,15 +87,33 @@ class CausalSelfAttention(nnx.Module):
     self.v = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
     self.o = Dense(hd, d, logical_axes=("heads", "embed"), optimizer=MUON, rngs=rngs)
 
-  def __call__(self, x_btd: jax.Array, fast_state: None = None) -> tuple[jax.Array, None]:
-    """Attention over the call's tokens; `fast_state` (None) is passed through."""
+  def __call__(
+    self, x_btd: jax.Array, prefix_kv=None, *, context: PassContext | None = None
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attention over the prefix and the call's tokens -> (y, the call's own (k, v))."""
     b, t, _ = x_btd.shape
     split = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
-    positions = jnp.arange(t)  # positions restart at 0 in every chunk (PAPER.md section 3)
-    q = rotary(split(self.q(x_btd)), positions, self.cfg.rope_base)
-    k = rotary(split(self.k(x_btd)), positions, self.cfg.rope_base)
-    out = jax.nn.dot_product_attention(q, k, split(self.v(x_btd)), is_causal=True)
-    return self.o(out.reshape(b, t, -1)), fast_state
+    q, k, v = split(self.q(x_btd)), split(self.k(x_btd)), split(self.v(x_btd))
+    base = self.cfg.rope_base
+    if context is None and prefix_kv is None:
+      positions = jnp.arange(t)  # positions restart at 0 in every chunk (PAPER.md section 3)
+      out = jax.nn.dot_product_attention(
+        rotary(q, positions, base), rotary(k, positions, base), v, is_causal=True
+      )
+    else:
+      prefix_kv = prefix_kv if prefix_kv is not None else (k[:, :0], v[:, :0])
+      # Rotary positions are applied at use, so a cached key keeps its raw value and any
+      # position frame works (only differences of positions matter).
+      prefix_k, prefix_v = prefix_kv
+      keys = jnp.concatenate(
+        [rotary(prefix_k, context.prefix_positions, base), rotary(k, context.positions, base)], 1
+      )
+      values = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+      mask = attention_mask(context, t)[None, None]
+      out = jax.nn.dot_product_attention(
+        rotary(q, context.positions, base), keys.astype(q.dtype), values, mask=mask
+      )
+    return self.o(out.reshape(b, t, -1)), (k, v)
 
 
 class GatedDeltaNet(nnx.Module):
@@ -93,21 +147,32 @@ class GatedDeltaNet(nnx.Module):
     self.out_norm = RMSNorm(cfg.head_dim, logical_axis="head_dim")
     self.o = Dense(hd, d, logical_axes=("heads", "embed"), optimizer=MUON, rngs=rngs)
 
-  def __call__(self, x_btd: jax.Array, fast_state: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reads and writes the fast weights S [B,H,K,V] float32 over the call's tokens."""
+  def __call__(self, x_btd: jax.Array, state, *, context: PassContext | None = None):
+    """(x, (S, conv_tails)) -> (y, (S', conv_tails')): reads and writes the fast weights.
+
+    S is [B,H,K,V] float32; conv_tails is (q, k, v) tails [B, conv_width-1, H*Dh] or None.
+    """
+    fast_state, conv_tails = state
+    conv_tails = conv_tails or (None, None, None)
     b, t, _ = x_btd.shape
     heads = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
-    q = l2_normalize(heads(jax.nn.silu(self.conv_q(self.q(x_btd)))))
-    k = l2_normalize(heads(jax.nn.silu(self.conv_k(self.k(x_btd)))))
-    v = heads(jax.nn.silu(self.conv_v(self.v(x_btd))))
+    convolved = [
+      conv(proj(x_btd), tail)
+      for conv, proj, tail in zip(
+        (self.conv_q, self.conv_k, self.conv_v), (self.q, self.k, self.v), conv_tails
+      )
+    ]
+    (q, q_tail), (k, k_tail), (v, v_tail) = convolved
+    q = l2_normalize(heads(jax.nn.silu(q)))
+    k = l2_normalize(heads(jax.nn.silu(k)))
+    v = heads(jax.nn.silu(v))
     x32 = x_btd.astype(jnp.float32)
     g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.decay_proj(x32) + self.dt_bias[...])
     beta = jax.nn.sigmoid(self.beta_proj(x32))
-    o, fast_state = gated_delta_rule(
-      q, k, v, g, beta, initial_state=fast_state, impl=self.cfg.fast_weight_impl
-    )
+    impl = (context and context.fast_weight_impl) or self.cfg.fast_weight_impl
+    o, fast_state = gated_delta_rule(q, k, v, g, beta, initial_state=fast_state, impl=impl)
     o = self.out_norm(o) * jax.nn.silu(heads(self.out_gate(x_btd)))
-    return self.o(o.reshape(b, t, -1)), fast_state
+    return self.o(o.reshape(b, t, -1)), (fast_state, (q_tail, k_tail, v_tail))
 
 
 MIXERS = {ATTENTION: CausalSelfAttention, GATED_DELTA: GatedDeltaNet}
@@ -128,10 +193,8 @@ class ResidualBlock(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model)
     self.mlp = SwiGLU(cfg, rngs=rngs)
 
-  def __call__(
-    self, x_btd: jax.Array, fast_state: jax.Array | None
-  ) -> tuple[jax.Array, jax.Array | None]:
-    """(x, S) -> (x', S'); S is None for an attention mixer, [B,H,K,V] float32 for gated delta."""
-    mixed, fast_state = self.mixer(self.mixer_norm(x_btd), fast_state)
+  def __call__(self, x_btd: jax.Array, state, *, context: PassContext | None = None):
+    """(x, mixer state in) -> (x', mixer state out); see the module docstring for the states."""
+    mixed, state = self.mixer(self.mixer_norm(x_btd), state, context=context)
     x_btd = x_btd + mixed
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), fast_state
+    return x_btd + self.mlp(self.mlp_norm(x_btd)), state

@@ -139,10 +139,24 @@ def head_flops(cfg: ModelConfig, num_positions: int) -> int:
   return matmul_flops(num_positions, cfg.vocab_size, cfg.d_model)
 
 
-def _frozen_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig) -> int:
+def _slept_chunks(sleep_cfg: SleepConfig, seq_len: int) -> list[int]:
+  """Lengths of the chunks that are slept on (N passes), predicted ones included with
+  predict_then_sleep."""
+  return [
+    chunk.length
+    for chunk in sleep_cfg.chunks(seq_len)
+    if not chunk.predict or sleep_cfg.predict_then_sleep
+  ]
+
+
+def _frozen_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig, seq_len: int) -> int:
   """Forward FLOPs of the passes `grad_passes` leaves without a backward pass."""
-  per_window = forward_flops_per_chunk(model_cfg, sleep_cfg.window)
-  return sleep_cfg.num_sleep_chunks * sleep_cfg.frozen_passes * per_window
+  if not sleep_cfg.evicts:
+    return 0
+  return sum(
+    sleep_cfg.frozen_passes * forward_flops_per_chunk(model_cfg, length)
+    for length in _slept_chunks(sleep_cfg, seq_len)
+  )
 
 
 def forward_flops_per_example(
@@ -150,10 +164,12 @@ def forward_flops_per_example(
 ) -> int:
   """Forward FLOPs of `sleep_forward` on one sequence of `seq_len` tokens.
 
-  Hard eviction: N passes of the stack over each of the context's L-token windows, one pass
-  over the prediction chunk, and the head over the prediction chunk. Eviction "none": one
-  pass over the whole sequence (attention sees all of it), and the head over the positions
-  after `context_len`.
+  With eviction: N passes of the stack over each slept chunk, one pass over each predicted
+  chunk (plus N more with predict_then_sleep), and the head over the predicted positions.
+  Under sliding eviction attention also reads the L-1 remembered tokens; that part of the
+  attention cost (two [T, L-1] score and value matmuls per head) is not counted. Eviction
+  "none": one pass over the whole sequence (attention sees all of it), and the head over the
+  positions after `context_len`.
 
   Every pass counts the whole stack, as the schedule's `lax.scan` over passes runs it. Only
   the fast-state writes of a window's last pass are used, though: with N = 1 and a pattern
@@ -175,17 +191,19 @@ def forward_flops_per_example(
     ValueError: `seq_len` does not fit the schedule.
   """
   sleep_cfg.check_sequence(seq_len)
-  predict_len = seq_len - sleep_cfg.context_len
   if not sleep_cfg.evicts:
+    predict_len = seq_len - sleep_cfg.context_len
     return forward_flops_per_chunk(model_cfg, seq_len) + head_flops(model_cfg, predict_len)
-  sleep = (
-    sleep_cfg.num_sleep_chunks
-    * sleep_cfg.passes
-    * forward_flops_per_chunk(model_cfg, sleep_cfg.window)
+  sleep = sum(
+    sleep_cfg.passes * forward_flops_per_chunk(model_cfg, length)
+    for length in _slept_chunks(sleep_cfg, seq_len)
   )
-  return (
-    sleep + forward_flops_per_chunk(model_cfg, predict_len) + head_flops(model_cfg, predict_len)
+  wake = sum(
+    forward_flops_per_chunk(model_cfg, chunk.length) + head_flops(model_cfg, chunk.length)
+    for chunk in sleep_cfg.chunks(seq_len)
+    if chunk.predict
   )
+  return sleep + wake
 
 
 def train_step_flops(
@@ -214,5 +232,5 @@ def train_step_flops(
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   forward = forward_flops_per_example(model_cfg, sleep_cfg, seq_len=seq_len)
-  frozen = _frozen_flops_per_example(model_cfg, sleep_cfg)
+  frozen = _frozen_flops_per_example(model_cfg, sleep_cfg, seq_len)
   return float(batch_size * (3 * (forward - frozen) + frozen))

@@ -87,8 +87,10 @@ def rotary(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
 class CausalDepthwiseConv(nnx.Module):
   """Short causal depthwise convolution over time, y_t = sum_j w_j * x_{t-j}.
 
-  The convolution state starts at zero on every call: under sleep it is reset at every chunk
-  and every pass, so only the fast-weight state crosses a boundary (PAPER.md section 3).
+  The inputs before the call's first token are the `tail` (the last width-1 inputs of the
+  previous call) or zeros. Under sleep the paper's convention resets it at every chunk and
+  every pass (`sleep.conv_state="reset"`); "carry" hands the tail across chunk boundaries, and
+  streaming inference carries it from token to token within a window.
   """
 
   def __init__(self, channels: int, width: int, *, logical_axis: str, rngs: nnx.Rngs):
@@ -96,12 +98,19 @@ class CausalDepthwiseConv(nnx.Module):
     weight = jax.random.uniform(rngs.params(), (width, channels), minval=-bound, maxval=bound)
     self.weight = param(weight, ("conv", logical_axis))
 
-  def __call__(self, x_btc: jax.Array) -> jax.Array:
+  def __call__(
+    self, x_btc: jax.Array, tail: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
+    """(x [B,T,C], tail [B,width-1,C] or None for zeros) -> (y [B,T,C], the new tail)."""
     width, t = self.weight.shape[0], x_btc.shape[1]
-    padded = jnp.pad(x_btc, ((0, 0), (width - 1, 0), (0, 0)))
+    if tail is None:
+      padded = jnp.pad(x_btc, ((0, 0), (width - 1, 0), (0, 0)))
+    else:
+      padded = jnp.concatenate([tail.astype(x_btc.dtype), x_btc], axis=1)
     weight = self.weight[...].astype(x_btc.dtype)
     # Tap j multiplies the input j steps in the past; width is tiny (4), so shifts beat a conv op.
-    return sum(weight[j] * padded[:, width - 1 - j : width - 1 - j + t] for j in range(width))
+    y = sum(weight[j] * padded[:, width - 1 - j : width - 1 - j + t] for j in range(width))
+    return y, padded[:, t:]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -4,6 +4,9 @@ The model exposes the three pieces the sleep schedule composes (it never runs a 
 itself): `embed` a chunk, run one `stack_pass` of all blocks over it while threading the
 fast-weight state, and turn features into `logits`. The fast state is a tuple with one
 [B,H,K,V] float32 matrix per gated-delta block, in pattern order (`zero_fast_state`).
+`run_pass` is the general pass the schedules and streaming inference use: it also threads the
+convolutions' tails (one (q, k, v) triple per gated-delta block, `zero_conv_state`) and gives
+each attention block a prefix of earlier keys and values, returning every attention block's own.
 
 The stack is a repeated unit: `pattern` is its smallest repeating unit times R ("AGAG" is "AG"
 twice, "AGA" is itself once). The unit's blocks are built once per repetition with `nnx.vmap`,
@@ -14,22 +17,47 @@ the compile time do not grow with depth.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sleep_jax.model.blocks import ResidualBlock
-from sleep_jax.model.config import GATED_DELTA, ModelConfig
+from sleep_jax.model.blocks import PassContext, ResidualBlock
+from sleep_jax.model.config import ATTENTION, GATED_DELTA, ModelConfig
 from sleep_jax.model.layers import ADAMW, Dense, RMSNorm, param
 
 FastState = tuple[jax.Array, ...]
+ConvState = tuple[tuple[jax.Array, jax.Array, jax.Array], ...]  # (q, k, v) tails per "G" block
+KVPairs = tuple[tuple[jax.Array, jax.Array], ...]  # (k, v) [B,T,H,Dh] per "A" block
 LAYERS_AXIS = "layers"  # logical name of the repetition axis of stacked parameters
+
+
+class PassOutput(NamedTuple):
+  """What one `run_pass` returns: features, and every block's state out, in pattern order."""
+
+  h: jax.Array  # [B,T,D]
+  fast_state: FastState
+  conv_state: ConvState  # the convolutions' last conv_width-1 inputs
+  kv: KVPairs  # each attention block's own keys (before rotary) and values over the call
 
 
 def zero_fast_state(cfg: ModelConfig, batch_size: int) -> FastState:
   """S = 0 for every fast-weight layer: the state at the start of every sequence."""
   shape = (batch_size, cfg.num_heads, cfg.head_dim, cfg.head_dim)
   return tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.num_fast_weight_layers))
+
+
+def zero_conv_state(cfg: ModelConfig, batch_size: int) -> ConvState:
+  """Zero tails for every gated-delta block's q, k, v convolutions (a fresh sequence)."""
+  tail = jnp.zeros((batch_size, cfg.conv_width - 1, cfg.num_heads * cfg.head_dim), cfg.dtype)
+  return tuple((tail, tail, tail) for _ in range(cfg.num_fast_weight_layers))
+
+
+def zero_kv(cfg: ModelConfig, batch_size: int, num_tokens: int) -> KVPairs:
+  """Zero (k, v) buffers of `num_tokens` slots for every attention block."""
+  kv = jnp.zeros((batch_size, num_tokens, cfg.num_heads, cfg.head_dim), cfg.dtype)
+  return tuple((kv, kv) for _ in range(cfg.pattern.count(ATTENTION)))
 
 
 def repeating_unit(pattern: str) -> tuple[str, int]:
@@ -85,7 +113,9 @@ class HybridLM(nnx.Module):
     return jnp.take(self.embedding[...], tokens_bt, axis=0).astype(self.cfg.dtype)
 
   def stack_pass(self, h_btd: jax.Array, fast_state: FastState) -> tuple[jax.Array, FastState]:
-    """One pass of every block over a chunk: (h, S) -> (h', S').
+    """One pass of every block over a fresh chunk: (h, S) -> (h', S').
+
+    Attention sees the chunk only and the convolutions start from zeros (hard eviction).
 
     Args:
       h_btd: features [B,T,D].
@@ -94,31 +124,74 @@ class HybridLM(nnx.Module):
     Returns:
       The features after the last block, and the updated fast state (same structure).
     """
-    fast_positions = [j for j, kind in enumerate(self.unit) if kind == GATED_DELTA]
-    per_unit = len(fast_positions)
-    if len(fast_state) != per_unit * self.repeats:
+    out = self.run_pass(h_btd, fast_state)
+    return out.h, out.fast_state
+
+  def run_pass(
+    self,
+    h_btd: jax.Array,
+    fast_state: FastState,
+    *,
+    conv_state: ConvState | None = None,
+    kv_prefix: KVPairs | None = None,
+    context: PassContext | None = None,
+  ) -> PassOutput:
+    """One pass of every block: the general form of `stack_pass`.
+
+    Args:
+      h_btd: features [B,T,D].
+      fast_state: one [B,H,K,V] float32 matrix per gated-delta block, in pattern order.
+      conv_state: one (q, k, v) triple of tails per gated-delta block, or None (zeros).
+      kv_prefix: one (k, v) [B,C,H,Dh] prefix per attention block, or None (no prefix).
+      context: positions of the call and the prefix, the sliding width (None: a fresh chunk
+        with positions from 0; required with a prefix).
+
+    Returns:
+      A `PassOutput`: features, fast state, conv tails and each attention block's own (k, v).
+    """
+    gated = [j for j, kind in enumerate(self.unit) if kind == GATED_DELTA]
+    attending = [j for j, kind in enumerate(self.unit) if kind == ATTENTION]
+    if len(fast_state) != len(gated) * self.repeats:
       raise ValueError(
-        f"pattern {self.cfg.pattern!r} has {per_unit * self.repeats} gated-delta "
+        f"pattern {self.cfg.pattern!r} has {len(gated) * self.repeats} gated-delta "
         f"blocks, got a fast state of {len(fast_state)} matrices"
       )
-    # Pattern order is repetition-major: block j of repetition r holds fast_state[r*per_unit + i]
-    # (i its rank among the unit's gated-delta blocks). Scan inputs are stacked over r; attention
-    # blocks get None (an empty pytree), so every block is called the same way.
+    if kv_prefix is not None and context is None:
+      raise ValueError("an attention prefix needs a PassContext giving its positions")
+    # Pattern order is repetition-major: block j of repetition r holds state[r*per_unit + i]
+    # (i its rank among the unit's blocks of that kind). Scan inputs are stacked over r; a
+    # missing state is None (an empty pytree), so every block is called the same way.
+    stack = lambda states, i, per_unit: jax.tree.map(
+      lambda *xs: jnp.stack(xs), *states[i::per_unit]
+    )
     states_in = [None] * len(self.unit)
-    for i, j in enumerate(fast_positions):
-      states_in[j] = jnp.stack(fast_state[i::per_unit])
+    for i, j in enumerate(gated):
+      conv = None if conv_state is None else stack(conv_state, i, len(gated))
+      states_in[j] = (stack(fast_state, i, len(gated)), conv)
+    for i, j in enumerate(attending):
+      states_in[j] = None if kv_prefix is None else stack(kv_prefix, i, len(attending))
     graphdef, stacked_params = nnx.split(self.blocks)
 
     def apply_unit(h, params_and_states):
       params, states = params_and_states
       states_out = []
       for block, state in zip(nnx.merge(graphdef, params), states):
-        h, state = block(h, state)
+        h, state = block(h, state, context=context)
         states_out.append(state)
       return h, states_out
 
     h_btd, states_out = jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
-    return h_btd, tuple(states_out[j][r] for r in range(self.repeats) for j in fast_positions)
+    in_order = lambda positions, pick: tuple(
+      jax.tree.map(lambda x, r=r: x[r], pick(states_out[j]))
+      for r in range(self.repeats)
+      for j in positions
+    )
+    return PassOutput(
+      h=h_btd,
+      fast_state=in_order(gated, lambda s: s[0]),
+      conv_state=in_order(gated, lambda s: s[1]),
+      kv=in_order(attending, lambda s: s),
+    )
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """Features [B,T,D] -> float32 logits [B,T,vocab]."""

@@ -1,18 +1,22 @@
-"""Algorithm 1 of the paper (hard eviction) as a pure function of (params, tokens, fast state).
+"""Algorithm 1 of the paper, generalised to any chunk schedule, as a pure function of arrays.
 
     S := 0
-    for each sleep chunk c of L tokens (a `lax.scan` over chunks):
+    for each chunk c of L tokens (the last may be shorter), in order:
         h := Embed(c)
-        repeat N times (a `lax.scan` over passes):  (h, S) := Stack(h, S)
-        drop h and the KV cache                   (only S crosses into the next chunk)
-    prediction chunk: h := Embed(p); (h, S) := Stack(h, S); logits := OutProj(h)
+        if c carries no loss (sleep):  repeat N times:  (h, S) := Stack(h, S)
+        else (predict / wake):         (h, S') := Stack(h, S); logits(c) := OutProj(h)
+                                        (predict_then_sleep: then sleep on c from the same S)
+        evict: drop h and the KV cache; only S (and, by the eviction policy, the KV of c's last
+        L-1 tokens from its last pass, or the convolutions' tails) crosses into the next chunk
 
-Attention inside each pass sees only the current chunk (causally, positions from 0), and its
-KV is rebuilt every pass from that pass's features, so evicted tokens can reach a prediction
-only through the fast-weight state S.
+Runs of consecutive full sleep chunks are one `lax.scan` over chunks, the passes a `lax.scan`
+over passes; the schedule itself (`SleepConfig.chunks`) is static Python. Attention inside each
+pass sees the current chunk (causally, positions from 0) and, under sliding eviction, the
+previous chunk's last L-1 tokens; its KV is rebuilt every pass from that pass's features, so
+evicted tokens reach a prediction only through the fast-weight state S.
 
-eviction="none" is the full-attention reference: no sleep chunks, one pass over the whole
-sequence (attention sees every token), logits reported for the prediction positions only.
+eviction="none" is the full-attention reference: no chunks, one pass over the whole sequence
+(attention sees every token), logits reported for the positions after context_len.
 """
 
 from __future__ import annotations
@@ -20,28 +24,151 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sleep_jax.model.lm import FastState, HybridLM, zero_fast_state
+from sleep_jax.model.blocks import PassContext
+from sleep_jax.model.lm import (
+  ConvState,
+  FastState,
+  HybridLM,
+  KVPairs,
+  zero_conv_state,
+  zero_fast_state,
+  zero_kv,
+)
 from sleep_jax.sleep.config import SleepConfig
 
 Params = Any  # a nested dict of arrays: nnx.to_pure_dict of the model's nnx.Param state
 
 
-def _stack_pass(graphdef: nnx.GraphDef, params: Params, h, fast_state):
-  return nnx.merge(graphdef, params).stack_pass(h, fast_state)
+@flax.struct.dataclass
+class Carry:
+  """What crosses a chunk boundary (None fields are not carried under the config).
+
+  Attributes:
+    fast: one [B,H,K,V] float32 matrix per gated-delta block.
+    conv: one (q, k, v) triple of convolution tails per gated-delta block (conv_state="carry").
+    memory: one (k, v) [B, L-1, H, Dh] per attention block: the previous chunk's last L-1
+      tokens from its last pass (eviction="sliding").
+    memory_valid: [L-1] bool, which memory slots hold a token (none before the first chunk).
+  """
+
+  fast: FastState
+  conv: ConvState | None = None
+  memory: KVPairs | None = None
+  memory_valid: jax.Array | None = None
 
 
-def _run_passes(pass_fn, h, fast_state, num_passes: int):
-  """(h, S) after `num_passes` applications of `pass_fn`, as a `lax.scan` over passes."""
-  if num_passes == 0:
-    return h, fast_state
-  (h, fast_state), _ = jax.lax.scan(
-    lambda carry, _: (pass_fn(*carry), None), (h, fast_state), None, length=num_passes
+def initial_carry(model_cfg, cfg: SleepConfig, batch_size: int) -> Carry:
+  """The carry at the start of a sequence: zero fast weights, zero tails, empty memory."""
+  carry = Carry(fast=zero_fast_state(model_cfg, batch_size))
+  if cfg.conv_state == "carry":
+    carry = carry.replace(conv=zero_conv_state(model_cfg, batch_size))
+  if cfg.eviction == "sliding":
+    slots = cfg.window - 1
+    carry = carry.replace(
+      memory=zero_kv(model_cfg, batch_size, slots), memory_valid=jnp.zeros((slots,), bool)
+    )
+  return carry
+
+
+def chunk_context(cfg: SleepConfig, carry: Carry, chunk_len: int) -> PassContext | None:
+  """Positions of a chunk and of the memory before it (sliding eviction); None otherwise."""
+  if carry.memory is None:
+    return None
+  slots = cfg.window - 1
+  return PassContext(
+    positions=jnp.arange(chunk_len),
+    prefix_positions=jnp.arange(slots) - slots,
+    prefix_valid=carry.memory_valid,
+    width=cfg.window,
   )
-  return h, fast_state
+
+
+def carry_after(cfg: SleepConfig, carry: Carry, fast_state, conv_state, kv, chunk_len) -> Carry:
+  """The carry after a chunk of `chunk_len` tokens whose last pass left these states."""
+  carry = carry.replace(fast=fast_state)
+  if carry.conv is not None:
+    carry = carry.replace(conv=conv_state)
+  if carry.memory is not None:  # the last L-1 of (memory, this chunk's tokens)
+    slots = cfg.window - 1
+    keep = lambda old, new: jnp.concatenate([old.astype(new.dtype), new], axis=1)[:, -slots:]
+    carry = carry.replace(
+      memory=jax.tree.map(keep, carry.memory, kv),
+      memory_valid=jnp.concatenate([carry.memory_valid, jnp.ones((chunk_len,), bool)])[-slots:],
+    )
+  return carry
+
+
+def _pass(graphdef: nnx.GraphDef, params: Params, h, fast_state, conv, memory, context):
+  model = nnx.merge(graphdef, params)
+  return model.run_pass(h, fast_state, conv_state=conv, kv_prefix=memory, context=context)
+
+
+def _run_passes(pass_fn, h, fast_state, num_passes: int, keep_last: bool):
+  """(h, S, last) after `num_passes` passes, as a `lax.scan` over passes.
+
+  With `keep_last`, `last` is the last pass's (conv tails, attention KV), riding in the scan's
+  carry so that only the last pass's survives; otherwise None.
+  """
+  if num_passes == 0:
+    return h, fast_state, None
+
+  def one_pass(carry, _):
+    h, fast_state, _ = carry
+    out = pass_fn(h, fast_state)
+    return (out.h, out.fast_state, (out.conv_state, out.kv) if keep_last else None), None
+
+  last = None
+  if keep_last:
+    shapes = jax.eval_shape(pass_fn, h, fast_state)
+    zeros = lambda x: jnp.zeros(x.shape, x.dtype)
+    last = jax.tree.map(zeros, (shapes.conv_state, shapes.kv))
+  (h, fast_state, last), _ = jax.lax.scan(one_pass, (h, fast_state, last), None, length=num_passes)
+  return h, fast_state, last
+
+
+def sleep_on_chunk(
+  graphdef: nnx.GraphDef, params: Params, cfg: SleepConfig, carry: Carry, chunk_bl: jax.Array
+) -> Carry:
+  """N passes of the stack over one chunk from the incoming carry; returns the next carry.
+
+  Every pass sees the same memory and convolution tails (those the previous chunk left); the
+  last pass's tails and KV become the next chunk's. grad_passes=k runs the first N-k passes
+  forward only: cutting the gradient at the carry also cuts the path back to earlier chunks.
+  """
+  pass_fn = functools.partial(_pass, graphdef)
+  if cfg.remat:
+    pass_fn = jax.checkpoint(pass_fn)
+  context = chunk_context(cfg, carry, chunk_bl.shape[1])
+  bound = functools.partial(pass_fn, params, conv=carry.conv, memory=carry.memory)
+  run = lambda h, fast_state: bound(h, fast_state, context=context)
+  keep_last = carry.conv is not None or carry.memory is not None
+
+  h = nnx.merge(graphdef, params).embed(chunk_bl)
+  h, state, _ = _run_passes(run, h, carry.fast, cfg.frozen_passes, keep_last=False)
+  if cfg.frozen_passes:
+    h, state = jax.lax.stop_gradient((h, state))
+  _, state, last = _run_passes(run, h, state, cfg.passes - cfg.frozen_passes, keep_last)
+  conv_state, kv = last if keep_last else (None, None)
+  return carry_after(cfg, carry, state, conv_state, kv, chunk_bl.shape[1])
+
+
+def wake_on_chunk(
+  model: HybridLM, cfg: SleepConfig, carry: Carry, chunk_bl: jax.Array
+) -> tuple[jax.Array, Carry]:
+  """One pass over a chunk: its features [B,T,D] and the carry that pass leaves."""
+  out = model.run_pass(
+    model.embed(chunk_bl),
+    carry.fast,
+    conv_state=carry.conv,
+    kv_prefix=carry.memory,
+    context=chunk_context(cfg, carry, chunk_bl.shape[1]),
+  )
+  return out.h, carry_after(cfg, carry, out.fast_state, out.conv_state, out.kv, out.h.shape[1])
 
 
 def sleep_forward(
@@ -51,47 +178,56 @@ def sleep_forward(
   cfg: SleepConfig,
   fast_state: FastState | None = None,
 ) -> tuple[jax.Array, FastState]:
-  """Consolidates the context into the fast weights, then predicts the last chunk.
+  """Runs the chunk schedule: sleeps on the chunks without loss, predicts those with loss.
 
   Args:
     graphdef: the model's structure (`nnx.split(model)[0]`), static.
     params: the model's parameters as a nested dict of arrays.
-    tokens_bt: int tokens [B, T]; the first `cfg.context_len` are slept on, the rest predicted.
-    cfg: the sleep configuration (passes N, window L, eviction, grad_passes, remat).
+    tokens_bt: int tokens [B, T] (T checked against `cfg.chunks`).
+    cfg: the sleep configuration (schedule, passes N, window L, eviction, grad_passes, remat).
     fast_state: incoming fast weights (default zeros: a fresh sequence).
 
   Returns:
-    logits [B, T - context_len, vocab] (float32) for the prediction chunk, and the fast state
-    after the prediction chunk.
+    logits [B, P, vocab] (float32) of the predicted positions (`cfg.predicted_spans`, in
+    order), and the fast state after the last chunk.
   """
   batch, seq_len = tokens_bt.shape
-  cfg.check_sequence(seq_len)
+  chunks = cfg.chunks(seq_len)
   model: HybridLM = nnx.merge(graphdef, params)
-  if fast_state is None:
-    fast_state = zero_fast_state(model.cfg, batch)
+  carry = initial_carry(model.cfg, cfg, batch)
+  if fast_state is not None:
+    carry = carry.replace(fast=fast_state)
+  if not cfg.evicts:  # one chunk over the whole sequence
+    h, fast_state = model.stack_pass(model.embed(tokens_bt), carry.fast)
+    return model.logits(h[:, cfg.context_len :]), fast_state
 
-  pass_fn = functools.partial(_stack_pass, graphdef)
-  if cfg.remat:
-    pass_fn = jax.checkpoint(pass_fn)
-  pass_fn = functools.partial(pass_fn, params)
-
-  def sleep_on_chunk(state: FastState, chunk_bl: jax.Array):
-    h = nnx.merge(graphdef, params).embed(chunk_bl)
-    # grad_passes=k: the first N-k passes run forward only. Cutting the gradient at the carry
-    # also cuts the path back to earlier windows, which is what makes it cheap.
-    h, state = _run_passes(pass_fn, h, state, cfg.frozen_passes)
-    if cfg.frozen_passes:
-      h, state = jax.lax.stop_gradient((h, state))
-    _, state = _run_passes(pass_fn, h, state, cfg.passes - cfg.frozen_passes)
-    return state, None
-
-  if cfg.num_sleep_chunks:
-    context = tokens_bt[:, : cfg.context_len].reshape(batch, cfg.num_sleep_chunks, cfg.window)
-    fast_state, _ = jax.lax.scan(sleep_on_chunk, fast_state, jnp.swapaxes(context, 0, 1))
-
-  first = cfg.context_len if cfg.evicts else 0  # "none": one chunk over the whole sequence
-  h, fast_state = model.stack_pass(model.embed(tokens_bt[:, first:]), fast_state)
-  return model.logits(h[:, cfg.context_len - first :]), fast_state
+  sleep = functools.partial(sleep_on_chunk, graphdef, params, cfg)
+  logits, index = [], 0
+  while index < len(chunks):
+    chunk = chunks[index]
+    if chunk.predict:
+      h, woke = wake_on_chunk(model, cfg, carry, tokens_bt[:, chunk.start : chunk.stop])
+      logits.append(model.logits(h))
+      carry = (
+        sleep(carry, tokens_bt[:, chunk.start : chunk.stop]) if cfg.predict_then_sleep else woke
+      )
+      index += 1
+      continue
+    # A run of full sleep chunks is one scan over chunks (a short last chunk runs alone).
+    run = 1
+    while (
+      index + run < len(chunks)
+      and not chunks[index + run].predict
+      and chunks[index + run].length == cfg.window
+    ):
+      run += 1
+    if chunk.length != cfg.window:
+      run = 1
+    span = tokens_bt[:, chunk.start : chunks[index + run - 1].stop]
+    windows = span.reshape(batch, run, chunk.length)
+    carry, _ = jax.lax.scan(lambda c, x: (sleep(c, x), None), carry, jnp.swapaxes(windows, 0, 1))
+    index += run
+  return jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0], carry.fast
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
@@ -99,14 +235,18 @@ def _full_logits(graphdef, params, tokens_bt, cfg: SleepConfig):
   predicted, _ = sleep_forward(graphdef, params, tokens_bt, cfg)
   batch, seq_len = tokens_bt.shape
   logits = jnp.zeros((batch, seq_len, predicted.shape[-1]), jnp.float32)
-  return logits.at[:, cfg.context_len :].set(predicted)
+  offset = 0
+  for start, stop in cfg.predicted_spans(seq_len):
+    logits = logits.at[:, start:stop].set(predicted[:, offset : offset + stop - start])
+    offset += stop - start
+  return logits
 
 
 def apply(model: HybridLM, tokens_bt, *, sleep_config) -> jax.Array:
   """Logits [B, T, vocab] float32 of `model` on `tokens` under the sleep schedule.
 
-  Positions inside sleep chunks hold zeros (nothing is predicted there); prediction positions
-  are exact. `sleep_config` is `config.sleep` as it comes out of a config file.
+  Positions inside slept chunks hold zeros (nothing is predicted there); predicted positions
+  (`SleepConfig.predicted_spans`) are exact. `sleep_config` is `config.sleep` as it comes out of a config file.
   """
   cfg = SleepConfig.from_config(sleep_config)
   tokens_bt = jnp.asarray(tokens_bt)

@@ -33,12 +33,13 @@ class TrainState:
 def prediction_chunk_sums(
   graphdef: nnx.GraphDef, params, batch: dict, sleep_cfg: SleepConfig
 ) -> dict:
-  """Runs the sleep schedule on a batch and returns the masked prediction sums."""
+  """Runs the sleep schedule on a batch and returns the masked sums over the predicted chunks."""
   logits, _ = sleep_forward(graphdef, params, batch["tokens"], sleep_cfg)
-  start = sleep_cfg.context_len
-  answer_ids = batch["answer_id"][:, start:] if "answer_id" in batch else None
+  spans = sleep_cfg.predicted_spans(batch["tokens"].shape[1])
+  predicted = lambda x: jnp.concatenate([x[:, start:stop] for start, stop in spans], axis=1)
+  answer_ids = predicted(batch["answer_id"]) if "answer_id" in batch else None
   return prediction_sums(
-    logits, batch["targets"][:, start:], batch["loss_mask"][:, start:], answer_ids
+    logits, predicted(batch["targets"]), predicted(batch["loss_mask"]), answer_ids
   )
 
 

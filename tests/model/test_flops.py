@@ -229,8 +229,25 @@ def test_eviction_none_is_one_pass_with_the_head_over_the_predicted_positions():
   )  # head: 4 x d x vocab
 
 
+def test_every_chunk_of_a_general_schedule_is_counted():
+  """Sleep chunks N passes; predicted chunks one pass and the head (+ N passes if slept on)."""
+  cfg, n = tiny_config(), 3
+  chunk = lambda t: flops.forward_flops_per_chunk(cfg, t)
+  wake = lambda t: chunk(t) + flops.head_flops(cfg, t)
+  # 96 context tokens, then predicted chunks of 24, 24 and 4.
+  assert flops.forward_flops_per_example(cfg, hard(passes=n), seq_len=148) == (
+    4 * n * chunk(24) + 2 * wake(24) + wake(4)
+  )
+  interleaved = SleepConfig(passes=n, window=24, context_len=24, predict_chunks=(1, 3))
+  assert flops.forward_flops_per_example(cfg, interleaved, seq_len=90) == (
+    n * chunk(24) + wake(24) + n * chunk(24) + wake(18)
+  )
+  lm = SleepConfig(passes=n, window=24, context_len=0, predict_then_sleep=True)
+  assert flops.forward_flops_per_example(cfg, lm, seq_len=48) == 2 * (wake(24) + n * chunk(24))
+
+
 def test_rejects_what_the_schedule_rejects():
-  with pytest.raises(ValueError, match="prediction chunk"):
-    flops.train_step_flops(tiny_config(), hard(), seq_len=200, batch_size=1)
+  with pytest.raises(ValueError, match="no prediction positions"):
+    flops.train_step_flops(tiny_config(), hard(), seq_len=96, batch_size=1)
   with pytest.raises(ValueError, match="batch_size"):
     flops.train_step_flops(tiny_config(), hard(), seq_len=100, batch_size=0)

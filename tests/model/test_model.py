@@ -32,13 +32,27 @@ def test_rotary_preserves_norms_and_depends_only_on_relative_position():
 def test_causal_conv_output_at_t_ignores_inputs_after_t():
   conv = CausalDepthwiseConv(3, 4, logical_axis="heads", rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 9, 3))
-  jac = jax.jacobian(lambda x: conv(x)[0, 4])(x)  # [3, 2, 9, 3]
+  jac = jax.jacobian(lambda x: conv(x)[0][0, 4])(x)  # [3, 2, 9, 3]
   assert float(jnp.abs(jac[:, :, 5:]).max()) == 0.0
   # Tap j looks j steps back: compare with an explicit loop.
   w = np.asarray(conv.weight[...])
   xs = np.asarray(x)
   expected = sum(w[j] * xs[:, 4 - j] for j in range(4))
-  np.testing.assert_allclose(conv(x)[:, 4], expected, rtol=1e-5)
+  np.testing.assert_allclose(conv(x)[0][:, 4], expected, rtol=1e-5)
+
+
+def test_causal_conv_tail_continues_the_sequence_across_calls():
+  """Convolving a sequence in two calls, handing the tail over, equals one call; no tail is zeros."""
+  conv = CausalDepthwiseConv(3, 4, logical_axis="heads", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 9, 3))
+  whole, whole_tail = conv(x)
+  for cut in (1, 2, 5):  # shorter and longer than the tail (width - 1 = 3)
+    first, tail = conv(x[:, :cut])
+    second, second_tail = conv(x[:, cut:], tail)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(second_tail, whole_tail)
+  np.testing.assert_array_equal(whole_tail, x[:, -3:])
+  np.testing.assert_array_equal(conv(x, jnp.zeros((2, 3, 3)))[0], whole)
 
 
 def test_norms():

@@ -69,12 +69,11 @@ def reference_stack_pass(model: HybridLM, h, fast_state):
     graphdef, stacked = graphdefs_and_params[position]
     block = nnx.merge(graphdef, jax.tree.map(lambda x, r=repetition: x[r], stacked))
     if kind == GATED_DELTA:
-      h, state = block(h, fast_state[layer])
+      h, (state, _) = block(h, (fast_state[layer], None))
       new_state.append(state)
       layer += 1
     else:
-      h, state = block(h, None)
-      assert state is None
+      h, _ = block(h, None)
   return h, tuple(new_state)
 
 

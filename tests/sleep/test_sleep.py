@@ -172,8 +172,11 @@ def test_remat_gives_identical_gradients(hybrid):
   [
     (dict(passes=0), "passes"),
     (dict(window=5), "does not tile"),
-    (dict(eviction="sliding"), "not implemented yet"),
     (dict(eviction="soft"), "unknown sleep.eviction"),
+    (dict(conv_state="sometimes"), "unknown sleep.conv_state"),
+    (dict(predict_chunks=(1, 3)), "set sleep.context_len=4"),
+    (dict(predict_chunks=(3, 3)), "distinct chunk indices"),
+    (dict(predict_chunks=(3, 9)), "has 4 chunks"),
     (dict(grad_passes=3, passes=2), "grad_passes"),
     (dict(bogus=1), "unknown sleep config fields"),
   ],
@@ -183,9 +186,9 @@ def test_bad_sleep_config_is_a_clear_error(hybrid, overrides, message):
     sleep_jax.apply(hybrid, random_tokens(0), sleep_config=sleep_config(**overrides))
 
 
-def test_a_prediction_chunk_longer_than_the_window_is_an_error(hybrid):
-  tokens = np.zeros((1, CONTEXT + WINDOW + 1), np.int32)
-  with pytest.raises(ValueError, match="prediction chunk"):
+def test_a_sequence_without_prediction_positions_is_an_error(hybrid):
+  tokens = np.zeros((1, CONTEXT), np.int32)
+  with pytest.raises(ValueError, match="no prediction positions"):
     sleep_jax.apply(hybrid, tokens, sleep_config=sleep_config())
 
 
@@ -202,8 +205,7 @@ def test_no_eviction_is_one_plain_pass_over_the_whole_sequence(hybrid):
   )
   # The whole sequence is one chunk, so a prediction span longer than the window is fine.
   cfg = SleepConfig.from_config(sleep_config(eviction="none"))
-  cfg.check_sequence(CONTEXT + WINDOW + 1)
-  assert cfg.num_sleep_chunks == 0
+  assert len(cfg.chunks(CONTEXT + WINDOW + 1)) == 1
 
 
 @pytest.mark.parametrize("eviction, sees_context", [("hard", False), ("none", True)])
@@ -243,5 +245,5 @@ def test_training_flops_ratio_counts_tokens_through_the_stack():
   assert training_flops_ratio(4, 300, 75, 360) == pytest.approx(3.5)
   with pytest.raises(ValueError, match="does not tile"):
     training_flops_ratio(2, 96, 25, 100)
-  with pytest.raises(ValueError, match="prediction chunk"):
-    training_flops_ratio(2, 96, 24, 200)
+  with pytest.raises(ValueError, match="no prediction positions"):
+    training_flops_ratio(2, 96, 24, 96)

@@ -276,7 +276,7 @@ def test_baseline_overrides_validate_on_depo():
     validated = program_lib.validate(tiny_config(depo_configs, **overrides), num_devices=8)
     assert validated.task.context_len == validated.sleep.context_len == 300
   validated = program_lib.validate(tiny_config(depo_configs, sleep__eviction="none"), 8)
-  assert validated.sleep.num_sleep_chunks == 0
+  assert len(validated.sleep.chunks(validated.task.seq_len)) == 1
 
 
 def test_changing_only_evaluation_slices_keeps_a_workdir_compatible(tmp_path):
