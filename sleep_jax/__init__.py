@@ -3,6 +3,9 @@
 Public entry points (DESIGN.md section 3):
   build_model(model_config, *, seed) -> model
   apply(model, tokens, *, sleep_config) -> logits [B, T, vocab]
+  stream_init(model, batch_size, *, sleep_config) -> state
+  stream_feed(model, state, tokens, *, sleep_config) -> (logits [B, t, vocab], state)
+  generate(model, prompt_tokens, *, sleep_config, max_new_tokens, temperature, rng) -> tokens
   ops.gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, impl) -> (o, final_state)
 
 Importing the package has no side effects and loads neither JAX nor Flax: the entry points
@@ -13,7 +16,13 @@ above are imported on first use, so configs and reports can import `sleep_jax.da
 
 import importlib
 
-_LAZY = {"build_model": "sleep_jax.model.lm", "apply": "sleep_jax.sleep.consolidate"}
+_LAZY = {
+  "build_model": "sleep_jax.model.lm",
+  "apply": "sleep_jax.sleep.consolidate",
+  "stream_init": "sleep_jax.sleep.stream",
+  "stream_feed": "sleep_jax.sleep.stream",
+  "generate": "sleep_jax.sleep.stream",
+}
 _SUBMODULES = (
   "ops",
   "model",
@@ -26,7 +35,7 @@ _SUBMODULES = (
   "xla_flags",
 )
 
-__all__ = ["build_model", "apply", "ops"]
+__all__ = ["build_model", "apply", "stream_init", "stream_feed", "generate", "ops"]
 
 
 def __getattr__(name: str):
