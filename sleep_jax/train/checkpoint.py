@@ -12,13 +12,18 @@ initial state is built) and the data iterator to its saved position.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
 from sleep_jax import rundir
+from sleep_jax.model.lm import HybridLM, build_model
+from sleep_jax.train.config import ExperimentConfig
 
 
 def make_manager(run: rundir.RunDir, *, max_to_keep: int) -> ocp.CheckpointManager:
@@ -63,3 +68,50 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
       "over, or point --workdir elsewhere."
     ) from e
   return restored.state
+
+
+def restore_model(workdir: str) -> tuple[HybridLM, ExperimentConfig, int]:
+  """The model of a run directory with its newest checkpoint's parameters, on one device.
+
+  Reads config.json and only the parameters of the newest checkpoint (not the optimizer
+  state or the data position), read-only, whatever mesh the run trained on.
+
+  Returns:
+    (model, the run's typed config, the checkpoint's step).
+  """
+  run = rundir.RunDir(workdir)
+  saved = run.config()
+  if saved is None:
+    raise rundir.WorkdirError(f"{workdir} holds no run (no {rundir.CONFIG_FILE})")
+  config = ExperimentConfig.from_config(saved)
+  abstract = nnx.eval_shape(lambda: build_model(config.model, seed=config.seed))
+  graphdef, abstract_params = nnx.split(abstract)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {
+    "params": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      nnx.to_pure_dict(abstract_params),
+    )
+  }
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only directory is read-only
+  try:
+    manager = ocp.CheckpointManager(
+      epath.Path(run.checkpoints), item_names=("state",), options=options
+    )
+  finally:
+    absl_logger.setLevel(level)
+  step = manager.latest_step()
+  if step is None:
+    raise rundir.WorkdirError(f"{workdir} has no checkpoint yet")
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    ),
+  )
+  nnx.replace_by_pure_dict(abstract_params, restored.state["params"])
+  return nnx.merge(graphdef, abstract_params), config, int(step)
