@@ -121,6 +121,7 @@ def main(argv):
   if _DRY_RUN.value:
     print("\n".join(placement_lib.describe(jobs, placement)))
     print(f"{len(jobs)} jobs on {_PLATFORM.value}")
+    print("\n".join(jobs_lib.describe_costs(sweep_config, sweep_dir, only=_ONLY.value)))
     return
   submit(jobs, title=sweep_config.name, placement=placement)
 

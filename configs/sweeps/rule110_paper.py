@@ -1,4 +1,4 @@
-"""Rule 110 at the paper's scale (Fig. 2): depth t=32, N in {1, 2, 3, 4} and 8 (our extension).
+"""Rule 110 at the paper's scale (Fig. 2b): depth t=32, N in {1, 2, 3, 4} and 8 (our extension).
 
 One seed and the same data order for every N, as in the paper; 100k steps of batch 512 (~5B
 tokens) per arm. Paper: N=1 ~10% exact accuracy, N=2 ~20%, N=3 and N=4 above 30%.

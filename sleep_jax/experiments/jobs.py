@@ -7,8 +7,8 @@ import os
 
 from ml_collections import config_dict
 
-from sleep_jax.experiments.config_files import flag_value
-from sleep_jax.experiments.sweeps import expand_runs
+from sleep_jax.experiments.config_files import apply_overrides, flag_value, load_config
+from sleep_jax.experiments.sweeps import Run, expand_runs
 
 ENTRYPOINT = ("python", "launch/main.py")  # relative to the repository root
 
@@ -55,3 +55,63 @@ def make_jobs(
     )
     jobs.append(Job(name=os.path.relpath(run.workdir, sweep_dir).replace(os.sep, "/"), args=args))
   return jobs
+
+
+# The model-FLOP rate measured for the paper's Rule 110 step on one H100 (bench/train_step.py
+# --platform gpu --setting paper; docs/results/gpu/train_step.json, N=1: 1,383 GFLOP per step in
+# 93.8 ms, 1.5% of the bf16 peak). Estimates divide a run's model FLOPs by it: an accelerator at
+# that efficiency. Faster kernels shrink every estimate by the same factor.
+MEASURED_FLOP_RATE = 14.75e12
+MEASURED_ON = "one H100 running the paper step at N=1 (docs/results/gpu/train_step.json)"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobCost:
+  """A run's training cost: model FLOPs (forward + backward, matmuls) and accelerator-hours."""
+
+  name: str
+  flops: float
+  tokens: float  # training tokens (examples x tokens per example)
+  hours: float
+
+
+def run_cost(run: Run, sweep_dir: str, flop_rate: float = MEASURED_FLOP_RATE) -> JobCost:
+  """The estimated cost of one run: train_step_flops x num_steps at `flop_rate` FLOP/s."""
+  from sleep_jax.data import tasks  # imported here: the dry run alone needs the data modules
+  from sleep_jax.model.config import ModelConfig
+  from sleep_jax.model.flops import train_step_flops
+  from sleep_jax.sleep.config import SleepConfig
+
+  config = apply_overrides(load_config(run.base), run.overrides)
+  seq_len = tasks.get_task(config.task).seq_len
+  batch, steps = config.train.batch_size, config.train.num_steps
+  step_flops = train_step_flops(
+    ModelConfig.from_config(config.model),
+    SleepConfig.from_config(config.sleep),
+    seq_len=seq_len,
+    batch_size=batch,
+  )
+  name = os.path.relpath(run.workdir, sweep_dir).replace(os.sep, "/")
+  flops = step_flops * steps
+  return JobCost(
+    name=name, flops=flops, tokens=float(batch * seq_len * steps), hours=flops / flop_rate / 3600
+  )
+
+
+def describe_costs(
+  sweep_config: config_dict.ConfigDict, sweep_dir: str, only: str | None = None
+) -> list[str]:
+  """Lines of a cost table for a sweep's dry run: per job and in total."""
+  costs = [run_cost(run, sweep_dir) for run in expand_runs(sweep_config, sweep_dir, only=only)]
+  lines = [
+    f"# estimated cost at {MEASURED_FLOP_RATE / 1e12:.2f} model TFLOP/s per accelerator, "
+    f"as measured on {MEASURED_ON}",
+    f"{'job':<40} {'tokens':>10} {'PFLOP':>10} {'accelerator-hours':>18}",
+  ]
+  for cost in costs:
+    lines.append(
+      f"{cost.name:<40} {cost.tokens / 1e6:>9.1f}M {cost.flops / 1e15:>10.1f} {cost.hours:>18.2f}"
+    )
+  total = sum(c.hours for c in costs)
+  lines.append(f"{'total':<40} {'':>10} {sum(c.flops for c in costs) / 1e15:>10.1f} {total:>18.2f}")
+  return lines

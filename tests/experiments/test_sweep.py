@@ -58,7 +58,15 @@ def test_rule110_cpu_grid_counts_workdirs_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize(
-  "name, count", [("rule110_gpu", 3), ("rule110_paper", 5), ("depo_cpu", 12), ("depo_paper", 5)]
+  "name, count",
+  [
+    ("rule110_gpu", 3),
+    ("rule110_paper", 5),
+    ("rule110_fig2a", 6),
+    ("rule110_muon_lr", 5),
+    ("depo_cpu", 12),
+    ("depo_paper", 5),
+  ],
 )
 def test_other_sweeps_expand(tmp_path, name, count):
   if name.startswith("depo") and not os.path.exists(os.path.join(REPO, "configs", "depo.py")):
@@ -193,10 +201,37 @@ def test_xm_launch_dry_run_needs_no_xmanager(tmp_path):
   out = xm_dry_run(tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
-  assert lines[-1] == "3 jobs on local"
+  assert "3 jobs on local" in lines
   commands = [line for line in lines if line.startswith("[local] ")]
   assert len(commands) == 3 and all("--config.task.depth=8" in line for line in commands)
   assert "xmanager" not in sys.modules
+  # Then the estimated cost: one row per job, and the total of the rows.
+  rows = [line.split() for line in lines if line.startswith(("n1/", "n2/", "n4/"))]
+  total = lines[-1].split()
+  assert len(rows) == 3 and total[0] == "total"
+  assert float(total[-1]) == pytest.approx(sum(float(r[-1]) for r in rows), abs=0.02)
+
+
+def test_job_cost_is_the_step_flops_times_the_steps_at_the_measured_rate(tmp_path):
+  from sleep_jax.model.config import ModelConfig
+  from sleep_jax.model.flops import train_step_flops
+  from sleep_jax.sleep.config import SleepConfig
+
+  runs = sweeps.expand_runs(sweep_config("rule110_paper"), str(tmp_path))
+  costs = {run.arm: jobs_lib.run_cost(run, str(tmp_path)) for run in runs}
+  paper = config_files.load_config("configs/rule110.py:paper")
+  step = train_step_flops(
+    ModelConfig.from_config(paper.model),
+    SleepConfig.from_config(paper.sleep),
+    seq_len=100,
+    batch_size=512,
+  )
+  assert costs["n1"].flops == pytest.approx(step * 100_000)
+  assert costs["n1"].hours == pytest.approx(step * 100_000 / jobs_lib.MEASURED_FLOP_RATE / 3600)
+  assert costs["n1"].tokens == 512 * 100 * 100_000
+  # The measured H100 step took 93.8 ms at N=1 and 350.6 ms at N=4 (docs/results/gpu).
+  assert costs["n1"].hours == pytest.approx(100_000 * 0.0938 / 3600, rel=0.01)
+  assert costs["n4"].hours / costs["n1"].hours == pytest.approx(3.88, rel=0.01)
 
 
 def test_xm_launch_places_each_job_on_a_cloud_tpu_slice(tmp_path):
