@@ -1,4 +1,5 @@
-"""launch/generate.py on a trained tiny run: the streamed answers are the batch evaluation's."""
+"""Tools that read a trained tiny run: launch/generate.py (streamed answers are the batch
+evaluation's) and bench/param_movement.py."""
 
 import os
 import re
@@ -71,3 +72,22 @@ def test_prompted_generation_and_its_errors(trained):
   assert len(generated) == 5
   missing = generate("--workdir=" + os.path.join(workdir, "nothing_here"))
   assert missing.returncode == 1 and "holds no run" in missing.stderr
+
+
+def test_param_movement_groups_every_parameter_and_bounds_adam_drift(trained):
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import param_movement
+
+  workdir, config = trained
+  movement = param_movement.run_movement(workdir)
+  groups = movement["groups"]
+  assert {"decay_proj", "beta_proj", "A_log", "dt_bias", "conv filters", "muon matrices"} <= set(
+    groups
+  )
+  assert movement["step"] == config.train.num_steps
+  for name, group in groups.items():
+    assert group["relative_movement"] > 0, name
+    if group["optimizer"] == "adamw":
+      # An Adam step moves a coordinate by at most about its learning rate.
+      assert 0 < group["drift_efficiency"] <= 1.05, (name, group["drift_efficiency"])
+      assert group["predicted_paper_movement"] > 0
