@@ -7,6 +7,7 @@ with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,8 +73,72 @@ class DepoTaskConfig:
     return {"hops": self.hops, "min_nodes": self.min_nodes, "max_nodes": self.max_nodes}
 
 
-TASK_CONFIGS = {"rule110": Rule110TaskConfig, "depo": DepoTaskConfig}
-TaskConfig = Rule110TaskConfig | DepoTaskConfig
+@dataclasses.dataclass(frozen=True)
+class GsmInfiniteTaskConfig:
+  """GSM-Infinite, question first, no chain of thought (configs/gsm_infinite.py).
+
+  Attributes:
+    name: "gsm_infinite".
+    tokenizer: a tokenizer.json path (a checkpoint's own), or "word_level": a small tokenizer
+      over the generator's vocabulary, built once (sleep_jax.data.gsm_task), for from-scratch
+      runs.
+    family: "symbolic" or "realistic".
+    ops: training operation counts, an inclusive range (lo, hi).
+    eval_ops: also evaluate per operation count ("ops{k}/loss", "ops{k}/accuracy").
+    seq_len: tokens per example (left-padded); a multiple of predict_len.
+    predict_len: the last chunk (sleep.window): the answer lies in it; the rest is slept on.
+    target_length: pad each problem with noise to this many tokens (None: no noise).
+    distractors: distractor chains per problem.
+    modulus: reduce every value modulo this (None: plain integers).
+  """
+
+  name: str = "gsm_infinite"
+  tokenizer: str = "word_level"
+  family: str = "symbolic"
+  ops: tuple[int, int] = (1, 8)
+  eval_ops: tuple[int, ...] = (2, 4, 6, 8)
+  seq_len: int = 4_000
+  predict_len: int = 2_000
+  target_length: int | None = None
+  distractors: int = 4
+  modulus: int | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "ops", _ints(self.ops))
+    object.__setattr__(self, "eval_ops", _ints(self.eval_ops))
+    if len(self.ops) != 2 or not 1 <= self.ops[0] <= self.ops[1]:
+      raise ValueError(f"task.ops must be a range (lo, hi) with 1 <= lo <= hi, got {self.ops}")
+    if any(k < 1 for k in self.eval_ops):
+      raise ValueError(f"task.eval_ops must be >= 1, got {self.eval_ops}")
+    if self.predict_len < 1 or self.seq_len % self.predict_len:
+      raise ValueError(
+        f"task.seq_len={self.seq_len} must be a multiple of task.predict_len={self.predict_len}"
+      )
+    if self.family not in ("symbolic", "realistic"):
+      raise ValueError(f"task.family={self.family!r}: use 'symbolic' or 'realistic'")
+    if self.tokenizer != "word_level" and not os.path.isfile(self.tokenizer):
+      raise ValueError(f"task.tokenizer={self.tokenizer!r} is not a file (a tokenizer.json)")
+    if self.target_length is not None and self.target_length >= self.seq_len:
+      raise ValueError(
+        f"task.target_length={self.target_length} leaves no room in task.seq_len={self.seq_len}"
+      )
+
+  @property
+  def training_settings(self) -> dict[str, Any]:
+    return {
+      "family": self.family,
+      "ops": list(self.ops),
+      "target_length": self.target_length,
+      "modulus": self.modulus,
+    }
+
+
+TASK_CONFIGS = {
+  "rule110": Rule110TaskConfig,
+  "depo": DepoTaskConfig,
+  "gsm_infinite": GsmInfiniteTaskConfig,
+}
+TaskConfig = Rule110TaskConfig | DepoTaskConfig | GsmInfiniteTaskConfig
 
 
 def task_config(section: Mapping[str, Any] | TaskConfig) -> TaskConfig:

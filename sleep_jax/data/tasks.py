@@ -24,8 +24,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from sleep_jax.data import depo, rule110
-from sleep_jax.data.config import DepoTaskConfig, Rule110TaskConfig, TaskConfig
+from sleep_jax.data import depo, gsm_task, rule110
+from sleep_jax.data.config import (
+  DepoTaskConfig,
+  GsmInfiniteTaskConfig,
+  Rule110TaskConfig,
+  TaskConfig,
+)
 from sleep_jax.data.config import task_config as typed_task_config
 
 Batch = dict[str, np.ndarray]
@@ -119,7 +124,40 @@ def _depo(cfg: DepoTaskConfig) -> Task:
   )
 
 
-TASKS: dict[str, Callable[[Any], Task]] = {"rule110": _rule110, "depo": _depo}
+def _gsm_infinite(cfg: GsmInfiniteTaskConfig) -> Task:
+  path = gsm_task.tokenizer_path(cfg.tokenizer)
+  problems = dict(
+    family=cfg.family,
+    target_length=cfg.target_length,
+    distractors=cfg.distractors,
+    modulus=cfg.modulus,
+    count_length=gsm_task.token_counter(path),
+  )
+  make = functools.partial(gsm_task.generate, tokenizer_path=path, seq_len=cfg.seq_len)
+  slices = tuple(
+    EvalSlice(
+      name=f"ops{k}",
+      setting=k,
+      metrics={"loss": "loss", "accuracy": "answer_accuracy"},
+      generate=functools.partial(make, problem_settings=dict(problems, ops=k)),
+    )
+    for k in dict.fromkeys(cfg.eval_ops)
+  )
+  return Task(
+    name="gsm_infinite",
+    seq_len=cfg.seq_len,
+    context_len=cfg.seq_len - cfg.predict_len,
+    vocab_size=gsm_task.load_tokenizer(path).get_vocab_size(),
+    generate=functools.partial(make, problem_settings=dict(problems, ops=tuple(cfg.ops))),
+    eval_slices=slices,
+  )
+
+
+TASKS: dict[str, Callable[[Any], Task]] = {
+  "rule110": _rule110,
+  "depo": _depo,
+  "gsm_infinite": _gsm_infinite,
+}
 
 
 def get_task(task_config: Mapping[str, Any] | TaskConfig) -> Task:
