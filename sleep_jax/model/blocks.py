@@ -81,10 +81,12 @@ class CausalSelfAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, hd = cfg.d_model, cfg.num_heads * cfg.head_dim
+    kv = cfg.kv_heads * cfg.head_dim  # grouped-query attention when fewer than num_heads
     self.cfg = cfg
-    self.q = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
-    self.k = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
-    self.v = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
+    project = lambda width: Dense(
+      d, width, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs, use_bias=cfg.qkv_bias
+    )
+    self.q, self.k, self.v = project(hd), project(kv), project(kv)
     self.o = Dense(hd, d, logical_axes=("heads", "embed"), optimizer=MUON, rngs=rngs)
 
   def __call__(
@@ -92,7 +94,7 @@ class CausalSelfAttention(nnx.Module):
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Attention over the prefix and the call's tokens -> (y, the call's own (k, v))."""
     b, t, _ = x_btd.shape
-    split = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
+    split = lambda y: y.reshape(b, t, -1, self.cfg.head_dim)
     q, k, v = split(self.q(x_btd)), split(self.k(x_btd)), split(self.v(x_btd))
     base = self.cfg.rope_base
     if context is None and prefix_kv is None:
@@ -144,7 +146,7 @@ class GatedDeltaNet(nnx.Module):
     dt = jnp.exp(jax.random.uniform(key_dt, (h,), minval=jnp.log(1e-3), maxval=jnp.log(1e-1)))
     self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), ("gate_heads",))  # softplus^-1(dt)
     self.out_gate = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
-    self.out_norm = RMSNorm(cfg.head_dim, logical_axis="head_dim")
+    self.out_norm = RMSNorm(cfg.head_dim, logical_axis="head_dim", eps=cfg.norm_eps)
     self.o = Dense(hd, d, logical_axes=("heads", "embed"), optimizer=MUON, rngs=rngs)
 
   def __call__(self, x_btd: jax.Array, state, *, context: PassContext | None = None):
@@ -188,9 +190,9 @@ class ResidualBlock(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
-    self.mixer_norm = RMSNorm(cfg.d_model)
+    self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.mixer = MIXERS[kind](cfg, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.mlp = SwiGLU(cfg, rngs=rngs)
 
   def __call__(self, x_btd: jax.Array, state, *, context: PassContext | None = None):

@@ -27,6 +27,13 @@ class ModelConfig:
   rope_base: float = 10_000.0
   fast_weight_impl: str = "auto"
   dtype: str = "float32"
+  # Pretrained architectures (third_party/): grouped-query attention (None: as many key/value
+  # heads as query heads), biases on the attention's q/k/v projections, the output head tied
+  # to the embedding, and the norms' epsilon.
+  num_kv_heads: int | None = None
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-6
 
   def __post_init__(self):
     unknown = sorted(set(self.pattern) - set(BLOCK_KINDS))
@@ -38,6 +45,12 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim", "conv_width"):
       if getattr(self, name) < 1:
         raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_kv_heads is not None and (
+      self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads
+    ):
+      raise ValueError(
+        f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}"
+      )
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim must be even for rotary positions, got {self.head_dim}")
     if self.fast_weight_impl not in FAST_WEIGHT_IMPLS:
@@ -46,6 +59,11 @@ class ModelConfig:
       )
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r} not in {DTYPES}")
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads of the attention blocks."""
+    return self.num_kv_heads or self.num_heads
 
   @property
   def num_fast_weight_layers(self) -> int:

@@ -29,7 +29,7 @@ def param(
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel, no bias. LeCun-normal init (std = fan_in**-0.5)."""
+  """y = x @ kernel (+ bias). LeCun-normal init (std = fan_in**-0.5), zero bias."""
 
   def __init__(
     self,
@@ -40,14 +40,17 @@ class Dense(nnx.Module):
     optimizer: str,
     rngs: nnx.Rngs,
     init_scale: float = 1.0,
+    use_bias: bool = False,
   ):
     std = init_scale * in_features**-0.5
     shape = (in_features, out_features)
     kernel = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)
     self.kernel = param(kernel, logical_axes, optimizer)
+    self.bias = param(jnp.zeros((out_features,)), logical_axes[1:]) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+    y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -56,7 +56,7 @@ def zero_conv_state(cfg: ModelConfig, batch_size: int) -> ConvState:
 
 def zero_kv(cfg: ModelConfig, batch_size: int, num_tokens: int) -> KVPairs:
   """Zero (k, v) buffers of `num_tokens` slots for every attention block."""
-  kv = jnp.zeros((batch_size, num_tokens, cfg.num_heads, cfg.head_dim), cfg.dtype)
+  kv = jnp.zeros((batch_size, num_tokens, cfg.kv_heads, cfg.head_dim), cfg.dtype)
   return tuple((kv, kv) for _ in range(cfg.pattern.count(ATTENTION)))
 
 
@@ -103,9 +103,13 @@ class HybridLM(nnx.Module):
     self.embedding = param(embedding, ("vocab", "embed"))
     self.unit, self.repeats = repeating_unit(cfg.pattern)
     self.blocks = stacked_blocks(cfg, self.unit, self.repeats, rngs)
-    self.final_norm = RMSNorm(cfg.d_model)
-    self.head = Dense(
-      cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"), optimizer=ADAMW, rngs=rngs
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.head = (
+      None
+      if cfg.tie_embeddings
+      else Dense(
+        cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"), optimizer=ADAMW, rngs=rngs
+      )
     )
 
   def embed(self, tokens_bt: jax.Array) -> jax.Array:
@@ -194,8 +198,12 @@ class HybridLM(nnx.Module):
     )
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
-    """Features [B,T,D] -> float32 logits [B,T,vocab]."""
-    return self.head(self.final_norm(h_btd)).astype(jnp.float32)
+    """Features [B,T,D] -> float32 logits [B,T,vocab] (tied: against the embedding matrix)."""
+    h_btd = self.final_norm(h_btd)
+    if self.head is None:
+      embedding = self.embedding[...].astype(h_btd.dtype)
+      return jnp.einsum("btd,vd->btv", h_btd, embedding).astype(jnp.float32)
+    return self.head(h_btd).astype(jnp.float32)
 
 
 def build_model(model_config, *, seed: int) -> HybridLM:
