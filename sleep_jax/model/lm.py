@@ -128,8 +128,8 @@ class HybridLM(nnx.Module):
     Returns:
       The features after the last block, and the updated fast state (same structure).
     """
-    out = self.run_pass(h_btd, fast_state)
-    return out.h, out.fast_state
+    h_btd, states_out = self._scan_blocks(h_btd, fast_state, None, None, None)
+    return h_btd, self._in_pattern_order(states_out, GATED_DELTA, lambda s: s[0])
 
   def run_pass(
     self,
@@ -153,8 +153,28 @@ class HybridLM(nnx.Module):
     Returns:
       A `PassOutput`: features, fast state, conv tails and each attention block's own (k, v).
     """
-    gated = [j for j, kind in enumerate(self.unit) if kind == GATED_DELTA]
-    attending = [j for j, kind in enumerate(self.unit) if kind == ATTENTION]
+    h_btd, states_out = self._scan_blocks(h_btd, fast_state, conv_state, kv_prefix, context)
+    return PassOutput(
+      h=h_btd,
+      fast_state=self._in_pattern_order(states_out, GATED_DELTA, lambda s: s[0]),
+      conv_state=self._in_pattern_order(states_out, GATED_DELTA, lambda s: s[1]),
+      kv=self._in_pattern_order(states_out, ATTENTION, lambda s: s),
+    )
+
+  def _positions(self, kind: str) -> list[int]:
+    return [j for j, letter in enumerate(self.unit) if letter == kind]
+
+  def _in_pattern_order(self, states_out, kind: str, pick) -> tuple:
+    """Unstacks the scan's per-unit-position outputs of one block kind into pattern order."""
+    return tuple(
+      jax.tree.map(lambda x, r=r: x[r], pick(states_out[j]))
+      for r in range(self.repeats)
+      for j in self._positions(kind)
+    )
+
+  def _scan_blocks(self, h_btd, fast_state, conv_state, kv_prefix, context):
+    """The unit applied R times by `lax.scan`; block outputs stay stacked over repetitions."""
+    gated, attending = self._positions(GATED_DELTA), self._positions(ATTENTION)
     if len(fast_state) != len(gated) * self.repeats:
       raise ValueError(
         f"pattern {self.cfg.pattern!r} has {len(gated) * self.repeats} gated-delta "
@@ -184,18 +204,7 @@ class HybridLM(nnx.Module):
         states_out.append(state)
       return h, states_out
 
-    h_btd, states_out = jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
-    in_order = lambda positions, pick: tuple(
-      jax.tree.map(lambda x, r=r: x[r], pick(states_out[j]))
-      for r in range(self.repeats)
-      for j in positions
-    )
-    return PassOutput(
-      h=h_btd,
-      fast_state=in_order(gated, lambda s: s[0]),
-      conv_state=in_order(gated, lambda s: s[1]),
-      kv=in_order(attending, lambda s: s),
-    )
+    return jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """Features [B,T,D] -> float32 logits [B,T,vocab] (tied: against the embedding matrix)."""

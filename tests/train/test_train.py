@@ -193,7 +193,7 @@ def test_main_pulse_writes_checkpoints_events_and_results(tmp_path):
       ValueError,
       r"parameter .* dimension \d \(36\) is split over mesh axes \('fsdp',\)",
     ),
-    (dict(sleep__eviction="sliding"), ValueError, "not implemented yet"),
+    (dict(sleep__conv_state="sometimes"), ValueError, "unknown sleep.conv_state"),
     (dict(sleep__context_len=72), ValueError, "context_len"),
     (dict(sleep__eviction="none", sleep__passes=2), ValueError, "passes must be 1"),
     (dict(task__eval_depths=(2, -1)), ValueError, "eval_depths"),
