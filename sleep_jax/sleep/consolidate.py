@@ -39,7 +39,7 @@ from sleep_jax.model.lm import (
   zero_fast_state,
   zero_kv,
 )
-from sleep_jax.sleep.config import SleepConfig
+from sleep_jax.sleep.config import Chunk, SleepConfig
 
 Params = Any  # a nested dict of arrays: nnx.to_pure_dict of the model's nnx.Param state
 
@@ -171,6 +171,24 @@ def wake_on_chunk(
   return out.h, carry_after(cfg, carry, out.fast_state, out.conv_state, out.kv, out.h.shape[1])
 
 
+def _groups(chunks: tuple[Chunk, ...]) -> list[list[Chunk]]:
+  """The schedule in runs: each predicted chunk alone, consecutive equal-length sleep chunks
+  together (one `lax.scan` over them)."""
+  groups: list[list[Chunk]] = []
+  for chunk in chunks:
+    previous = groups[-1][-1] if groups else None
+    if (
+      previous is not None
+      and not chunk.predict
+      and not previous.predict
+      and chunk.length == previous.length
+    ):
+      groups[-1].append(chunk)
+    else:
+      groups.append([chunk])
+  return groups
+
+
 def sleep_forward(
   graphdef: nnx.GraphDef,
   params: Params,
@@ -202,31 +220,17 @@ def sleep_forward(
     return model.logits(h[:, cfg.context_len :]), fast_state
 
   sleep = functools.partial(sleep_on_chunk, graphdef, params, cfg)
-  logits, index = [], 0
-  while index < len(chunks):
-    chunk = chunks[index]
-    if chunk.predict:
-      h, woke = wake_on_chunk(model, cfg, carry, tokens_bt[:, chunk.start : chunk.stop])
+  logits = []
+  for group in _groups(chunks):
+    first, last = group[0], group[-1]
+    tokens = tokens_bt[:, first.start : last.stop]
+    if first.predict:
+      h, woke = wake_on_chunk(model, cfg, carry, tokens)
       logits.append(model.logits(h))
-      carry = (
-        sleep(carry, tokens_bt[:, chunk.start : chunk.stop]) if cfg.predict_then_sleep else woke
-      )
-      index += 1
-      continue
-    # A run of full sleep chunks is one scan over chunks (a short last chunk runs alone).
-    run = 1
-    while (
-      index + run < len(chunks)
-      and not chunks[index + run].predict
-      and chunks[index + run].length == cfg.window
-    ):
-      run += 1
-    if chunk.length != cfg.window:
-      run = 1
-    span = tokens_bt[:, chunk.start : chunks[index + run - 1].stop]
-    windows = span.reshape(batch, run, chunk.length)
-    carry, _ = jax.lax.scan(lambda c, x: (sleep(c, x), None), carry, jnp.swapaxes(windows, 0, 1))
-    index += run
+      carry = sleep(carry, tokens) if cfg.predict_then_sleep else woke
+    else:  # one scan over a run of equally long sleep chunks
+      windows = jnp.swapaxes(tokens.reshape(batch, len(group), first.length), 0, 1)
+      carry, _ = jax.lax.scan(lambda c, x: (sleep(c, x), None), carry, windows)
   return jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0], carry.fast
 
 
