@@ -227,3 +227,40 @@ def test_new_schedules_train_gradients_match_finite_differences(hybrid, sleep):
   shift = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
   numeric = (loss(shift(1.0)) - loss(shift(-1.0))) / (2 * eps)
   np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
+
+def pre_generalisation_forward(graphdef, params, tokens_bt, cfg):
+  """The schedule as it was before it was generalised: a scan over the context's windows
+  (each a scan over N rematerialised passes), then one pass over the prediction chunk."""
+  model = nnx.merge(graphdef, params)
+  state = zero_fast_state(model.cfg, tokens_bt.shape[0])
+  pass_fn = jax.checkpoint(lambda p, h, s: nnx.merge(graphdef, p).stack_pass(h, s))
+
+  def sleep_on_chunk(state, chunk):
+    h = nnx.merge(graphdef, params).embed(chunk)
+    (h, state), _ = jax.lax.scan(
+      lambda carry, _: (pass_fn(params, *carry), None), (h, state), None, length=cfg.passes
+    )
+    return state, None
+
+  chunks = cfg.context_len // cfg.window
+  context = tokens_bt[:, : cfg.context_len].reshape(tokens_bt.shape[0], chunks, cfg.window)
+  state, _ = jax.lax.scan(sleep_on_chunk, state, jnp.swapaxes(context, 0, 1))
+  h, state = model.stack_pass(model.embed(tokens_bt[:, cfg.context_len :]), state)
+  return model.logits(h), state
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_the_papers_layout_is_bit_identical_to_the_pre_generalisation_schedule(hybrid, passes):
+  """Rule 110 and Depo (whole windows, then one prediction chunk): same bits, values and grads."""
+  graphdef, state = nnx.split(hybrid)
+  params = nnx.to_pure_dict(state)
+  cfg = SleepConfig(passes=passes, window=L, context_len=8)
+  toks = jnp.asarray(tokens(11, seed=8))
+
+  def loss_and_grad(forward):
+    loss = lambda p: jnp.mean(forward(graphdef, p, toks, cfg)[0] ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  new, old = loss_and_grad(sleep_forward), loss_and_grad(pre_generalisation_forward)
+  jax.tree.map(np.testing.assert_array_equal, new, old)
