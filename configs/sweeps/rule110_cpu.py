@@ -4,8 +4,8 @@ Arms:
   n1, n2, n4           the sleeping hybrid with N passes per evicted window (n1 = plain hybrid).
   n1_compute_matched   N=1 trained for longer, so that it spends as many training FLOPs as n4.
   attention_only       "AAAA" under hard eviction: no fast state, so the context never reaches
-                       the queries; it should sit on the majority-label floor (8.0% at t=2) and checks
-                       the task has no leak.
+                       the queries; it should sit on the majority-label floor (8.0% at
+                       t=2) and checks the task has no leak.
   full_attention       no eviction (sleep.eviction "none"): attention sees all 100 tokens; the
                        ceiling for this model size.
 
