@@ -172,3 +172,38 @@ def test_muon_orthogonalises_each_layer_of_a_stacked_weight_separately():
   # those of the raw gradient.
   singular = np.linalg.svd(np.asarray(got[0]["w"][0]), compute_uv=False)
   assert singular.max() / singular.min() < 2.0
+
+
+def test_the_optimizer_split_parameter_by_parameter():
+  """Muon takes exactly the hidden 2-D matrices of the blocks; AdamW everything else (the paper's
+  embeddings, head and norms, and (ours) the conv filters, gate projections, A_log, dt_bias)."""
+  from sleep_jax.train.optim import optimizer_labels
+
+  model = build_model(CFG | dict(pattern="AGAG"), seed=0)
+  labels = optimizer_labels(nnx.state(model, nnx.Param))
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): label
+    for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]
+  }
+  muon = {
+    f"blocks/{j}/{name}/kernel"
+    for j, names in (
+      (0, ("mixer/q", "mixer/k", "mixer/v", "mixer/o")),
+      (1, ("mixer/q", "mixer/k", "mixer/v", "mixer/o", "mixer/out_gate")),
+    )
+    for name in names
+  } | {f"blocks/{j}/mlp/{p}/kernel" for j in (0, 1) for p in ("gate", "up", "down")}
+  assert {path for path, label in flat.items() if label == "muon"} == muon
+  adamw = set(flat) - muon
+  assert adamw == {
+    "embedding",
+    "head/kernel",
+    "final_norm/scale",
+    *(f"blocks/{j}/{norm}/scale" for j in (0, 1) for norm in ("mixer_norm", "mlp_norm")),
+    "blocks/1/mixer/out_norm/scale",
+    *(f"blocks/1/mixer/conv_{x}/weight" for x in "qkv"),
+    "blocks/1/mixer/decay_proj/kernel",
+    "blocks/1/mixer/beta_proj/kernel",
+    "blocks/1/mixer/A_log",
+    "blocks/1/mixer/dt_bias",
+  }
