@@ -30,11 +30,10 @@ from sleep_jax import xla_flags
 
 xla_flags.apply_workarounds()
 
-import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sleep_jax import rundir  # noqa: E402
-from sleep_jax.model.lm import build_model  # noqa: E402
+from sleep_jax.model.lm import build_model, params_by_path  # noqa: E402
 from sleep_jax.train.checkpoint import restore_model  # noqa: E402
 from sleep_jax.train.optim import learning_rate_schedule, optimizer_labels  # noqa: E402
 
@@ -58,25 +57,17 @@ def summed_lr(train: dict, peak: float) -> float:
   return float(sum(schedule(step) for step in range(train["num_steps"])))
 
 
-def flat_labels(labels) -> dict[str, str]:
-  return {
-    "/".join(str(getattr(k, "key", k)) for k in path): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(labels)[0]
-  }
-
-
 def run_movement(workdir: str) -> dict:
   """Per-group movement of one run (its newest checkpoint against its initialisation)."""
   trained, config, step = restore_model(workdir)
   initial = build_model(config.model, seed=config.seed)
   labels = optimizer_labels(nnx.state(initial, nnx.Param))
-  flat = lambda tree: {
-    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf, np.float64)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  flat = lambda model: {
+    path: np.asarray(leaf, np.float64)
+    for path, leaf in params_by_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
   }
-  start = flat(nnx.to_pure_dict(nnx.state(initial, nnx.Param)))
-  end = flat(nnx.to_pure_dict(nnx.state(trained, nnx.Param)))
-  optimizers = {path: str(label) for path, label in flat_labels(labels).items()}
+  start, end = flat(initial), flat(trained)
+  optimizers = {path: str(label) for path, label in params_by_path(labels).items()}
   train = dict(
     num_steps=step,
     warmup_steps=config.train.warmup_steps,

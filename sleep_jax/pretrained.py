@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.model.lm import HybridLM, build_model
+from sleep_jax.model.lm import HybridLM, build_model, param_path, params_by_path
 
 
 def _ports() -> dict:
@@ -76,16 +76,12 @@ def load(path: str, *, dtype: str | None = None) -> tuple[HybridLM, ModelConfig]
   abstract = nnx.eval_shape(lambda: build_model(model_config, seed=0))
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
-  flat = {
-    "/".join(str(getattr(k, "key", k)) for k in keys): leaf
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]
-  }
-  expected = {name: tuple(leaf.shape) for name, leaf in flat.items()}
+  expected = {name: tuple(leaf.shape) for name, leaf in params_by_path(pure).items()}
   values = port.convert(read_tensors(path), hf, expected)
   if set(values) != set(expected):
     raise ValueError(f"port {port.ARCHITECTURE} left {sorted(set(expected) - set(values))} unset")
   filled = jax.tree_util.tree_map_with_path(
-    lambda keys, _: jax.numpy.asarray(values["/".join(str(getattr(k, "key", k)) for k in keys)]),
+    lambda keys, _: jax.numpy.asarray(values[param_path(keys)]),
     pure,
   )
   nnx.replace_by_pure_dict(state, filled)

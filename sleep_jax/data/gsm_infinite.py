@@ -248,7 +248,7 @@ def _realistic(rng, ops, modulus, distractors: int) -> dict:
     question=f"Question: what is {target}",
     answer=graph[target]["value"],
     ops=ops,
-    graph={q: graph[q] for q in graph},
+    graph=graph,
     noise_source=lambda: _filler(rng),
   )
 

@@ -42,6 +42,16 @@ class PassOutput(NamedTuple):
   kv: KVPairs  # each attention block's own keys (before rotary) and values over the call
 
 
+def param_path(keys) -> str:
+  """A parameter's name from its pytree key path: "blocks/0/mixer/q/kernel"."""
+  return "/".join(str(getattr(k, "key", k)) for k in keys)
+
+
+def params_by_path(tree) -> dict:
+  """{param_path: leaf} over a pure-dict parameter tree (or a tree shaped like it)."""
+  return {param_path(keys): leaf for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def zero_fast_state(cfg: ModelConfig, batch_size: int) -> FastState:
   """S = 0 for every fast-weight layer: the state at the start of every sequence."""
   shape = (batch_size, cfg.num_heads, cfg.head_dim, cfg.head_dim)

@@ -9,7 +9,13 @@ from flax import nnx
 
 from sleep_jax import build_model
 from sleep_jax.model.config import GATED_DELTA
-from sleep_jax.model.lm import LAYERS_AXIS, HybridLM, repeating_unit, zero_fast_state
+from sleep_jax.model.lm import (
+  LAYERS_AXIS,
+  HybridLM,
+  params_by_path,
+  repeating_unit,
+  zero_fast_state,
+)
 from sleep_jax.train.optim import make_optimizer
 
 CFG = dict(
@@ -180,11 +186,7 @@ def test_the_optimizer_split_parameter_by_parameter():
   from sleep_jax.train.optim import optimizer_labels
 
   model = build_model(CFG | dict(pattern="AGAG"), seed=0)
-  labels = optimizer_labels(nnx.state(model, nnx.Param))
-  flat = {
-    "/".join(str(getattr(k, "key", k)) for k in path): label
-    for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]
-  }
+  flat = params_by_path(optimizer_labels(nnx.state(model, nnx.Param)))
   muon = {
     f"blocks/{j}/{name}/kernel"
     for j, names in (
