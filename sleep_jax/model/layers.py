@@ -110,10 +110,53 @@ class CausalDepthwiseConv(nnx.Module):
       padded = jnp.pad(x_btc, ((0, 0), (width - 1, 0), (0, 0)))
     else:
       padded = jnp.concatenate([tail.astype(x_btc.dtype), x_btc], axis=1)
-    weight = self.weight[...].astype(x_btc.dtype)
-    # Tap j multiplies the input j steps in the past; width is tiny (4), so shifts beat a conv op.
-    y = sum(weight[j] * padded[:, width - 1 - j : width - 1 - j + t] for j in range(width))
-    return y, padded[:, t:]
+    return causal_depthwise_conv(padded, self.weight[...].astype(x_btc.dtype)), padded[:, t:]
+
+
+def _taps(padded_btc: jax.Array, width: int) -> list[jax.Array]:
+  """Tap j of every output token: the input j steps in its past, [B,T,C] per j."""
+  t = padded_btc.shape[1] - width + 1
+  return [padded_btc[:, width - 1 - j : width - 1 - j + t] for j in range(width)]
+
+
+@jax.custom_vjp
+def causal_depthwise_conv(padded_btc: jax.Array, weight_wc: jax.Array) -> jax.Array:
+  """y_t = sum_j w_j * x_{t-j} over inputs already padded by width-1 tokens in front.
+
+  Width is tiny (4), so shifted multiplies beat a convolution op. The backward pass is
+  written out (`_conv_backward`) so that the filter's gradient is one matmul.
+  """
+  return sum(w * tap for w, tap in zip(weight_wc, _taps(padded_btc, weight_wc.shape[0])))
+
+
+def _conv_forward(padded_btc, weight_wc):
+  return causal_depthwise_conv(padded_btc, weight_wc), (padded_btc, weight_wc)
+
+
+def _conv_backward(residuals, dy_btc):
+  """d padded: each tap's weighted cotangent shifted back; d weight: one batched matmul.
+
+  Left to autodiff, the filter's gradient is a sum over (B, T) per tap that XLA:CPU fuses with
+  the whole elementwise chain producing dy (SiLU and L2-norm backward, transposes) and
+  recomputes for every tap and channel: the slowest kernels of the CPU train step. A matmul
+  (channels as its batch) makes XLA compute dy once.
+  """
+  padded_btc, weight_wc = residuals
+  width = weight_wc.shape[0]
+  taps_btwc = jnp.stack(_taps(padded_btc, width), axis=2)
+  d_weight = jnp.einsum(
+    "btwc,btc->wc",
+    taps_btwc,
+    dy_btc,
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=jnp.float32,
+  )
+  pad = lambda j: ((0, 0), (width - 1 - j, j), (0, 0))
+  d_padded = sum(jnp.pad(w * dy_btc, pad(j)) for j, w in enumerate(weight_wc))
+  return d_padded, d_weight.astype(weight_wc.dtype)
+
+
+causal_depthwise_conv.defvjp(_conv_forward, _conv_backward)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -10,7 +10,13 @@ from configs import rule110 as rule110_config
 from sleep_jax import build_model
 from sleep_jax.data import rule110
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.model.layers import CausalDepthwiseConv, RMSNorm, l2_normalize, rotary
+from sleep_jax.model.layers import (
+  CausalDepthwiseConv,
+  RMSNorm,
+  causal_depthwise_conv,
+  l2_normalize,
+  rotary,
+)
 from sleep_jax.model.lm import zero_fast_state
 from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.train.optim import make_optimizer, optimizer_labels
@@ -53,6 +59,27 @@ def test_causal_conv_tail_continues_the_sequence_across_calls():
     np.testing.assert_array_equal(second_tail, whole_tail)
   np.testing.assert_array_equal(whole_tail, x[:, -3:])
   np.testing.assert_array_equal(conv(x, jnp.zeros((2, 3, 3)))[0], whole)
+
+
+def test_causal_conv_written_backward_equals_autodiff_of_a_plain_loop():
+  """The conv's own VJP (filter gradient as one matmul) against autodiff of an explicit loop."""
+  padded = jax.random.normal(jax.random.key(2), (2, 9 + 3, 5))
+  weight = jax.random.normal(jax.random.key(3), (4, 5))
+  cotangent = jax.random.normal(jax.random.key(4), (2, 9, 5))
+
+  def plain(padded, weight):
+    return jnp.stack([sum(weight[j] * padded[:, 3 + t - j] for j in range(4)) for t in range(9)], 1)
+
+  fast_out, fast_vjp = jax.vjp(causal_depthwise_conv, padded, weight)
+  plain_out, plain_vjp = jax.vjp(plain, padded, weight)
+  np.testing.assert_allclose(fast_out, plain_out, rtol=1e-6, atol=1e-6)
+  for fast, slow in zip(fast_vjp(cotangent), plain_vjp(cotangent)):
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+  # bfloat16 activations: the filter gradient comes back in the weight's dtype.
+  bf16 = jax.vjp(causal_depthwise_conv, padded.astype(jnp.bfloat16), weight.astype(jnp.bfloat16))
+  d_padded, d_weight = bf16[1](cotangent.astype(jnp.bfloat16))
+  assert d_padded.dtype == d_weight.dtype == jnp.bfloat16
+  np.testing.assert_allclose(d_weight.astype(jnp.float32), plain_vjp(cotangent)[1], rtol=0.05, atol=0.1)
 
 
 def test_norms():
