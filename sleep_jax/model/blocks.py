@@ -1,12 +1,14 @@
 """The residual block of the hybrid stack and the temporal mixers it wraps.
 
-Both mixers map `(x [B,T,D], state_in, *, context) -> (y [B,T,D], state_out)`, so one
+Every mixer maps `(x [B,T,D], state_in, *, context) -> (y [B,T,D], state_out)`, so one
 `ResidualBlock` serves every letter of a model's `pattern`. Nothing is held between calls:
-  * Gated DeltaNet: state_in is `(S, conv_tails)`: the fast weights S [B,H,K,V] float32 and
-    the q/k/v convolutions' last inputs (None: zeros); state_out is the same pair after the call.
-  * attention: state_in is the prefix `(k, v)` [B,C,H,Dh] of earlier tokens the call may also
-    see (None: only the call's own tokens, the paper's hard eviction); state_out is the call's
-    own `(k, v)` [B,T,H,Dh], before rotary positions, for the caller to keep or drop.
+  * Gated DeltaNet ("G") and Jet ("J"): state_in is `(S, conv_tails)`: the fast weights S
+    [B,H,K,V] float32 and the convolutions' last inputs (G: the q, k, v tails; J: the v tail;
+    None: zeros); state_out is the same pair after the call.
+  * attention ("A", and "S" with a sliding window): state_in is the prefix `(k, v)` [B,C,H,Dh]
+    of earlier tokens the call may also see (None: only the call's own tokens, the paper's hard
+    eviction); state_out is the call's own `(k, v)` [B,T,H,Dh], before rotary positions, for
+    the caller to keep or drop.
 `context` (a `PassContext`, None by default) places the call's tokens and the prefix in one
 position frame and carries the sliding window width; without it, positions run from 0.
 """
@@ -17,13 +19,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from sleep_jax.model.config import ATTENTION, GATED_DELTA, ModelConfig
+from sleep_jax.model.config import (
+  ATTENTION,
+  GATED_DELTA,
+  JET,
+  SLIDING_ATTENTION,
+  ModelConfig,
+  has_mlp,
+  mixer_kind,
+)
 from sleep_jax.model.layers import (
   ADAMW,
   MUON,
   CausalDepthwiseConv,
   Dense,
   RMSNorm,
+  dynamic_causal_conv,
   l2_normalize,
   param,
   rotary,
@@ -77,12 +88,17 @@ def attention_mask(context: PassContext, num_tokens: int) -> jax.Array:
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal softmax attention over one call's tokens (and an optional prefix)."""
+  """Multi-head causal softmax attention over one call's tokens (and an optional prefix).
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  With `window`, a query sees only keys fewer than `window` positions back (itself included):
+  the sliding-window layers of Jet-Nemotron ("S" blocks).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, window: int | None = None, rngs: nnx.Rngs):
     d, hd = cfg.d_model, cfg.num_heads * cfg.head_dim
     kv = cfg.kv_heads * cfg.head_dim  # grouped-query attention when fewer than num_heads
     self.cfg = cfg
+    self.window = window
     project = lambda width: Dense(
       d, width, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs, use_bias=cfg.qkv_bias
     )
@@ -96,46 +112,45 @@ class CausalSelfAttention(nnx.Module):
     b, t, _ = x_btd.shape
     split = lambda y: y.reshape(b, t, -1, self.cfg.head_dim)
     q, k, v = split(self.q(x_btd)), split(self.k(x_btd)), split(self.v(x_btd))
-    base = self.cfg.rope_base
-    if context is None and prefix_kv is None:
+    rope = lambda y, positions: rotary(y, positions, self.cfg.rope_base, self.cfg.rope_scaling)
+    if context is None and prefix_kv is None and self.window is None:
       positions = jnp.arange(t)  # positions restart at 0 in every chunk (PAPER.md section 3)
-      out = jax.nn.dot_product_attention(
-        rotary(q, positions, base), rotary(k, positions, base), v, is_causal=True
-      )
+      out = jax.nn.dot_product_attention(rope(q, positions), rope(k, positions), v, is_causal=True)
     else:
+      if context is None:  # a sliding-window layer over a fresh chunk
+        context = PassContext(
+          positions=jnp.arange(t), prefix_positions=jnp.arange(0), prefix_valid=jnp.ones(0, bool)
+        )
+      if self.window is not None:
+        width = self.window if context.width is None else min(context.width, self.window)
+        context = context.replace(width=width)
       prefix_kv = prefix_kv if prefix_kv is not None else (k[:, :0], v[:, :0])
       # Rotary positions are applied at use, so a cached key keeps its raw value and any
       # position frame works (only differences of positions matter).
       prefix_k, prefix_v = prefix_kv
       keys = jnp.concatenate(
-        [rotary(prefix_k, context.prefix_positions, base), rotary(k, context.positions, base)], 1
+        [rope(prefix_k, context.prefix_positions), rope(k, context.positions)], axis=1
       )
       values = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
       mask = attention_mask(context, t)[None, None]
       out = jax.nn.dot_product_attention(
-        rotary(q, context.positions, base), keys.astype(q.dtype), values, mask=mask
+        rope(q, context.positions), keys.astype(q.dtype), values, mask=mask
       )
     return self.o(out.reshape(b, t, -1)), (k, v)
 
 
-class GatedDeltaNet(nnx.Module):
-  """The Gated DeltaNet mixer of PAPER.md section 2 over an explicit fast-weight state.
+class FastWeightMixer(nnx.Module):
+  """What Gated DeltaNet and the Jet block share: the gates, the delta rule and the read-out.
 
-  q, k, v: projection -> causal depthwise conv (width 4) -> SiLU; q and k L2-normalised.
   g_t = -exp(A_log) * softplus(x W_a + dt_bias) (log decay <= 0), beta_t = sigmoid(x W_b).
   The delta rule writes the tokens into S; the read-out o_t = S^T (q_t / sqrt(K)) goes through
-  a per-head RMSNorm, an output gate silu(x W_g), and the output projection.
+  a per-head RMSNorm, an output gate silu(x W_g), and the output projection. Subclasses build
+  q, k, v, then call `_init_gates_and_read_out` (parameter order fixes the initialisation).
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    d, h, hd = cfg.d_model, cfg.num_heads, cfg.num_heads * cfg.head_dim
-    self.cfg = cfg
-    self.q = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
-    self.k = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
-    self.v = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
-    self.conv_q = CausalDepthwiseConv(hd, cfg.conv_width, logical_axis="heads", rngs=rngs)
-    self.conv_k = CausalDepthwiseConv(hd, cfg.conv_width, logical_axis="heads", rngs=rngs)
-    self.conv_v = CausalDepthwiseConv(hd, cfg.conv_width, logical_axis="heads", rngs=rngs)
+  def _init_gates_and_read_out(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d = cfg.d_model
+    h, _, value_dim = cfg.fast_state_shape
     # Gate projections to one scalar per head: tiny matrices, trained with AdamW, not Muon.
     self.decay_proj = Dense(d, h, logical_axes=("embed", "gate_heads"), optimizer=ADAMW, rngs=rngs)
     self.beta_proj = Dense(d, h, logical_axes=("embed", "gate_heads"), optimizer=ADAMW, rngs=rngs)
@@ -145,19 +160,56 @@ class GatedDeltaNet(nnx.Module):
     self.A_log = param(jnp.log(decay_rate), ("gate_heads",))
     dt = jnp.exp(jax.random.uniform(key_dt, (h,), minval=jnp.log(1e-3), maxval=jnp.log(1e-1)))
     self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), ("gate_heads",))  # softplus^-1(dt)
-    self.out_gate = Dense(d, hd, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
-    self.out_norm = RMSNorm(cfg.head_dim, logical_axis="head_dim", eps=cfg.norm_eps)
-    self.o = Dense(hd, d, logical_axes=("heads", "embed"), optimizer=MUON, rngs=rngs)
+    out_width = h * value_dim
+    self.out_gate = Dense(d, out_width, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
+    eps = cfg.norm_eps if cfg.fast_norm_eps is None else cfg.fast_norm_eps
+    self.out_norm = RMSNorm(value_dim, logical_axis="head_dim", eps=eps)
+    self.o = Dense(out_width, d, logical_axes=("heads", "embed"), optimizer=MUON, rngs=rngs)
+
+  def _heads(self, y_btc: jax.Array, width: int) -> jax.Array:
+    return y_btc.reshape(y_btc.shape[0], y_btc.shape[1], -1, width)
+
+  def _delta_rule_and_read_out(self, q, k, v, x_btd, fast_state, context):
+    """Gates from x, the gated delta rule from S, and the gated, normalised read-out."""
+    x32 = x_btd.astype(jnp.float32)
+    g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.decay_proj(x32) + self.dt_bias[...])
+    beta = jax.nn.sigmoid(self.beta_proj(x32))
+    impl = (context and context.fast_weight_impl) or self.cfg.fast_weight_impl
+    o, fast_state = gated_delta_rule(q, k, v, g, beta, initial_state=fast_state, impl=impl)
+    o = self.out_norm(o) * jax.nn.silu(self._heads(self.out_gate(x_btd), o.shape[-1]))
+    return self.o(o.reshape(o.shape[0], o.shape[1], -1)), fast_state
+
+
+class GatedDeltaNet(FastWeightMixer):
+  """The Gated DeltaNet mixer of PAPER.md section 2 over an explicit fast-weight state.
+
+  q, k, v: projection -> causal depthwise conv (width 4) -> SiLU; q and k L2-normalised; then
+  the gates, delta rule and read-out of `FastWeightMixer`.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d = cfg.d_model
+    h, key_dim, value_dim = cfg.fast_state_shape
+    self.cfg = cfg
+    self.q = Dense(d, h * key_dim, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
+    self.k = Dense(d, h * key_dim, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
+    self.v = Dense(d, h * value_dim, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
+    conv = lambda width: CausalDepthwiseConv(width, cfg.conv_width, logical_axis="heads", rngs=rngs)
+    self.conv_q, self.conv_k, self.conv_v = (
+      conv(h * key_dim),
+      conv(h * key_dim),
+      conv(h * value_dim),
+    )
+    self._init_gates_and_read_out(cfg, rngs)
 
   def __call__(self, x_btd: jax.Array, state, *, context: PassContext | None = None):
     """(x, (S, conv_tails)) -> (y, (S', conv_tails')): reads and writes the fast weights.
 
-    S is [B,H,K,V] float32; conv_tails is (q, k, v) tails [B, conv_width-1, H*Dh] or None.
+    S is [B,H,K,V] float32; conv_tails is (q, k, v) tails [B, conv_width-1, H*K or H*V] or None.
     """
     fast_state, conv_tails = state
     conv_tails = conv_tails or (None, None, None)
-    b, t, _ = x_btd.shape
-    heads = lambda y: y.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)
+    _, key_dim, value_dim = self.cfg.fast_state_shape
     convolved = [
       conv(proj(x_btd), tail)
       for conv, proj, tail in zip(
@@ -165,38 +217,120 @@ class GatedDeltaNet(nnx.Module):
       )
     ]
     (q, q_tail), (k, k_tail), (v, v_tail) = convolved
-    q = l2_normalize(heads(jax.nn.silu(q)))
-    k = l2_normalize(heads(jax.nn.silu(k)))
-    v = heads(jax.nn.silu(v))
-    x32 = x_btd.astype(jnp.float32)
-    g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.decay_proj(x32) + self.dt_bias[...])
-    beta = jax.nn.sigmoid(self.beta_proj(x32))
-    impl = (context and context.fast_weight_impl) or self.cfg.fast_weight_impl
-    o, fast_state = gated_delta_rule(q, k, v, g, beta, initial_state=fast_state, impl=impl)
-    o = self.out_norm(o) * jax.nn.silu(heads(self.out_gate(x_btd)))
-    return self.o(o.reshape(b, t, -1)), (fast_state, (q_tail, k_tail, v_tail))
+    q = l2_normalize(self._heads(jax.nn.silu(q), key_dim))
+    k = l2_normalize(self._heads(jax.nn.silu(k), key_dim))
+    v = self._heads(jax.nn.silu(v), value_dim)
+    y, fast_state = self._delta_rule_and_read_out(q, k, v, x_btd, fast_state, context)
+    return y, (fast_state, (q_tail, k_tail, v_tail))
 
 
-MIXERS = {ATTENTION: CausalSelfAttention, GATED_DELTA: GatedDeltaNet}
+class JetDeltaNet(FastWeightMixer):
+  """Jet-Nemotron's Jet block: Gated DeltaNet with an input-generated convolution on V.
+
+  q = silu(x W_q), k = silu(x W_k) (no convolution on q and k), both L2-normalised; v =
+  silu(DynamicConv(x W_v)), whose width-W causal filter is generated per token from the same
+  input: kernels_t = silu(x_t W_1) W_2 + b_2, one W-tap filter per value channel (tap W-1 is
+  the current token). Then the gates, delta rule and read-out of `FastWeightMixer`.
+  A fresh block starts as a static convolution: W_2 is zero and b_2 holds the filter.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, width = cfg.d_model, cfg.conv_width
+    h, key_dim, value_dim = cfg.fast_state_shape
+    self.cfg = cfg
+    self.q = Dense(d, h * key_dim, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
+    self.k = Dense(d, h * key_dim, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
+    self.v = Dense(d, h * value_dim, logical_axes=("embed", "heads"), optimizer=MUON, rngs=rngs)
+    hidden = max(1, h * value_dim // cfg.dconv_reduction)
+    self.kernel_hidden = Dense(
+      d, hidden, logical_axes=("embed", "dconv"), optimizer=MUON, rngs=rngs
+    )
+    self.kernel_out = Dense(
+      hidden,
+      h * value_dim * width,
+      logical_axes=("dconv", "heads"),
+      optimizer=MUON,
+      rngs=rngs,
+      use_bias=True,
+    )
+    bound = width**-0.5
+    static_filter = jax.random.uniform(
+      rngs.params(), (h * value_dim * width,), minval=-bound, maxval=bound
+    )
+    self.kernel_out.kernel = param(
+      jnp.zeros((hidden, h * value_dim * width)), ("dconv", "heads"), MUON
+    )
+    self.kernel_out.bias = param(static_filter, ("heads",))
+    self._init_gates_and_read_out(cfg, rngs)
+
+  def __call__(self, x_btd: jax.Array, state, *, context: PassContext | None = None):
+    """(x, (S, (v_tail,))) -> (y, (S', (v_tail',))); v_tail [B, conv_width-1, H*V] or None."""
+    fast_state, conv_tails = state
+    (v_tail,) = conv_tails or (None,)
+    b, t, _ = x_btd.shape
+    width = self.cfg.conv_width
+    _, key_dim, value_dim = self.cfg.fast_state_shape
+    q = l2_normalize(self._heads(jax.nn.silu(self.q(x_btd)), key_dim))
+    k = l2_normalize(self._heads(jax.nn.silu(self.k(x_btd)), key_dim))
+    v_in = self.v(x_btd)
+    if v_tail is None:
+      padded = jnp.pad(v_in, ((0, 0), (width - 1, 0), (0, 0)))
+    else:
+      padded = jnp.concatenate([v_tail.astype(v_in.dtype), v_in], axis=1)
+    # The generator's output channel c * W + w is tap w of value channel c.
+    kernels = self.kernel_out(jax.nn.silu(self.kernel_hidden(x_btd)))
+    kernels = jnp.swapaxes(kernels.reshape(b, t, -1, width), -1, -2)
+    v = self._heads(jax.nn.silu(dynamic_causal_conv(padded, kernels)), value_dim)
+    y, fast_state = self._delta_rule_and_read_out(q, k, v, x_btd, fast_state, context)
+    return y, (fast_state, (padded[:, t:],))
+
+
+def make_mixer(cfg: ModelConfig, letter: str, rngs: nnx.Rngs) -> nnx.Module:
+  """The temporal mixer of a pattern letter."""
+  kind = mixer_kind(letter)
+  if kind == ATTENTION:
+    return CausalSelfAttention(cfg, rngs=rngs)
+  if kind == SLIDING_ATTENTION:
+    return CausalSelfAttention(cfg, window=cfg.sliding_window, rngs=rngs)
+  if kind == GATED_DELTA:
+    return GatedDeltaNet(cfg, rngs=rngs)
+  if kind == JET:
+    return JetDeltaNet(cfg, rngs=rngs)
+  raise ValueError(f"unknown block letter {letter!r}")
 
 
 class ResidualBlock(nnx.Module):
   """x + Mixer(RMSNorm(x), S); x + MLP(RMSNorm(x)), with the mixer named by a pattern letter.
 
+  A lower-case letter has no MLP. With `sandwich_norm` each branch's output is normalised
+  before its residual add: x + Norm(Mixer(Norm(x))) (Ouro).
+
   Args:
     cfg: the model configuration.
-    kind: a letter of `config.BLOCK_KINDS` ("A" attention, "G" gated delta).
+    letter: a letter of `config.BLOCK_KINDS` ("A" attention, "G" gated delta, ...), or its
+      lower case.
     rngs: the parameter initialisation keys.
   """
 
-  def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
-    self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mixer = MIXERS[kind](cfg, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mlp = SwiGLU(cfg, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, letter: str, *, rngs: nnx.Rngs):
+    norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.mixer_norm = norm()
+    self.mixer = make_mixer(cfg, letter, rngs)
+    self.mixer_out_norm = norm() if cfg.sandwich_norm else None
+    mlp = has_mlp(letter)
+    self.mlp_norm = norm() if mlp else None
+    self.mlp = SwiGLU(cfg, rngs=rngs) if mlp else None
+    self.mlp_out_norm = norm() if mlp and cfg.sandwich_norm else None
 
   def __call__(self, x_btd: jax.Array, state, *, context: PassContext | None = None):
     """(x, mixer state in) -> (x', mixer state out); see the module docstring for the states."""
     mixed, state = self.mixer(self.mixer_norm(x_btd), state, context=context)
+    if self.mixer_out_norm is not None:
+      mixed = self.mixer_out_norm(mixed)
     x_btd = x_btd + mixed
-    return x_btd + self.mlp(self.mlp_norm(x_btd)), state
+    if self.mlp is None:
+      return x_btd, state
+    mlp_out = self.mlp(self.mlp_norm(x_btd))
+    if self.mlp_out_norm is not None:
+      mlp_out = self.mlp_out_norm(mlp_out)
+    return x_btd + mlp_out, state

@@ -27,7 +27,15 @@ from __future__ import annotations
 
 import math
 
-from sleep_jax.model.config import ATTENTION, GATED_DELTA, ModelConfig
+from sleep_jax.model.config import (
+  ATTENTION,
+  GATED_DELTA,
+  JET,
+  SLIDING_ATTENTION,
+  ModelConfig,
+  has_mlp,
+  mixer_kind,
+)
 from sleep_jax.sleep.config import SleepConfig
 
 # The default `chunk_size` of sleep_jax.ops.gated_delta.gated_delta_rule, which the
@@ -45,15 +53,19 @@ def mlp_flops(cfg: ModelConfig, num_tokens: int) -> int:
   return 3 * matmul_flops(num_tokens, cfg.mlp_dim, cfg.d_model)
 
 
-def attention_flops(cfg: ModelConfig, num_tokens: int) -> int:
+def attention_flops(cfg: ModelConfig, num_tokens: int, window: int | None = None) -> int:
   """Causal self-attention over one chunk of `num_tokens` tokens (the keys are the chunk).
 
-  Projections q, k, v [d -> H*Dh] and o [H*Dh -> d]; then, per head, q k^T and p v over the
-  T*(T+1)/2 causal (query, key) pairs, Dh-long dot products each.
+  Projections q [d -> H*Dh], k, v [d -> H_kv*Dh] and o [H*Dh -> d]; then, per head, q k^T and
+  p v over the T*(T+1)/2 causal (query, key) pairs (with a sliding `window`, the pairs fewer
+  than `window` apart), Dh-long dot products each.
   """
   t, heads_dim = num_tokens, cfg.num_heads * cfg.head_dim
-  projections = 4 * matmul_flops(t, heads_dim, cfg.d_model)
-  causal_pairs = t * (t + 1) // 2
+  kv_dim = cfg.kv_heads * cfg.head_dim
+  projections = 2 * matmul_flops(t, heads_dim, cfg.d_model) + 2 * matmul_flops(
+    t, kv_dim, cfg.d_model
+  )
+  causal_pairs = sum(min(i + 1, window or t) for i in range(t))
   scores_and_values = 2 * 2 * causal_pairs * cfg.head_dim * cfg.num_heads
   return projections + scores_and_values
 
@@ -89,13 +101,13 @@ def gated_delta_rule_flops(
   """
   chunk = min(chunk_size, num_tokens)
   num_chunks = math.ceil(num_tokens / chunk)
-  k = v = cfg.head_dim
+  heads, k, v = cfg.fast_state_shape
   per_chunk = (
     2 * chunk * chunk * (3 * k + 2 * v)
     + 3 * matmul_flops(chunk, v, k)
     + triangular_inverse_flops(chunk)
   )
-  return cfg.num_heads * num_chunks * per_chunk
+  return heads * num_chunks * per_chunk
 
 
 def gated_delta_flops(
@@ -103,19 +115,53 @@ def gated_delta_flops(
 ) -> int:
   """The Gated DeltaNet mixer over one chunk of `num_tokens` tokens.
 
-  Projections q, k, v, out_gate [d -> H*Dh] and o [H*Dh -> d], the two per-head gate
-  projections (decay and beta) [d -> H], and the gated delta rule itself.
+  Projections q, k [d -> H*K], v, out_gate [d -> H*V] and o [H*V -> d], the two per-head
+  gate projections (decay and beta) [d -> H], and the gated delta rule itself.
   """
-  t, heads_dim = num_tokens, cfg.num_heads * cfg.head_dim
-  projections = 5 * matmul_flops(t, heads_dim, cfg.d_model)
-  gates = 2 * matmul_flops(t, cfg.num_heads, cfg.d_model)
+  t = num_tokens
+  heads, k, v = cfg.fast_state_shape
+  projections = 2 * matmul_flops(t, heads * k, cfg.d_model) + 3 * matmul_flops(
+    t, heads * v, cfg.d_model
+  )
+  gates = 2 * matmul_flops(t, heads, cfg.d_model)
   return projections + gates + gated_delta_rule_flops(cfg, t, chunk_size)
 
 
-def forward_flops_per_chunk(
-  cfg: ModelConfig, chunk_len: int, chunk_size: int = GATED_DELTA_CHUNK_SIZE
+def jet_flops(cfg: ModelConfig, num_tokens: int, chunk_size: int = GATED_DELTA_CHUNK_SIZE) -> int:
+  """The Jet block over one chunk: the Gated DeltaNet count plus the kernel generator
+  [d -> H*V/r -> H*V*W] and the dynamic convolution (W multiply-adds per value channel)."""
+  heads, _, v = cfg.fast_state_shape
+  hidden = max(1, heads * v // cfg.dconv_reduction)
+  width = cfg.conv_width
+  generator = matmul_flops(num_tokens, hidden, cfg.d_model) + matmul_flops(
+    num_tokens, heads * v * width, hidden
+  )
+  return (
+    gated_delta_flops(cfg, num_tokens, chunk_size) + generator + 2 * num_tokens * heads * v * width
+  )
+
+
+def block_flops(
+  cfg: ModelConfig, letter: str, chunk_len: int, chunk_size: int = GATED_DELTA_CHUNK_SIZE
 ) -> int:
-  """One forward pass of the block stack (`HybridLM.stack_pass`) over a chunk of tokens.
+  """One block (mixer, and MLP unless the letter is lower case) over a chunk."""
+  mixer = {
+    ATTENTION: lambda: attention_flops(cfg, chunk_len),
+    SLIDING_ATTENTION: lambda: attention_flops(cfg, chunk_len, cfg.sliding_window),
+    GATED_DELTA: lambda: gated_delta_flops(cfg, chunk_len, chunk_size),
+    JET: lambda: jet_flops(cfg, chunk_len, chunk_size),
+  }[mixer_kind(letter)]()
+  return mixer + (mlp_flops(cfg, chunk_len) if has_mlp(letter) else 0)
+
+
+def forward_flops_per_chunk(
+  cfg: ModelConfig,
+  chunk_len: int,
+  chunk_size: int = GATED_DELTA_CHUNK_SIZE,
+  loop_passes: int = 1,
+) -> int:
+  """Forward passes of the block stack over a chunk of tokens: the prelude once, the loop
+  `loop_passes` x `loop_repeats` times, the coda once (`ModelConfig.segments`).
 
   Attention sees only the chunk. The embedding and the output head are not included.
 
@@ -123,15 +169,17 @@ def forward_flops_per_chunk(
     cfg: the model configuration (its `pattern` says which block is which).
     chunk_len: tokens in the chunk, T >= 1.
     chunk_size: the gated delta rule's chunk length (the op's default unless overridden).
+    loop_passes: passes of the loop (a sleep chunk: N; a predicted chunk: 1).
 
   Returns:
     Forward FLOPs for one sequence (batch size 1).
   """
-  mixers = {
-    ATTENTION: attention_flops(cfg, chunk_len),
-    GATED_DELTA: gated_delta_flops(cfg, chunk_len, chunk_size),
-  }
-  return sum(mixers[kind] + mlp_flops(cfg, chunk_len) for kind in cfg.pattern)
+  total = 0
+  for name, start, stop in cfg.segments:
+    times = loop_passes * cfg.loop_repeats if name == "loop" else 1
+    segment = sum(block_flops(cfg, x, chunk_len, chunk_size) for x in cfg.pattern[start:stop])
+    total += times * segment
+  return total
 
 
 def head_flops(cfg: ModelConfig, num_positions: int) -> int:
@@ -153,9 +201,12 @@ def _frozen_flops_per_example(model_cfg: ModelConfig, sleep_cfg: SleepConfig, se
   """Forward FLOPs of the passes `grad_passes` leaves without a backward pass."""
   if not sleep_cfg.evicts:
     return 0
+  loop_only = lambda length, passes: (
+    forward_flops_per_chunk(model_cfg, length, loop_passes=passes)
+    - forward_flops_per_chunk(model_cfg, length, loop_passes=0)
+  )
   return sum(
-    sleep_cfg.frozen_passes * forward_flops_per_chunk(model_cfg, length)
-    for length in _slept_chunks(sleep_cfg, seq_len)
+    loop_only(length, sleep_cfg.frozen_passes) for length in _slept_chunks(sleep_cfg, seq_len)
   )
 
 
@@ -195,7 +246,7 @@ def forward_flops_per_example(
     predict_len = seq_len - sleep_cfg.context_len
     return forward_flops_per_chunk(model_cfg, seq_len) + head_flops(model_cfg, predict_len)
   sleep = sum(
-    sleep_cfg.passes * forward_flops_per_chunk(model_cfg, length)
+    forward_flops_per_chunk(model_cfg, length, loop_passes=sleep_cfg.passes)
     for length in _slept_chunks(sleep_cfg, seq_len)
   )
   wake = sum(

@@ -66,20 +66,26 @@ class RMSNorm(nnx.Module):
     return (x32 * self.scale[...]).astype(x.dtype)
 
 
-def rotary(x_bthd: jax.Array, positions_t: jax.Array, base: float) -> jax.Array:
+def rotary(
+  x_bthd: jax.Array, positions_t: jax.Array, base: float, scaling: float = 1.0
+) -> jax.Array:
   """Rotary position embedding (rotate-half form) applied to the last axis.
 
   Args:
     x_bthd: queries or keys [B, T, H, Dh] (Dh even).
     positions_t: integer positions [T]; the sleep schedule restarts them at 0 in every chunk.
     base: the rotary wavelength base.
+    scaling: linear position scaling (positions are divided by it; 1: none).
 
   Returns:
     The rotated array, same shape and dtype.
   """
   half = x_bthd.shape[-1] // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions_t.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, half]
+  positions = positions_t.astype(jnp.float32)
+  if scaling != 1.0:
+    positions = positions / scaling
+  angles = positions[:, None] * inv_freq[None, :]  # [T, half]
   sin = jnp.sin(angles)[None, :, None, :]
   cos = jnp.cos(angles)[None, :, None, :]
   x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
@@ -157,6 +163,22 @@ def _conv_backward(residuals, dy_btc):
 
 
 causal_depthwise_conv.defvjp(_conv_forward, _conv_backward)
+
+
+def dynamic_causal_conv(padded_btc: jax.Array, kernels_btwc: jax.Array) -> jax.Array:
+  """A causal depthwise convolution whose filter differs per token (Jet blocks' conv on V).
+
+  y_t = sum_w kernels[t, w] * x_{t-(W-1)+w}: tap W-1 is the current token, tap 0 the oldest.
+
+  Args:
+    padded_btc: inputs [B, W-1+T, C], the W-1 tokens before the call in front.
+    kernels_btwc: one filter per token [B, T, W, C].
+
+  Returns:
+    [B, T, C].
+  """
+  width, t = kernels_btwc.shape[2], kernels_btwc.shape[1]
+  return sum(kernels_btwc[:, :, w] * padded_btc[:, w : w + t] for w in range(width))
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

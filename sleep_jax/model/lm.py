@@ -3,16 +3,19 @@
 The model exposes the three pieces the sleep schedule composes (it never runs a whole sequence
 itself): `embed` a chunk, run one `stack_pass` of all blocks over it while threading the
 fast-weight state, and turn features into `logits`. The fast state is a tuple with one
-[B,H,K,V] float32 matrix per gated-delta block, in pattern order (`zero_fast_state`).
-`run_pass` is the general pass the schedules and streaming inference use: it also threads the
-convolutions' tails (one (q, k, v) triple per gated-delta block, `zero_conv_state`) and gives
+[B,H,K,V] float32 matrix per fast-weight block ("G" or "J"), in pattern order
+(`zero_fast_state`). `run_pass` is the general pass the schedules and streaming inference use:
+it also threads the convolutions' tails (per fast-weight block, `zero_conv_state`) and gives
 each attention block a prefix of earlier keys and values, returning every attention block's own.
 
-The stack is a repeated unit: `pattern` is its smallest repeating unit times R ("AGAG" is "AG"
-twice, "AGA" is itself once). The unit's blocks are built once per repetition with `nnx.vmap`,
-so every parameter of `blocks[j]` (block j of the unit) has a leading R axis with logical name
-"layers", and `stack_pass` applies the unit R times with `jax.lax.scan`: the traced program and
-the compile time do not grow with depth.
+The blocks form up to three segments (`ModelConfig.segments`): a prelude, the loop that a
+sleep pass repeats, and a coda (without a loop range: the loop alone, the whole stack).
+`run_segment` runs one; the sleep schedule runs the prelude once, the loop N times and the coda
+once per chunk. Each segment is a repeated unit: its letters are its smallest repeating unit
+times R ("AGAG" is "AG" twice, "AGA" is itself once). The unit's blocks are built once per
+repetition with `nnx.vmap`, so every parameter of `blocks[j]` (block j of the unit) has a
+leading R axis with logical name "layers", and the segment applies the unit R times with
+`jax.lax.scan`: the traced program and the compile time do not grow with depth.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.model.blocks import PassContext, ResidualBlock
-from sleep_jax.model.config import ATTENTION, GATED_DELTA, ModelConfig
+from sleep_jax.model.config import (
+  ATTENTION_KINDS,
+  FAST_WEIGHT_KINDS,
+  JET,
+  ModelConfig,
+  mixer_kind,
+)
 from sleep_jax.model.layers import ADAMW, Dense, RMSNorm, param
 
 FastState = tuple[jax.Array, ...]
@@ -54,20 +63,30 @@ def params_by_path(tree) -> dict:
 
 def zero_fast_state(cfg: ModelConfig, batch_size: int) -> FastState:
   """S = 0 for every fast-weight layer: the state at the start of every sequence."""
-  shape = (batch_size, cfg.num_heads, cfg.head_dim, cfg.head_dim)
+  shape = (batch_size, *cfg.fast_state_shape)
   return tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.num_fast_weight_layers))
 
 
 def zero_conv_state(cfg: ModelConfig, batch_size: int) -> ConvState:
-  """Zero tails for every gated-delta block's q, k, v convolutions (a fresh sequence)."""
-  tail = jnp.zeros((batch_size, cfg.conv_width - 1, cfg.num_heads * cfg.head_dim), cfg.dtype)
-  return tuple((tail, tail, tail) for _ in range(cfg.num_fast_weight_layers))
+  """Zero convolution tails for every fast-weight block (a fresh sequence).
+
+  A gated-delta block has q, k and v tails, a Jet block only the v tail (its q and k have no
+  convolution).
+  """
+  heads, key_dim, value_dim = cfg.fast_state_shape
+  tail = lambda width: jnp.zeros((batch_size, cfg.conv_width - 1, heads * width), cfg.dtype)
+  tails = lambda letter: (
+    (tail(value_dim),)
+    if mixer_kind(letter) == JET
+    else (tail(key_dim), tail(key_dim), tail(value_dim))
+  )
+  return tuple(tails(x) for x in cfg.pattern if mixer_kind(x) in FAST_WEIGHT_KINDS)
 
 
 def zero_kv(cfg: ModelConfig, batch_size: int, num_tokens: int) -> KVPairs:
   """Zero (k, v) buffers of `num_tokens` slots for every attention block."""
   kv = jnp.zeros((batch_size, num_tokens, cfg.kv_heads, cfg.head_dim), cfg.dtype)
-  return tuple((kv, kv) for _ in range(cfg.pattern.count(ATTENTION)))
+  return tuple((kv, kv) for _ in range(cfg.num_attention_layers))
 
 
 def repeating_unit(pattern: str) -> tuple[str, int]:
@@ -89,7 +108,7 @@ def stacked_blocks(cfg: ModelConfig, unit: str, repeats: int, rngs: nnx.Rngs) ->
   @nnx.split_rngs(splits=repeats)
   @nnx.vmap(in_axes=0, out_axes=0, axis_size=repeats)
   def build(rngs: nnx.Rngs) -> nnx.List:
-    return nnx.List([ResidualBlock(cfg, kind, rngs=rngs) for kind in unit])
+    return nnx.List([ResidualBlock(cfg, letter, rngs=rngs) for letter in unit])
 
   blocks = build(rngs)
   for _, node in nnx.iter_graph(blocks):
@@ -98,21 +117,32 @@ def stacked_blocks(cfg: ModelConfig, unit: str, repeats: int, rngs: nnx.Rngs) ->
   return blocks
 
 
+SEGMENT_ATTRIBUTES = {"prelude": "prelude_blocks", "loop": "blocks", "coda": "coda_blocks"}
+
+
 class HybridLM(nnx.Module):
-  """Interleaved attention ("A") and gated-delta ("G") blocks, e.g. pattern "AGAG".
+  """Interleaved attention ("A", "S") and fast-weight ("G", "J") blocks, e.g. pattern "AGAG".
+
+  The blocks fall into up to three segments (`ModelConfig.segments`): a prelude run once per
+  chunk, the loop a sleep pass repeats, and a coda run once. Without a loop range the loop is
+  the whole stack. Each segment is its own repeated unit, stacked and scanned.
 
   Attributes:
-    unit: the smallest repeating unit of `cfg.pattern`.
-    repeats: R, with `unit * R == cfg.pattern`.
-    blocks: one `ResidualBlock` per letter of `unit`, parameters stacked [R, ...].
+    layout: (segment name, first block, end, unit, R) per segment, `unit * R` its letters.
+    blocks / prelude_blocks / coda_blocks: one `ResidualBlock` per letter of a segment's unit,
+      parameters stacked [R, ...].
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     embedding = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model))
     self.embedding = param(embedding, ("vocab", "embed"))
-    self.unit, self.repeats = repeating_unit(cfg.pattern)
-    self.blocks = stacked_blocks(cfg, self.unit, self.repeats, rngs)
+    layout = []
+    for name, start, stop in cfg.segments:
+      unit, repeats = repeating_unit(cfg.pattern[start:stop])
+      layout.append((name, start, stop, unit, repeats))
+      setattr(self, SEGMENT_ATTRIBUTES[name], stacked_blocks(cfg, unit, repeats, rngs))
+    self.layout = tuple(layout)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.head = (
       None
@@ -133,13 +163,15 @@ class HybridLM(nnx.Module):
 
     Args:
       h_btd: features [B,T,D].
-      fast_state: one [B,H,K,V] float32 matrix per gated-delta block, in pattern order.
+      fast_state: one [B,H,K,V] float32 matrix per fast-weight block, in pattern order.
 
     Returns:
       The features after the last block, and the updated fast state (same structure).
     """
-    h_btd, states_out = self._scan_blocks(h_btd, fast_state, None, None, None)
-    return h_btd, self._in_pattern_order(states_out, GATED_DELTA, lambda s: s[0])
+    for name, *_ in self.layout:
+      out = self.run_segment(name, h_btd, fast_state, fast_state_only=True)
+      h_btd, fast_state = out.h, out.fast_state
+    return h_btd, fast_state
 
   def run_pass(
     self,
@@ -150,12 +182,12 @@ class HybridLM(nnx.Module):
     kv_prefix: KVPairs | None = None,
     context: PassContext | None = None,
   ) -> PassOutput:
-    """One pass of every block: the general form of `stack_pass`.
+    """One pass of every block (prelude, one loop pass, coda): the general form of `stack_pass`.
 
     Args:
       h_btd: features [B,T,D].
-      fast_state: one [B,H,K,V] float32 matrix per gated-delta block, in pattern order.
-      conv_state: one (q, k, v) triple of tails per gated-delta block, or None (zeros).
+      fast_state: one [B,H,K,V] float32 matrix per fast-weight block, in pattern order.
+      conv_state: one tuple of tails per fast-weight block, or None (zeros).
       kv_prefix: one (k, v) [B,C,H,Dh] prefix per attention block, or None (no prefix).
       context: positions of the call and the prefix, the sliding width (None: a fresh chunk
         with positions from 0; required with a prefix).
@@ -163,32 +195,95 @@ class HybridLM(nnx.Module):
     Returns:
       A `PassOutput`: features, fast state, conv tails and each attention block's own (k, v).
     """
-    h_btd, states_out = self._scan_blocks(h_btd, fast_state, conv_state, kv_prefix, context)
+    outputs = []
+    for name, *_ in self.layout:
+      out = self.run_segment(
+        name, h_btd, fast_state, conv_state=conv_state, kv_prefix=kv_prefix, context=context
+      )
+      outputs.append(out)
+      h_btd, fast_state = out.h, out.fast_state
+    return merge_segment_outputs(outputs)
+
+  def run_segment(
+    self,
+    name: str,
+    h_btd: jax.Array,
+    fast_state: FastState,
+    *,
+    conv_state: ConvState | None = None,
+    kv_prefix: KVPairs | None = None,
+    context: PassContext | None = None,
+    fast_state_only: bool = False,
+  ) -> PassOutput:
+    """One pass of one segment's blocks ("loop": `loop_repeats` times, then the loop norm).
+
+    The states are whole-model tuples in pattern order. The output's fast state is the input's
+    with this segment's entries updated; its conv tails and KV hold this segment's entries and
+    None for the others' (`merge_segment_outputs` joins segments), or are None with
+    `fast_state_only`.
+    """
+    _, start, stop, unit, repeats = next(x for x in self.layout if x[0] == name)
+    fast_lo, fast_hi = self._count(FAST_WEIGHT_KINDS, start), self._count(FAST_WEIGHT_KINDS, stop)
+    attn_lo, attn_hi = self._count(ATTENTION_KINDS, start), self._count(ATTENTION_KINDS, stop)
+    segment_fast = fast_state[fast_lo:fast_hi]
+    segment_conv = None if conv_state is None else conv_state[fast_lo:fast_hi]
+    segment_kv = None if kv_prefix is None else kv_prefix[attn_lo:attn_hi]
+    applications = self.cfg.loop_repeats if name == "loop" else 1
+    for _ in range(applications):
+      h_btd, states_out = self._scan_blocks(
+        name, unit, repeats, h_btd, segment_fast, segment_conv, segment_kv, context
+      )
+      segment_fast = self._in_pattern_order(unit, repeats, states_out, FAST_WEIGHT_KINDS, 0)
+      if name == "loop" and self.cfg.loop_norm:
+        h_btd = self.final_norm(h_btd)
+    fast_state = fast_state[:fast_lo] + segment_fast + fast_state[fast_hi:]
+    if fast_state_only:
+      return PassOutput(h=h_btd, fast_state=fast_state, conv_state=None, kv=None)
+    n_fast, n_attn = len(fast_state), self.cfg.num_attention_layers
+    pad = lambda entries, lo, hi, total: (None,) * lo + tuple(entries) + (None,) * (total - hi)
     return PassOutput(
       h=h_btd,
-      fast_state=self._in_pattern_order(states_out, GATED_DELTA, lambda s: s[0]),
-      conv_state=self._in_pattern_order(states_out, GATED_DELTA, lambda s: s[1]),
-      kv=self._in_pattern_order(states_out, ATTENTION, lambda s: s),
+      fast_state=fast_state,
+      conv_state=pad(
+        self._in_pattern_order(unit, repeats, states_out, FAST_WEIGHT_KINDS, 1),
+        fast_lo,
+        fast_hi,
+        n_fast,
+      ),
+      kv=pad(
+        self._in_pattern_order(unit, repeats, states_out, ATTENTION_KINDS, None),
+        attn_lo,
+        attn_hi,
+        n_attn,
+      ),
     )
 
-  def _positions(self, kind: str) -> list[int]:
-    return [j for j, letter in enumerate(self.unit) if letter == kind]
+  def _count(self, kinds, end: int) -> int:
+    return sum(mixer_kind(x) in kinds for x in self.cfg.pattern[:end])
 
-  def _in_pattern_order(self, states_out, kind: str, pick) -> tuple:
+  @staticmethod
+  def _positions(unit: str, kinds) -> list[int]:
+    return [j for j, letter in enumerate(unit) if mixer_kind(letter) in kinds]
+
+  def _in_pattern_order(self, unit, repeats, states_out, kinds, index) -> tuple:
     """Unstacks the scan's per-unit-position outputs of one block kind into pattern order."""
+    pick = (lambda s: s) if index is None else (lambda s: s[index])
     return tuple(
       jax.tree.map(lambda x, r=r: x[r], pick(states_out[j]))
-      for r in range(self.repeats)
-      for j in self._positions(kind)
+      for r in range(repeats)
+      for j in self._positions(unit, kinds)
     )
 
-  def _scan_blocks(self, h_btd, fast_state, conv_state, kv_prefix, context):
+  def _scan_blocks(self, name, unit, repeats, h_btd, fast_state, conv_state, kv_prefix, context):
     """The unit applied R times by `lax.scan`; block outputs stay stacked over repetitions."""
-    gated, attending = self._positions(GATED_DELTA), self._positions(ATTENTION)
-    if len(fast_state) != len(gated) * self.repeats:
+    gated, attending = (
+      self._positions(unit, FAST_WEIGHT_KINDS),
+      self._positions(unit, ATTENTION_KINDS),
+    )
+    if len(fast_state) != len(gated) * repeats:
       raise ValueError(
-        f"pattern {self.cfg.pattern!r} has {len(gated) * self.repeats} gated-delta "
-        f"blocks, got a fast state of {len(fast_state)} matrices"
+        f"pattern {self.cfg.pattern!r} has {len(gated) * repeats} fast-weight blocks in its "
+        f"{name}, got a fast state of {len(fast_state)} matrices"
       )
     if kv_prefix is not None and context is None:
       raise ValueError("an attention prefix needs a PassContext giving its positions")
@@ -198,13 +293,13 @@ class HybridLM(nnx.Module):
     stack = lambda states, i, per_unit: jax.tree.map(
       lambda *xs: jnp.stack(xs), *states[i::per_unit]
     )
-    states_in = [None] * len(self.unit)
+    states_in = [None] * len(unit)
     for i, j in enumerate(gated):
       conv = None if conv_state is None else stack(conv_state, i, len(gated))
       states_in[j] = (stack(fast_state, i, len(gated)), conv)
     for i, j in enumerate(attending):
       states_in[j] = None if kv_prefix is None else stack(kv_prefix, i, len(attending))
-    graphdef, stacked_params = nnx.split(self.blocks)
+    graphdef, stacked_params = nnx.split(getattr(self, SEGMENT_ATTRIBUTES[name]))
 
     def apply_unit(h, params_and_states):
       params, states = params_and_states
@@ -217,12 +312,26 @@ class HybridLM(nnx.Module):
     return jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
-    """Features [B,T,D] -> float32 logits [B,T,vocab] (tied: against the embedding matrix)."""
-    h_btd = self.final_norm(h_btd)
+    """Features [B,T,D] -> float32 logits [B,T,vocab] (tied: against the embedding matrix).
+
+    The final norm comes first, unless the loop already applied it (`loop_norm`)."""
+    if not self.cfg.loop_norm:
+      h_btd = self.final_norm(h_btd)
     if self.head is None:
       embedding = self.embedding[...].astype(h_btd.dtype)
       return jnp.einsum("btd,vd->btv", h_btd, embedding).astype(jnp.float32)
     return self.head(h_btd).astype(jnp.float32)
+
+
+def merge_segment_outputs(outputs: list[PassOutput]) -> PassOutput:
+  """One `PassOutput` from consecutive segments' (each fills its own conv and KV entries)."""
+  first_set = lambda *entries: next((e for e in entries if e is not None), None)
+  return PassOutput(
+    h=outputs[-1].h,
+    fast_state=outputs[-1].fast_state,
+    conv_state=tuple(first_set(*xs) for xs in zip(*(o.conv_state for o in outputs))),
+    kv=tuple(first_set(*xs) for xs in zip(*(o.kv for o in outputs))),
+  )
 
 
 def build_model(model_config, *, seed: int) -> HybridLM:

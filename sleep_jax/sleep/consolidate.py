@@ -4,6 +4,8 @@
     for each chunk c of L tokens (the last may be shorter), in order:
         h := Embed(c)
         if c carries no loss (sleep):  repeat N times:  (h, S) := Stack(h, S)
+                                        (with a loop range: the prelude once, the loop N
+                                        times, the coda once)
         else (predict / wake):         (h, S') := Stack(h, S); logits(c) := OutProj(h)
                                         (predict_then_sleep: then sleep on c from the same S)
         evict: drop h and the KV cache; only S (and, by the eviction policy, the KV of c's last
@@ -35,6 +37,8 @@ from sleep_jax.model.lm import (
   FastState,
   HybridLM,
   KVPairs,
+  PassOutput,
+  merge_segment_outputs,
   zero_conv_state,
   zero_fast_state,
   zero_kv,
@@ -103,9 +107,13 @@ def carry_after(cfg: SleepConfig, carry: Carry, fast_state, conv_state, kv, chun
   return carry
 
 
-def _pass(graphdef: nnx.GraphDef, params: Params, h, fast_state, conv, memory, context):
+def _segment_pass(
+  graphdef: nnx.GraphDef, segment: str, params: Params, h, fast_state, conv, memory, context
+):
   model = nnx.merge(graphdef, params)
-  return model.run_pass(h, fast_state, conv_state=conv, kv_prefix=memory, context=context)
+  return model.run_segment(
+    segment, h, fast_state, conv_state=conv, kv_prefix=memory, context=context
+  )
 
 
 def _run_passes(pass_fn, h, fast_state, num_passes: int, keep_last: bool):
@@ -134,26 +142,43 @@ def _run_passes(pass_fn, h, fast_state, num_passes: int, keep_last: bool):
 def sleep_on_chunk(
   graphdef: nnx.GraphDef, params: Params, cfg: SleepConfig, carry: Carry, chunk_bl: jax.Array
 ) -> Carry:
-  """N passes of the stack over one chunk from the incoming carry; returns the next carry.
+  """N passes over one chunk from the incoming carry; returns the next carry.
 
-  Every pass sees the same memory and convolution tails (those the previous chunk left); the
-  last pass's tails and KV become the next chunk's. grad_passes=k runs the first N-k passes
-  forward only: cutting the gradient at the carry also cuts the path back to earlier chunks.
+  A pass is the model's loop (`ModelConfig.segments`; the whole stack without a loop range);
+  a prelude before it and a coda after it run once. Every pass sees the same memory and
+  convolution tails (those the previous chunk left); the last pass's tails and KV become the
+  next chunk's. grad_passes=k runs the first N-k passes forward only: cutting the gradient at
+  the carry also cuts the path back to the prelude and to earlier chunks.
   """
-  pass_fn = functools.partial(_pass, graphdef)
-  if cfg.remat:
-    pass_fn = jax.checkpoint(pass_fn)
+  model: HybridLM = nnx.merge(graphdef, params)
   context = chunk_context(cfg, carry, chunk_bl.shape[1])
-  bound = functools.partial(pass_fn, params, conv=carry.conv, memory=carry.memory)
-  run = lambda h, fast_state: bound(h, fast_state, context=context)
   keep_last = carry.conv is not None or carry.memory is not None
 
-  h = nnx.merge(graphdef, params).embed(chunk_bl)
-  h, state, _ = _run_passes(run, h, carry.fast, cfg.frozen_passes, keep_last=False)
-  if cfg.frozen_passes:
-    h, state = jax.lax.stop_gradient((h, state))
-  _, state, last = _run_passes(run, h, state, cfg.passes - cfg.frozen_passes, keep_last)
-  conv_state, kv = last if keep_last else (None, None)
+  def segment_fn(segment):
+    pass_fn = functools.partial(_segment_pass, graphdef, segment)
+    if cfg.remat:
+      pass_fn = jax.checkpoint(pass_fn)
+    bound = functools.partial(pass_fn, params, conv=carry.conv, memory=carry.memory)
+    return lambda h, fast_state: bound(h, fast_state, context=context)
+
+  h, state, outputs = model.embed(chunk_bl), carry.fast, []
+  for segment, *_ in model.layout:
+    run = segment_fn(segment)
+    if segment != "loop":
+      outputs.append(run(h, state))
+      h, state = outputs[-1].h, outputs[-1].fast_state
+      continue
+    h, state, _ = _run_passes(run, h, state, cfg.frozen_passes, keep_last=False)
+    if cfg.frozen_passes:
+      h, state = jax.lax.stop_gradient((h, state))
+    h, state, last = _run_passes(run, h, state, cfg.passes - cfg.frozen_passes, keep_last)
+    if keep_last:
+      outputs.append(PassOutput(h, state, *last))
+  if keep_last:
+    merged = merge_segment_outputs(outputs)
+    conv_state, kv = merged.conv_state, merged.kv
+  else:
+    conv_state, kv = None, None
   return carry_after(cfg, carry, state, conv_state, kv, chunk_bl.shape[1])
 
 

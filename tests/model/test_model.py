@@ -79,7 +79,9 @@ def test_causal_conv_written_backward_equals_autodiff_of_a_plain_loop():
   bf16 = jax.vjp(causal_depthwise_conv, padded.astype(jnp.bfloat16), weight.astype(jnp.bfloat16))
   d_padded, d_weight = bf16[1](cotangent.astype(jnp.bfloat16))
   assert d_padded.dtype == d_weight.dtype == jnp.bfloat16
-  np.testing.assert_allclose(d_weight.astype(jnp.float32), plain_vjp(cotangent)[1], rtol=0.05, atol=0.1)
+  np.testing.assert_allclose(
+    d_weight.astype(jnp.float32), plain_vjp(cotangent)[1], rtol=0.05, atol=0.1
+  )
 
 
 def test_norms():
