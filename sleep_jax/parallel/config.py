@@ -21,6 +21,7 @@ DEFAULT_RULES = (
   ("head_dim", None),
   ("gate_heads", "tensor"),
   ("conv", None),
+  ("dconv", None),  # the Jet block's kernel-generator hidden width
   ("layers", None),
 )
 
