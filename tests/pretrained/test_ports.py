@@ -10,7 +10,6 @@ derived from the ports, so that a wrong mapping fails.
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,8 +18,8 @@ from flax import nnx
 import sleep_jax
 from sleep_jax import pretrained
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.model.lm import build_model, params_by_path
 from sleep_jax.model.layers import rotary
+from sleep_jax.model.lm import build_model, params_by_path
 
 JET_NEMOTRON_2B = {
   "architectures": ["JetNemotronForCausalLM"],
@@ -267,7 +266,7 @@ def ouro_by_hand(tensors: dict, hf: dict, tokens):
   h = t["model.embed_tokens.weight"][tokens]
   for _ in range(hf["total_ut_steps"]):
     for i in range(hf["num_hidden_layers"]):
-      w = lambda name: t[f"model.layers.{i}.{name}"]
+      w = lambda name, i=i: t[f"model.layers.{i}.{name}"]
       a = norm(h, w("input_layernorm.weight"))
       split = lambda y: y.reshape(b, n, heads, dh)
       rope = lambda y: np.asarray(
