@@ -66,6 +66,7 @@ def train(*, batch_size: int) -> config_dict.ConfigDict:
   c.adamw_lr = 5e-5  # AdamW: embeddings, head, norms; (ours) conv filters, gates, A_log, dt_bias
   c.weight_decay = 0.0  # (ours) decoupled weight decay of both groups (paper: unstated)
   c.grad_clip = 1.0  # (ours) clip the global gradient norm
+  c.trainable = ""  # regex on parameter paths: only those train ("": all), e.g. new layers
   return c
 
 
@@ -130,6 +131,8 @@ def experiment(
   c.checkpoint = checkpoint()
   c.log_every_steps = 50  # console line, train_log.jsonl and TensorBoard scalars
   c.parallel = parallel()
+  # Start from saved parameters (launch/convert.py output, or a run's workdir); "": fresh.
+  c.init_from = ""
   return c
 
 

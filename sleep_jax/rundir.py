@@ -273,7 +273,11 @@ class RunDir:
       return
     saved, config = _without_eval_fields(saved), _without_eval_fields(_json_roundtrip(config))
     value = lambda tree, key: _lookup(tree, key, ADDED_LATER.get(key))
-    differing = [key for key in MUST_MATCH if value(saved, key) != value(config, key)]
+    keys = [k for k in MUST_MATCH if k != "model"]
+    # The model section field by field, so that a field added later reads as its default.
+    model_fields = set(saved.get("model", {})) | set(config.get("model", {}))
+    keys += [f"model.{field}" for field in sorted(model_fields)]
+    differing = [key for key in keys if value(saved, key) != value(config, key)]
     if differing:
       details = "; ".join(
         f"{k}: saved {value(saved, k)!r} vs new {value(config, k)!r}" for k in differing
@@ -302,9 +306,30 @@ MUST_MATCH = (
   "sleep.predict_then_sleep",
   "sleep.conv_state",
   "sleep.grad_passes",
+  "train.trainable",
 )
 # Fields added after runs were saved without them: a missing one means this (old) behaviour.
-ADDED_LATER = {"sleep.predict_then_sleep": False, "sleep.conv_state": "reset"}
+ADDED_LATER = {
+  "sleep.predict_then_sleep": False,
+  "sleep.conv_state": "reset",
+  "train.trainable": "",
+  "model.num_kv_heads": None,
+  "model.qkv_bias": False,
+  "model.tie_embeddings": False,
+  "model.norm_eps": 1e-6,
+  "model.rope_scaling": 1.0,
+  "model.sliding_window": None,
+  "model.sandwich_norm": False,
+  "model.fast_heads": None,
+  "model.fast_key_dim": None,
+  "model.fast_value_dim": None,
+  "model.dconv_reduction": 8,
+  "model.fast_norm_eps": None,
+  "model.loop_start": 0,
+  "model.loop_stop": None,
+  "model.loop_repeats": 1,
+  "model.loop_norm": False,
+}
 # Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
 MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
 

@@ -12,7 +12,10 @@ initial state is built) and the data iterator to its saved position.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 from typing import Any
 
 import grain
@@ -22,8 +25,15 @@ from etils import epath
 from flax import nnx
 
 from sleep_jax import rundir
+from sleep_jax.model.config import ModelConfig
 from sleep_jax.model.lm import HybridLM, build_model
 from sleep_jax.train.config import ExperimentConfig
+
+# A starting point for `config.init_from` (launch/convert.py): the model's config and its
+# parameters. The model fields that only choose how it runs may differ from the run's.
+INITIAL_MODEL_FILE = "model.json"
+INITIAL_PARAMS_DIR = "params"
+RUNTIME_FIELDS = ("dtype", "fast_weight_impl")
 
 
 def make_manager(run: rundir.RunDir, *, max_to_keep: int) -> ocp.CheckpointManager:
@@ -115,3 +125,48 @@ def restore_model(workdir: str) -> tuple[HybridLM, ExperimentConfig, int]:
   )
   nnx.replace_by_pure_dict(abstract_params, restored.state["params"])
   return nnx.merge(graphdef, abstract_params), config, int(step)
+
+
+def save_initial(directory: str, params: Any, model_config: ModelConfig) -> None:
+  """Writes parameters (a pure dict) and their model config for `config.init_from`."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, INITIAL_PARAMS_DIR), params, force=True)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(directory, INITIAL_MODEL_FILE), "w") as f:
+    json.dump(dataclasses.asdict(model_config), f, indent=2)
+
+
+def _check_same_model(saved: dict, model_config: ModelConfig, source: str) -> None:
+  wanted = json.loads(json.dumps(dataclasses.asdict(model_config)))
+  differing = [
+    f"{k}: saved {saved.get(k)!r} vs config {wanted[k]!r}"
+    for k in wanted
+    if k not in RUNTIME_FIELDS and saved.get(k, wanted[k]) != wanted[k]
+  ]
+  if differing:
+    raise ValueError(
+      f"init_from={source} holds another model ({'; '.join(differing)}). Set config.model to "
+      f"the saved model (its {INITIAL_MODEL_FILE} or config.json), or convert again."
+    )
+
+
+def load_initial(directory: str, model_config: ModelConfig, target: Any) -> Any:
+  """The parameters to start a run from, placed like `target` (ShapeDtypeStructs with
+  shardings): a launch/convert.py directory, or an earlier run's newest checkpoint."""
+  model_file = os.path.join(directory, INITIAL_MODEL_FILE)
+  if os.path.isfile(model_file):
+    with open(model_file) as f:
+      _check_same_model(json.load(f), model_config, directory)
+    path = os.path.join(os.path.abspath(directory), INITIAL_PARAMS_DIR)
+    return ocp.StandardCheckpointer().restore(path, target)
+  if rundir.RunDir(directory).config() is not None:
+    model, config, _ = restore_model(directory)
+    _check_same_model(dataclasses.asdict(config.model), model_config, directory)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
+  raise FileNotFoundError(
+    f"init_from={directory} is neither a converted checkpoint ({INITIAL_MODEL_FILE} and "
+    f"{INITIAL_PARAMS_DIR}/, from launch/convert.py) nor a run directory"
+  )

@@ -9,6 +9,7 @@ name the field.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from sleep_jax.data.config import TaskConfig, task_config
@@ -38,6 +39,9 @@ class TrainConfig:
   adamw_lr: float = 5e-5
   weight_decay: float = 0.0
   grad_clip: float = 1.0
+  # A regular expression on parameter paths ("blocks/4/"): only the parameters it matches
+  # (re.search) train; the rest stay frozen. Empty: everything trains.
+  trainable: str = ""
 
   def __post_init__(self):
     _check_positive(
@@ -48,6 +52,12 @@ class TrainConfig:
         raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
     if not self.grad_clip > 0:
       raise ValueError(f"train.grad_clip must be > 0, got {self.grad_clip}")
+    try:
+      re.compile(self.trainable)
+    except re.error as e:
+      raise ValueError(
+        f"train.trainable={self.trainable!r} is not a regular expression: {e}"
+      ) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +106,17 @@ SECTIONS = {
 }
 
 
+def _init_from(config) -> str:
+  if "init_from" not in config:
+    return ""
+  if config["init_from"] is None:  # a config that only makes sense from pretrained weights
+    raise ValueError(
+      "this config starts from pretrained parameters: set --config.init_from=<directory "
+      "written by launch/convert.py> (or an earlier run's workdir)"
+    )
+  return str(config["init_from"])
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """One run's whole config, typed.
@@ -115,6 +136,9 @@ class ExperimentConfig:
   eval: EvalConfig
   checkpoint: CheckpointConfig
   parallel: ParallelConfig
+  # Start from these parameters instead of a fresh initialisation: a directory written by
+  # launch/convert.py (a pretrained checkpoint) or an earlier run's workdir. Empty: fresh.
+  init_from: str = ""
 
   def __post_init__(self):
     if self.log_every_steps < 1:
@@ -129,13 +153,18 @@ class ExperimentConfig:
     extra = sorted(set(config.keys()) - known)
     if extra:
       raise ValueError(f"unknown top-level config fields {extra}; known: {sorted(known)}")
-    missing = sorted(known - set(config.keys()) - {"parallel"})
+    missing = sorted(known - set(config.keys()) - {"parallel", "init_from"})
     if missing:
       raise ValueError(f"the config has no {missing} field(s); see configs/common.py")
     sections = {
       name: make(config[name] if name in config else {}) for name, make in SECTIONS.items()
     }
-    return cls(seed=int(config["seed"]), log_every_steps=int(config["log_every_steps"]), **sections)
+    return cls(
+      seed=int(config["seed"]),
+      log_every_steps=int(config["log_every_steps"]),
+      init_from=_init_from(config),
+      **sections,
+    )
 
   def to_dict(self) -> dict[str, Any]:
     """Plain JSON-able values (what config.json holds)."""

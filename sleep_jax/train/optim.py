@@ -5,6 +5,9 @@ sleep_jax/model): Muon takes the 2-D hidden matrices (attention q/k/v/o, MLP gat
 gated-delta q/k/v, output gate and output projection); AdamW takes the token embedding, the
 output head, RMSNorm scales, conv filters, the decay/beta gate projections, A_log and dt_bias.
 Both follow linear warmup then cosine decay, and the global gradient norm is clipped first.
+With `train.trainable` (a regular expression on parameter paths) the parameters it does not
+match are "frozen": their gradients are zeroed before the clipping (they do not count in the
+norm) and they are never updated (the warm-up of new layers in a pretrained model).
 
 Muon weights may be stacked: the repeated blocks of the model keep one [R, in, out] array per
 weight (R repetitions along the "layers" axis). Muon orthogonalises the last two axes and treats
@@ -14,6 +17,7 @@ its own [in, out] matrix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,16 +26,30 @@ import optax
 from flax import nnx
 
 from sleep_jax.model.layers import ADAMW, MUON
+from sleep_jax.model.lm import param_path
+
+FROZEN = "frozen"
 
 
-def optimizer_labels(abstract_state: nnx.State) -> Any:
-  """ "muon" / "adamw" per parameter, as a nested dict like `nnx.to_pure_dict`."""
-  labels = jax.tree.map(
-    lambda v: v.get_metadata().get("optimizer", ADAMW),
-    abstract_state,
-    is_leaf=lambda x: isinstance(x, nnx.Variable),
+def optimizer_labels(abstract_state: nnx.State, trainable: str = "") -> Any:
+  """ "muon" / "adamw" per parameter ("frozen" where `trainable` is set and does not match its
+  path), as a nested dict like `nnx.to_pure_dict`."""
+  labels = nnx.to_pure_dict(
+    jax.tree.map(
+      lambda v: v.get_metadata().get("optimizer", ADAMW),
+      abstract_state,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
   )
-  return nnx.to_pure_dict(labels)
+  if not trainable:
+    return labels
+  pattern = re.compile(trainable)
+  labels = jax.tree_util.tree_map_with_path(
+    lambda keys, label: label if pattern.search(param_path(keys)) else FROZEN, labels
+  )
+  if all(label == FROZEN for label in jax.tree.leaves(labels)):
+    raise ValueError(f"train.trainable={trainable!r} matches no parameter path")
+  return labels
 
 
 def learning_rate_schedule(train_config: Mapping[str, Any], peak: float) -> optax.Schedule:
@@ -65,7 +83,12 @@ def make_optimizer(train_config: Mapping[str, Any], labels: Any) -> optax.Gradie
     learning_rate_schedule(train_config, train_config["adamw_lr"]),
     weight_decay=train_config["weight_decay"],
   )
+  clip = optax.clip_by_global_norm(train_config["grad_clip"])
+  if FROZEN not in jax.tree.leaves(labels):  # (the state layout of every earlier checkpoint)
+    return optax.chain(clip, optax.multi_transform({MUON: muon, ADAMW: adamw}, labels))
+  frozen = jax.tree.map(lambda label: label == FROZEN, labels)
   return optax.chain(
-    optax.clip_by_global_norm(train_config["grad_clip"]),
-    optax.multi_transform({MUON: muon, ADAMW: adamw}, labels),
+    optax.masked(optax.set_to_zero(), frozen),
+    clip,
+    optax.multi_transform({MUON: muon, ADAMW: adamw, FROZEN: optax.set_to_zero()}, labels),
   )

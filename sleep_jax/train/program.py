@@ -28,6 +28,7 @@ from sleep_jax.model.config import ModelConfig
 from sleep_jax.model.lm import build_model
 from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.sleep.config import SleepConfig
+from sleep_jax.train import checkpoint
 from sleep_jax.train.config import ExperimentConfig
 from sleep_jax.train.optim import make_optimizer, optimizer_labels
 from sleep_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -127,8 +128,16 @@ class Program:
     }
 
   def init_state(self) -> TrainState:
-    """A freshly initialised train state, created directly in its shardings."""
+    """The train state at step 0, created directly in its shardings: freshly initialised, or
+    from `config.init_from`'s parameters with a fresh optimizer state."""
     model_cfg, seed = self.validated.model, self.config.seed
+    if self.config.init_from:
+      params = checkpoint.load_initial(self.config.init_from, model_cfg, self.abstract_state.params)
+      start = lambda params: TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)
+      )
+      with jax.set_mesh(self.mesh):
+        return jax.jit(start, out_shardings=self.state_shardings)(params)
     make = lambda: _fresh_state(model_cfg, seed, self.optimizer)
     with jax.set_mesh(self.mesh):
       return jax.jit(make, out_shardings=self.state_shardings)()
@@ -170,7 +179,9 @@ def build_program(config, devices: Sequence[Any] | None = None) -> Program:
   abstract_model = nnx.eval_shape(lambda: build_model(validated.model, seed=config.seed))
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = mesh_lib.param_shardings(abstract_params, mesh, config.parallel.rules)
-  optimizer = make_optimizer(dataclasses.asdict(config.train), optimizer_labels(abstract_params))
+  optimizer = make_optimizer(
+    dataclasses.asdict(config.train), optimizer_labels(abstract_params, config.train.trainable)
+  )
   replicated = mesh_lib.replicated(mesh)
   shapes = jax.eval_shape(functools.partial(_fresh_state, validated.model, config.seed, optimizer))
   # Optimizer moments are sharded like the parameters they mirror; counters are replicated.

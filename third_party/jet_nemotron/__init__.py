@@ -68,3 +68,31 @@ def layer_tensors(hf: dict, layer: int) -> dict[str, tuple[str, bool]]:
 
 
 layer_positions = qwen2.layer_positions
+
+
+# The published Jet-Nemotron-2B config.json (the fields the port reads; UPSTREAM.md): the
+# configs build the model section from it without the checkpoint at hand.
+CONFIG_2B = {
+  "architectures": [ARCHITECTURE],
+  "hidden_size": 1536,
+  "num_hidden_layers": 28,
+  "num_attention_heads": 12,
+  "num_key_value_heads": 2,
+  "intermediate_size": 8960,
+  "vocab_size": 151936,
+  "rope_theta": 1000000.0,
+  "tie_word_embeddings": True,
+  "rms_norm_eps": 1e-06,
+  "layer_types": ["jet"] * 14 + ["attn"] + ["jet"] * 4 + ["attn", "swa", "swa"] + ["jet"] * 6,
+  "efficient_attention_config": {
+    "jet": {
+      "num_heads": 12,
+      "head_dim": 96,
+      "expand_v": 2.6666666667,
+      "conv_size": 4,
+      "dconv_generator_reduction": 8,
+      "norm_eps": "1e-5",
+    },
+    "swa": {"window_size": 1152},
+  },
+}

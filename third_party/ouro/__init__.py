@@ -74,3 +74,20 @@ def layer_positions(hf: dict, model_config) -> list[int]:
       f"{ARCHITECTURE}: pattern {model_config.pattern!r} does not fit the checkpoint"
     )
   return attention
+
+
+# The published Ouro-1.4B config.json (the fields the port reads; UPSTREAM.md).
+CONFIG_1_4B = {
+  "architectures": [ARCHITECTURE],
+  "hidden_size": 2048,
+  "num_hidden_layers": 24,
+  "num_attention_heads": 16,
+  "num_key_value_heads": 16,
+  "head_dim": 128,
+  "intermediate_size": 5632,
+  "vocab_size": 49152,
+  "rope_theta": 1000000.0,
+  "tie_word_embeddings": False,
+  "rms_norm_eps": 1e-06,
+  "total_ut_steps": 4,
+}
