@@ -12,6 +12,7 @@ from ml_collections import config_dict, config_flags
 from sleep_jax import rundir
 from sleep_jax.experiments import config_files, sweeps
 from sleep_jax.experiments import jobs as jobs_lib
+from sleep_jax.train.config import ExperimentConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -335,5 +336,8 @@ def test_the_depo_paper_model_is_named_for_the_reading_it_implements():
   caption = config_files.load_config("configs/depo.py:paper_fig3")
   assert (caption.model.pattern, caption.model.d_model) == ("AGAG", 256)
   assert config_files.load_config("configs/depo.py").model.to_dict() == caption.model.to_dict()
-  with pytest.raises(ValueError, match="ambiguous.*10-layer.*paper_fig3"):
+  with pytest.raises(ValueError, match="ambiguous.*10-layer.*paper_text.*paper_fig3"):
     config_files.load_config("configs/depo.py:paper")
+  text = ExperimentConfig.from_config(config_files.load_config("configs/depo.py:paper_text"))
+  assert (len(text.model.pattern), text.model.d_model) == (10, 512)
+  assert set(text.model.pattern) == {"J", "A"} and text.model.fast_state_shape == (4, 96, 256)
