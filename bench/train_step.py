@@ -48,13 +48,19 @@ A markdown table goes to stdout (a GPU table when the workers ran on a GPU), the
 with the top-level "device" (device_kind), "jax" (version), "platform", "backend", "setting";
 the JSON is rewritten after every worker, so a run cut short keeps the rows it measured.
 
-Where the time goes (XLA:CPU per-kernel trace, jaxlib 0.10.2, sweep setting, N=1 and N=4 alike):
-the model's dense matmuls, which hold most of the counted FLOPs, take ~14% of the kernel time;
-small batched matmuls (the chunked gated delta rule's per-(batch, head) products, attention
-scores) ~24%; elementwise, transpose and reduction kernels the rest. By source: the gated delta
-op ~33%, the causal convs' backward ~18%, SwiGLU ~15%, the GDN projections ~11%, attention
-~10%, norms ~7%, the optimizer (Muon included) 1-2%. At these widths (d_model 64, 24-token
-windows) the step is bound by per-kernel cost, not by matmul throughput.
+Where the time goes (XLA:CPU host trace, `jax.profiler` with the thunk events of the Eigen
+threads, jaxlib 0.10.2, sweep setting, N=1): about 8,000 kernel launches per step, 15 us of
+kernel time each on average. Before the causal conv got its own backward pass (layers.py), its
+filter gradient was the three slowest kernels (48 of ~300 ms): XLA fused the per-tap (B, T)
+reduction with the whole elementwise chain producing its cotangent (SiLU and L2-norm backward,
+transposes) and recomputed the chain for every tap and channel; as one matmul it is gone from
+the top of the list (297 -> ~255 ms per step). What is left: ~1,500 small dots (~120 ms; the
+model's dense matmuls ~35 ms of them, the rest the chunked gated delta rule's per-(batch, head)
+products and the triangular inverse's levels), layout copies and transposes feeding them
+(~60 ms), the scans' stacking of per-layer and per-chunk outputs (~45 ms). At these widths
+(d_model 64, 24-token windows) the step is bound by per-kernel cost, not by matmul throughput.
+Single-threaded Eigen kernels (`--xla_flags=--xla_cpu_multi_thread_eigen=false`) cut another
+8-15% on this host, but aborted an 8-device test process, so they are not the default.
 """
 
 import argparse

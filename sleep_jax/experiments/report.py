@@ -3,8 +3,8 @@
   python -m sleep_jax.experiments.report runs/sweeps/rule110_cpu [--out docs/results/rule110_cpu]
 
 Reads every run workdir below the sweep dir (see `load_runs`). Rule 110: exact accuracy by arm
-and depth, accuracy vs N, learning curves, per-depth evaluations. Depo: loss and accuracy by arm
-and hop count k. The paper's published numbers (PAPER.md section 4) sit beside ours, marked
+and depth, accuracy vs N, learning curves, per-depth evaluations. Depo and GSM-Infinite: loss
+and accuracy by arm and hop count k or operation count. The paper's published numbers (PAPER.md section 4) sit beside ours, marked
 "not comparable" where the depth or scale differs. Partial sweeps work: a cell averages the
 finished runs only and says how many of the expected runs that is.
 """
@@ -30,6 +30,12 @@ from sleep_jax.experiments import report_figures as figures
 # Fig. 2 at t=32, read off the plot (PAPER.md section 4); N -> exact accuracy.
 PAPER_RULE110_T32 = {1: "~10%", 2: "~20%", 3: ">30%", 4: ">30%"}
 PAPER_RULE110_SCALE = "d_model 256, AGAG, batch 512, ~5B tokens"
+PAPER_GSM = (
+  "Paper (sections 6.3-6.4, pretrained models fine-tuned; accuracy, N=1 -> best N): "
+  "Jet-Nemotron-2B, hard L=2000: 6 ops 0.742 -> 0.812, 8 ops 0.351 -> 0.388; Ouro-1.4B + 6 Jet "
+  "layers, hard L=2000: 6 ops 0.419 -> 0.615, 8 ops 0.210 -> 0.272; Ouro, sliding L=512 (N=1 -> "
+  "N=4): 2 ops 0.596 -> 0.905, 4 ops 0.839 -> 0.926, 6 ops 0.251 -> 0.320, 8 ops 0.116 -> 0.137."
+)
 PAPER_DEPO = (
   "Paper (Fig. 3, test loss only, 100k steps, qualitative): all N learn k = 1, 2; "
   "N=1 barely moves for k >= 4; N=2 stalls at k >= 8; only N=4 starts to improve at "
@@ -253,23 +259,57 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
   return lines
 
 
-def _depo_sections(runs, grid, arms, figs) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Sliced:
+  """A task evaluated per setting: Depo per hop count k, GSM-Infinite per operation count."""
+
+  prefix: str  # metric keys "{prefix}{k}/loss", "{prefix}{k}/accuracy"
+  label: str  # what k counts, for headings and axes
+  symbol: str  # column headers "{symbol}={k}"
+  paper: str  # the paper's numbers, for "Against the paper"
+
+
+SLICED_TASKS = {
+  "depo": Sliced("hops", "hop count k", "k", PAPER_DEPO),
+  "gsm_infinite": Sliced("ops", "operation count", "ops", PAPER_GSM),
+}
+
+
+def _settings(runs: list[RunRecord], sliced: Sliced) -> list[int]:
+  """The settings k any run evaluated (Depo: always its five hop counts)."""
+  if sliced.prefix == "hops":
+    return list(DEPO_HOPS)
+  pattern = re.compile(rf"^{sliced.prefix}(\d+)/accuracy$")
+  found = {
+    int(m.group(1))
+    for r in runs
+    if r.results
+    for key in r.results.eval
+    if (m := pattern.match(key))
+  }
+  return sorted(found)
+
+
+def _sliced_sections(runs, grid, arms, figs, sliced: Sliced) -> list[str]:
   lines = []
-  # hops{k}/accuracy scores whole answer words; its mixed-k counterpart is answer_accuracy (the
+  settings = _settings(runs, sliced)
+  # {prefix}{k}/accuracy scores whole answers; its mixed-k counterpart is answer_accuracy (the
   # trainer's plain "accuracy" is per token).
   for metric, overall, percent in (("loss", "loss", False), ("accuracy", "answer_accuracy", True)):
     unit = " (%)" if percent else ""
-    lines += [f"## Eval {metric}{unit} per hop count k, mean ± std over seeds", ""]
+    lines += [f"## Eval {metric}{unit} per {sliced.label}, mean ± std over seeds", ""]
     lines += _table(
-      ["arm", *(f"k={k}" for k in DEPO_HOPS), "all k"],
+      ["arm", *(f"{sliced.symbol}={k}" for k in settings), f"all {sliced.symbol}"],
       [
         [
           arm,
           *(
             _cell(
-              _values(runs, f"hops{k}/{metric}", arm=arm), _expected(grid, runs, arm, None), percent
+              _values(runs, f"{sliced.prefix}{k}/{metric}", arm=arm),
+              _expected(grid, runs, arm, None),
+              percent,
             )
-            for k in DEPO_HOPS
+            for k in settings
           ),
           _cell(_values(runs, overall, arm=arm), _expected(grid, runs, arm, None), percent),
         ]
@@ -277,12 +317,14 @@ def _depo_sections(runs, grid, arms, figs) -> list[str]:
       ],
     )
   caveat = (
-    " Our numbers are comparable only in shape (which k each N learns), and only for a run "
-    "at the paper's scale; not comparable otherwise."
+    " Our numbers are comparable only in shape (which settings each N learns), and only for a "
+    "run at the paper's scale; not comparable otherwise."
   )
-  lines += ["## Against the paper", "", PAPER_DEPO + caveat, "", "## Figures", ""]
+  lines += ["## Against the paper", "", sliced.paper + caveat, "", "## Figures", ""]
   for metric in ("loss", "accuracy"):
-    figs[f"{metric}_vs_hops"] = figures.metric_vs_hops(runs, arms, metric, DEPO_HOPS, _values)
+    figs[f"{metric}_vs_{sliced.prefix}"] = figures.metric_vs_setting(
+      runs, arms, metric, settings, _values, prefix=sliced.prefix, label=sliced.label
+    )
   figs["train_loss"] = figures.learning_curves(runs, arms, "loss", "train loss", log="train_log")
   if any(len(r.eval_log) > 1 for r in runs):
     figs["eval_loss"] = figures.learning_curves(runs, arms, "loss", "eval loss", log="eval_log")
@@ -320,18 +362,25 @@ def _log_tensorboard(tb_dir: str, figs: dict, runs: list[RunRecord], arms: list[
   for name, fig in figs.items():
     writer.add_figure(f"report/{name}", fig, close=False)
   for arm in arms:
-    if task == "depo":
-      for k in DEPO_HOPS:
+    if task in SLICED_TASKS:
+      sliced = SLICED_TASKS[task]
+      for k in _settings(runs, sliced):
         for metric in ("loss", "accuracy"):
-          values = _values(runs, f"hops{k}/{metric}", arm=arm)
+          values = _values(runs, f"{sliced.prefix}{k}/{metric}", arm=arm)
           if values:
-            writer.add_scalar(f"hops_{metric}/{arm}", summarize(values)[0], k)
+            writer.add_scalar(f"{sliced.prefix}_{metric}/{arm}", summarize(values)[0], k)
     else:
       for depth in sorted({r.depth for r in runs if r.arm == arm and r.depth is not None}):
         values = _values(runs, "exact_accuracy", arm=arm, depth=depth)
         if values:
           writer.add_scalar(f"exact_accuracy_by_depth/{arm}", summarize(values)[0], depth)
   writer.close()
+
+
+def _task_of_base(grid: dict | None) -> str:
+  """The task of a sweep with no run yet, from its base config's file name."""
+  base = (grid or {}).get("base", "")
+  return next((task for task in SLICED_TASKS if task in base), "rule110")
 
 
 def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: bool = True) -> str:
@@ -351,9 +400,7 @@ def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: boo
   grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
   runs = load_runs(sweep_dir)
   arms = _arm_order(grid, runs)
-  task = (
-    runs[0].task if runs else ("depo" if grid and "depo" in grid.get("base", "") else "rule110")
-  )
+  task = runs[0].task if runs else _task_of_base(grid)
   expected = len(grid["runs"]) if grid else len(runs)
   name = grid["name"] if grid else os.path.basename(os.path.normpath(sweep_dir))
   status = (
@@ -365,14 +412,14 @@ def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: boo
   )
   lines = [f"# Sweep report: {name}", "", status, ""]
   figs: dict[str, Any] = {}
-  if task == "depo":
-    lines += _depo_sections(runs, grid, arms, figs)
+  if task in SLICED_TASKS:
+    lines += _sliced_sections(runs, grid, arms, figs, SLICED_TASKS[task])
   else:
     lines += _rule110_sections(runs, grid, arms, figs)
   for fig_name, fig in figs.items():
     fig.savefig(os.path.join(out_dir, f"{fig_name}.png"), dpi=figures.DPI)
     lines += [f"![{fig_name}]({fig_name}.png)", ""]
-  lines += _runs_table(runs, sweep_dir, "loss" if task == "depo" else "exact_accuracy")
+  lines += _runs_table(runs, sweep_dir, "loss" if task in SLICED_TASKS else "exact_accuracy")
   if tensorboard:
     _log_tensorboard(os.path.join(sweep_dir, "report_tb"), figs, runs, arms, task)
   for fig in figs.values():
@@ -389,11 +436,15 @@ def summary_table(sweep_dir: str) -> str:
   runs = load_runs(sweep_dir)
   grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
   arms = _arm_order(grid, runs)
-  if runs and runs[0].task == "depo":
+  if runs and runs[0].task in SLICED_TASKS:
+    sliced = SLICED_TASKS[runs[0].task]
     columns = [
       ("loss", "loss", False),
       ("answer acc %", "answer_accuracy", True),
-      *((f"k={k} acc %", f"hops{k}/accuracy", True) for k in DEPO_HOPS),
+      *(
+        (f"{sliced.symbol}={k} acc %", f"{sliced.prefix}{k}/accuracy", True)
+        for k in _settings(runs, sliced)
+      ),
     ]
     groups = [(arm, None) for arm in arms]
   else:

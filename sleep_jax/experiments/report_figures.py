@@ -152,11 +152,12 @@ def _evaluated_depths(run) -> list[int]:
   return [int(match.group(1)) for match in keys if match]
 
 
-def metric_vs_hops(runs, arms, metric, hops, values_fn):
-  """Depo: eval `metric` vs hop count k per arm (log2 x axis)."""
-  fig, ax = _new(f"Depo: eval {metric} vs hops k", "hops k", metric)
+def metric_vs_setting(runs, arms, metric, settings, values_fn, *, prefix="hops", label="hops k"):
+  """Depo or GSM-Infinite: eval `metric` vs the slice setting (hop or operation count) per arm
+  (log2 x axis)."""
+  fig, ax = _new(f"eval {metric} vs {label}", label, metric)
   for arm in arms:
-    points = [(k, values_fn(runs, f"hops{k}/{metric}", arm=arm)) for k in hops]
+    points = [(k, values_fn(runs, f"{prefix}{k}/{metric}", arm=arm)) for k in settings]
     points = [(k, _mean_std(v)) for k, v in points if v]
     if points:
       ax.errorbar(
@@ -167,6 +168,7 @@ def metric_vs_hops(runs, arms, metric, hops, values_fn):
         capsize=3,
         label=arm,
       )
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(list(hops), [str(k) for k in hops])
+  if settings:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(settings), [str(k) for k in settings])
   return _finish(fig, ax)

@@ -182,3 +182,21 @@ def test_summary_table_puts_the_arms_side_by_side(rule110_sweep):
   # mean ± std over the finished seeds only (the interrupted n2 seed 2 is left out)
   assert rows["n1"].split()[1:6] == ["(t=4)", "2", "25.0", "±", "7.1"]
   assert rows["n2"].split()[1:6] == ["(t=4)", "2", "60.0", "±", "14.1"]
+
+
+def test_gsm_infinite_report_is_per_operation_count(tmp_path):
+  sweep_dir = str(tmp_path / "gsm")
+  for arm, passes in (("n1", 1), ("n2", 2)):
+    metrics = {"loss": 1.0, "answer_accuracy": 0.5}
+    for ops in (2, 4):
+      metrics[f"ops{ops}/loss"] = ops / passes
+      metrics[f"ops{ops}/accuracy"] = passes / (2 * ops)
+    write_run(sweep_dir, arm, 0, task="gsm_infinite", passes=passes, metrics=metrics)
+  write_grid(sweep_dir, "configs/gsm_infinite.py:cpu", ["n1", "n2"], [0], [])
+  with open(report.write_report(sweep_dir, tensorboard=False)) as f:
+    text = f.read()
+  assert "per operation count" in text and "| arm | ops=2 | ops=4 | all ops |" in text
+  assert "| n2 | 50.0 (1/1) | 25.0 (1/1) | 50.0 (1/1) |" in text
+  assert "6 ops 0.419 -> 0.615" in text
+  check_pngs(sweep_dir, ["loss_vs_ops", "accuracy_vs_ops"])
+  assert "ops=4 acc %" in report.summary_table(sweep_dir)

@@ -18,7 +18,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def sweep_config(name):
-  return config_files.load_config(os.path.join(REPO, "configs", "sweeps", f"{name}.py"))
+  """A named sweep: "depo_cpu" or, with a variant, "gsm_pretrained:ouro"."""
+  file, _, variant = name.partition(":")
+  path = os.path.join(REPO, "configs", "sweeps", f"{file}.py")
+  return config_files.load_config(f"{path}:{variant}" if variant else path)
 
 
 def tiny_sweep(seeds=(0, 1)):
@@ -67,6 +70,10 @@ def test_rule110_cpu_grid_counts_workdirs_and_overrides(tmp_path):
     ("rule110_muon_lr", 5),
     ("depo_cpu", 12),
     ("depo_paper", 5),
+    ("gsm_cpu", 3),
+    ("gsm_pretrained:jet_nemotron", 4),
+    ("gsm_pretrained:ouro", 3),
+    ("gsm_pretrained:ouro_sliding", 3),
   ],
 )
 def test_other_sweeps_expand(tmp_path, name, count):
@@ -83,6 +90,11 @@ def test_other_sweeps_expand(tmp_path, name, count):
     assert matched.num_steps == round(3.5 * n1.num_steps)
   if name == "rule110_gpu":
     assert {r.num_steps for r in runs} == {2700} and {r.depth for r in runs} == {8}
+  if name.startswith(
+    "gsm_pretrained"
+  ):  # the converted checkpoint and its tokenizer reach every run
+    assert all(r.overrides["init_from"] and r.overrides["task.tokenizer"] for r in runs)
+    assert sorted(r.overrides["sleep.passes"] for r in runs)[-1] == (6 if "jet" in name else 4)
 
 
 def test_seed_override_only_filter_and_bad_keys(tmp_path):
