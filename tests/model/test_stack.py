@@ -127,7 +127,9 @@ PRETRAINED_PARTS = dict(
     ("AGGAGG", {}),
     pytest.param("AGA", {}, marks=pytest.mark.slow),
     ("GjSJjSAJ", PRETRAINED_PARTS | dict(loop_start=1, loop_stop=6, loop_repeats=2)),
-    ("AjAj", PRETRAINED_PARTS | dict(loop_repeats=2, loop_norm=True)),
+    pytest.param(
+      "AjAj", PRETRAINED_PARTS | dict(loop_repeats=2, loop_norm=True), marks=pytest.mark.slow
+    ),
   ],
 )
 def test_scanned_stack_equals_a_loop_over_the_unstacked_blocks(pattern, extra):
