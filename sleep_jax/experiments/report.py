@@ -4,8 +4,8 @@
 
 Reads every run workdir below the sweep dir (see `load_runs`). Rule 110: exact accuracy by arm
 and depth, accuracy vs N, learning curves, per-depth evaluations. Depo and GSM-Infinite: loss
-and accuracy by arm and hop count k or operation count. The paper's published numbers (PAPER.md section 4) sit beside ours, marked
-"not comparable" where the depth or scale differs. Partial sweeps work: a cell averages the
+and accuracy by arm and hop count k or operation count. The paper's published numbers
+(PAPER.md section 4) sit beside ours, marked "not comparable" where the depth or scale differs. Partial sweeps work: a cell averages the
 finished runs only and says how many of the expected runs that is.
 """
 
@@ -267,18 +267,19 @@ class Sliced:
   label: str  # what k counts, for headings and axes
   symbol: str  # column headers "{symbol}={k}"
   paper: str  # the paper's numbers, for "Against the paper"
+  settings: tuple[int, ...] = ()  # always these columns; empty: those any run evaluated
 
 
 SLICED_TASKS = {
-  "depo": Sliced("hops", "hop count k", "k", PAPER_DEPO),
+  "depo": Sliced("hops", "hop count k", "k", PAPER_DEPO, settings=tuple(DEPO_HOPS)),
   "gsm_infinite": Sliced("ops", "operation count", "ops", PAPER_GSM),
 }
 
 
 def _settings(runs: list[RunRecord], sliced: Sliced) -> list[int]:
-  """The settings k any run evaluated (Depo: always its five hop counts)."""
-  if sliced.prefix == "hops":
-    return list(DEPO_HOPS)
+  """The settings k of the columns: the task's fixed ones, or those any run evaluated."""
+  if sliced.settings:
+    return list(sliced.settings)
   pattern = re.compile(rf"^{sliced.prefix}(\d+)/accuracy$")
   found = {
     int(m.group(1))
@@ -361,10 +362,11 @@ def _log_tensorboard(tb_dir: str, figs: dict, runs: list[RunRecord], arms: list[
   writer = SummaryWriter(tb_dir)
   for name, fig in figs.items():
     writer.add_figure(f"report/{name}", fig, close=False)
+  sliced = SLICED_TASKS.get(task)
+  settings = _settings(runs, sliced) if sliced else []
   for arm in arms:
-    if task in SLICED_TASKS:
-      sliced = SLICED_TASKS[task]
-      for k in _settings(runs, sliced):
+    if sliced:
+      for k in settings:
         for metric in ("loss", "accuracy"):
           values = _values(runs, f"{sliced.prefix}{k}/{metric}", arm=arm)
           if values:

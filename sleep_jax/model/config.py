@@ -98,7 +98,7 @@ class ModelConfig:
       raise ValueError(
         "model.rope_scaling must be > 0, model.dconv_reduction and model.loop_repeats >= 1"
       )
-    stop = len(self.pattern) if self.loop_stop is None else self.loop_stop
+    stop = self.loop_end
     if not 0 <= self.loop_start < stop <= len(self.pattern):
       raise ValueError(
         f"model.loop_start={self.loop_start}, loop_stop={self.loop_stop}: need "
@@ -144,9 +144,14 @@ class ModelConfig:
     )
 
   @property
+  def loop_end(self) -> int:
+    """The end of the loop range (`loop_stop`, or the whole pattern)."""
+    return len(self.pattern) if self.loop_stop is None else self.loop_stop
+
+  @property
   def segments(self) -> tuple[tuple[str, int, int], ...]:
     """(name, first block, end) of the non-empty prelude, loop and coda, in order."""
-    stop = len(self.pattern) if self.loop_stop is None else self.loop_stop
+    stop = self.loop_end
     bounds = (("prelude", 0, self.loop_start), ("loop", self.loop_start, stop))
     bounds += (("coda", stop, len(self.pattern)),)
     return tuple((name, a, b) for name, a, b in bounds if b > a)

@@ -138,12 +138,12 @@ def save_initial(directory: str, params: Any, model_config: ModelConfig) -> None
     json.dump(dataclasses.asdict(model_config), f, indent=2)
 
 
-def _check_same_model(saved: dict, model_config: ModelConfig, source: str) -> None:
-  wanted = json.loads(json.dumps(dataclasses.asdict(model_config)))
+def _check_same_model(saved: ModelConfig, model_config: ModelConfig, source: str) -> None:
+  saved_fields, wanted = dataclasses.asdict(saved), dataclasses.asdict(model_config)
   differing = [
-    f"{k}: saved {saved.get(k)!r} vs config {wanted[k]!r}"
+    f"{k}: saved {saved_fields[k]!r} vs config {wanted[k]!r}"
     for k in wanted
-    if k not in RUNTIME_FIELDS and saved.get(k, wanted[k]) != wanted[k]
+    if k not in RUNTIME_FIELDS and saved_fields[k] != wanted[k]
   ]
   if differing:
     raise ValueError(
@@ -158,12 +158,12 @@ def load_initial(directory: str, model_config: ModelConfig, target: Any) -> Any:
   model_file = os.path.join(directory, INITIAL_MODEL_FILE)
   if os.path.isfile(model_file):
     with open(model_file) as f:
-      _check_same_model(json.load(f), model_config, directory)
+      _check_same_model(ModelConfig(**json.load(f)), model_config, directory)
     path = os.path.join(os.path.abspath(directory), INITIAL_PARAMS_DIR)
     return ocp.StandardCheckpointer().restore(path, target)
   if rundir.RunDir(directory).config() is not None:
     model, config, _ = restore_model(directory)
-    _check_same_model(dataclasses.asdict(config.model), model_config, directory)
+    _check_same_model(config.model, model_config, directory)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
   raise FileNotFoundError(

@@ -133,9 +133,7 @@ class Program:
     model_cfg, seed = self.validated.model, self.config.seed
     if self.config.init_from:
       params = checkpoint.load_initial(self.config.init_from, model_cfg, self.abstract_state.params)
-      start = lambda params: TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)
-      )
+      start = functools.partial(_start_state, optimizer=self.optimizer)
       with jax.set_mesh(self.mesh):
         return jax.jit(start, out_shardings=self.state_shardings)(params)
     make = lambda: _fresh_state(model_cfg, seed, self.optimizer)
@@ -143,9 +141,13 @@ class Program:
       return jax.jit(make, out_shardings=self.state_shardings)()
 
 
-def _fresh_state(model_cfg: ModelConfig, seed: int, optimizer) -> TrainState:
-  params = nnx.to_pure_dict(nnx.state(build_model(model_cfg, seed=seed)))
+def _start_state(params, optimizer) -> TrainState:
+  """Step 0 from these parameters, with a fresh optimizer state."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def _fresh_state(model_cfg: ModelConfig, seed: int, optimizer) -> TrainState:
+  return _start_state(nnx.to_pure_dict(nnx.state(build_model(model_cfg, seed=seed))), optimizer)
 
 
 def in_mesh(mesh: jax.sharding.Mesh, jitted: Callable) -> Callable:
