@@ -36,14 +36,7 @@ import numpy as np
 from flax import nnx
 
 from sleep_jax.model.config import ModelConfig
-from sleep_jax.model.lm import (
-  SEGMENT_ATTRIBUTES,
-  HybridLM,
-  build_model,
-  param_path,
-  params_by_path,
-  repeating_unit,
-)
+from sleep_jax.model.lm import HybridLM, block_places, build_model, param_path, params_by_path
 
 # A tensor's place: (parameter path, index along the stacked layers axis or None, transpose).
 Place = tuple[str, int | None, bool]
@@ -91,25 +84,14 @@ def port_for(hf: dict, path: str = "checkpoint"):
   return port
 
 
-def block_places(model_config: ModelConfig) -> list[tuple[str, int, int]]:
-  """(parameter attribute, block of the unit, repetition) of every pattern index."""
-  places = []
-  for name, start, stop in model_config.segments:
-    unit, _ = repeating_unit(model_config.pattern[start:stop])
-    for index in range(stop - start):
-      repetition, position = divmod(index, len(unit))
-      places.append((SEGMENT_ATTRIBUTES[name], position, repetition))
-  return places
-
-
 def tensor_places(port, hf: dict, model_config: ModelConfig) -> dict[str, Place]:
   """Checkpoint tensor name -> where it goes in the model's parameters."""
   places = {name: (path, None, t) for name, (path, t) in port.global_tensors(hf).items()}
   blocks = block_places(model_config)
   for i, position in enumerate(port.layer_positions(hf, model_config)):
-    attribute, unit_block, repetition = blocks[position]
+    segment, unit_block, repetition = blocks[position]
     for suffix, (sub_path, transpose) in port.layer_tensors(hf, i).items():
-      path = f"{attribute}/{unit_block}/{sub_path}"
+      path = f"{segment.attribute}/{unit_block}/{sub_path}"
       places[f"model.layers.{i}.{suffix}"] = (path, repetition, transpose)
   return places
 

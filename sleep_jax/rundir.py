@@ -262,17 +262,23 @@ class RunDir:
 
   # --- The config guard. ---
 
-  def check_compatible_config(self, config: dict) -> None:
+  def check_compatible_config(self, config: dict, defaults: dict[str, Any] | None = None) -> None:
     """Raises WorkdirError if the directory holds a run of an incompatible config.
 
     Nothing is touched. Loop settings (num_steps, cadences, learning rates, remat, the mesh)
     may differ: a resumed run may run longer or recover from a NaN with a lower learning rate.
+
+    Args:
+      config: the new run's config, as config.json would hold it.
+      defaults: dotted field name -> the value a config saved without that field meant (the
+        typed config's field defaults: fields added after a run was saved read as these).
     """
     saved = self.config()
     if saved is None:
       return
     saved, config = _without_eval_fields(saved), _without_eval_fields(_json_roundtrip(config))
-    value = lambda tree, key: _lookup(tree, key, ADDED_LATER.get(key))
+    defaults = _json_roundtrip(defaults or {})
+    value = lambda tree, key: _lookup(tree, key, defaults.get(key))
     keys = [k for k in MUST_MATCH if k != "model"]
     # The model section field by field, so that a field added later reads as its default.
     model_fields = set(saved.get("model", {})) | set(config.get("model", {}))
@@ -308,28 +314,6 @@ MUST_MATCH = (
   "sleep.grad_passes",
   "train.trainable",
 )
-# Fields added after runs were saved without them: a missing one means this (old) behaviour.
-ADDED_LATER = {
-  "sleep.predict_then_sleep": False,
-  "sleep.conv_state": "reset",
-  "train.trainable": "",
-  "model.num_kv_heads": None,
-  "model.qkv_bias": False,
-  "model.tie_embeddings": False,
-  "model.norm_eps": 1e-6,
-  "model.rope_scaling": 1.0,
-  "model.sliding_window": None,
-  "model.sandwich_norm": False,
-  "model.fast_heads": None,
-  "model.fast_key_dim": None,
-  "model.fast_value_dim": None,
-  "model.dconv_reduction": 8,
-  "model.fast_norm_eps": None,
-  "model.loop_start": 0,
-  "model.loop_stop": None,
-  "model.loop_repeats": 1,
-  "model.loop_norm": False,
-}
 # Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
 MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
 

@@ -123,10 +123,14 @@ def test_the_config_guard_allows_loop_settings_and_refuses_the_rest(tmp_path):
   # A run saved before the schedule options existed resumes under their defaults only.
   newer = json.loads(json.dumps(config))
   newer["sleep"].update(predict_chunks=None, predict_then_sleep=False, conv_state="reset")
-  run.check_compatible_config(newer)
+  defaults = {"sleep.predict_chunks": None, "sleep.predict_then_sleep": False}
+  defaults["sleep.conv_state"] = "reset"
+  run.check_compatible_config(newer, defaults=defaults)
+  with pytest.raises(rundir.WorkdirError, match="conv_state: saved None vs new 'reset'"):
+    run.check_compatible_config(newer)  # without the defaults, a missing field is None
   newer["sleep"]["conv_state"] = "carry"
   with pytest.raises(rundir.WorkdirError, match="conv_state: saved 'reset' vs new 'carry'"):
-    run.check_compatible_config(newer)
+    run.check_compatible_config(newer, defaults=defaults)
   assert rundir.read_json(run.file(rundir.CONFIG_FILE)) == config
 
 

@@ -120,6 +120,38 @@ def stacked_blocks(cfg: ModelConfig, unit: str, repeats: int, rngs: nnx.Rngs) ->
 SEGMENT_ATTRIBUTES = {"prelude": "prelude_blocks", "loop": "blocks", "coda": "coda_blocks"}
 
 
+class Segment(NamedTuple):
+  """One segment of the stack: pattern[start:stop] == unit * repeats."""
+
+  name: str  # "prelude", "loop" or "coda"
+  start: int
+  stop: int
+  unit: str
+  repeats: int
+
+  @property
+  def attribute(self) -> str:
+    """The HybridLM attribute holding this segment's stacked blocks."""
+    return SEGMENT_ATTRIBUTES[self.name]
+
+
+def segment_layout(cfg: ModelConfig) -> tuple[Segment, ...]:
+  """The model's non-empty segments in order, each with its repeating unit."""
+  return tuple(
+    Segment(name, start, stop, *repeating_unit(cfg.pattern[start:stop]))
+    for name, start, stop in cfg.segments
+  )
+
+
+def block_places(cfg: ModelConfig) -> list[tuple[Segment, int, int]]:
+  """(segment, block of its unit, repetition) of every pattern index, in pattern order."""
+  return [
+    (segment, *reversed(divmod(index, len(segment.unit))))
+    for segment in segment_layout(cfg)
+    for index in range(segment.stop - segment.start)
+  ]
+
+
 class HybridLM(nnx.Module):
   """Interleaved attention ("A", "S") and fast-weight ("G", "J") blocks, e.g. pattern "AGAG".
 
@@ -128,7 +160,7 @@ class HybridLM(nnx.Module):
   the whole stack. Each segment is its own repeated unit, stacked and scanned.
 
   Attributes:
-    layout: (segment name, first block, end, unit, R) per segment, `unit * R` its letters.
+    layout: the `Segment`s (name, first block, end, unit, R), `unit * R` their letters.
     blocks / prelude_blocks / coda_blocks: one `ResidualBlock` per letter of a segment's unit,
       parameters stacked [R, ...].
   """
@@ -137,12 +169,9 @@ class HybridLM(nnx.Module):
     self.cfg = cfg
     embedding = jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model))
     self.embedding = param(embedding, ("vocab", "embed"))
-    layout = []
-    for name, start, stop in cfg.segments:
-      unit, repeats = repeating_unit(cfg.pattern[start:stop])
-      layout.append((name, start, stop, unit, repeats))
-      setattr(self, SEGMENT_ATTRIBUTES[name], stacked_blocks(cfg, unit, repeats, rngs))
-    self.layout = tuple(layout)
+    self.layout = segment_layout(cfg)
+    for segment in self.layout:
+      setattr(self, segment.attribute, stacked_blocks(cfg, segment.unit, segment.repeats, rngs))
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.head = (
       None
@@ -168,10 +197,8 @@ class HybridLM(nnx.Module):
     Returns:
       The features after the last block, and the updated fast state (same structure).
     """
-    for name, *_ in self.layout:
-      out = self.run_segment(name, h_btd, fast_state, fast_state_only=True)
-      h_btd, fast_state = out.h, out.fast_state
-    return h_btd, fast_state
+    last = self._run_segments(h_btd, fast_state, fast_state_only=True)[-1]
+    return last.h, last.fast_state
 
   def run_pass(
     self,
@@ -195,14 +222,19 @@ class HybridLM(nnx.Module):
     Returns:
       A `PassOutput`: features, fast state, conv tails and each attention block's own (k, v).
     """
-    outputs = []
-    for name, *_ in self.layout:
-      out = self.run_segment(
-        name, h_btd, fast_state, conv_state=conv_state, kv_prefix=kv_prefix, context=context
+    return merge_segment_outputs(
+      self._run_segments(
+        h_btd, fast_state, conv_state=conv_state, kv_prefix=kv_prefix, context=context
       )
-      outputs.append(out)
-      h_btd, fast_state = out.h, out.fast_state
-    return merge_segment_outputs(outputs)
+    )
+
+  def _run_segments(self, h_btd: jax.Array, fast_state: FastState, **options) -> list[PassOutput]:
+    """Every segment in order, each fed the previous one's features and fast state."""
+    outputs = []
+    for segment in self.layout:
+      outputs.append(self.run_segment(segment.name, h_btd, fast_state, **options))
+      h_btd, fast_state = outputs[-1].h, outputs[-1].fast_state
+    return outputs
 
   def run_segment(
     self,
@@ -228,14 +260,25 @@ class HybridLM(nnx.Module):
     segment_fast = fast_state[fast_lo:fast_hi]
     segment_conv = None if conv_state is None else conv_state[fast_lo:fast_hi]
     segment_kv = None if kv_prefix is None else kv_prefix[attn_lo:attn_hi]
-    applications = self.cfg.loop_repeats if name == "loop" else 1
-    for _ in range(applications):
+
+    def apply_segment(carry, _=None):
+      h_btd, segment_fast = carry
       h_btd, states_out = self._scan_blocks(
         name, unit, repeats, h_btd, segment_fast, segment_conv, segment_kv, context
       )
       segment_fast = self._in_pattern_order(unit, repeats, states_out, FAST_WEIGHT_KINDS, 0)
       if name == "loop" and self.cfg.loop_norm:
         h_btd = self.final_norm(h_btd)
+      return (h_btd, segment_fast), states_out
+
+    applications = self.cfg.loop_repeats if name == "loop" else 1
+    if applications == 1:
+      (h_btd, segment_fast), states_out = apply_segment((h_btd, segment_fast))
+    else:  # scanned, so that the traced program does not grow with loop_repeats (Ouro: 4)
+      (h_btd, segment_fast), states_out = jax.lax.scan(
+        apply_segment, (h_btd, segment_fast), length=applications
+      )
+      states_out = jax.tree.map(lambda x: x[-1], states_out)  # the last application's
     fast_state = fast_state[:fast_lo] + segment_fast + fast_state[fast_hi:]
     if fast_state_only:
       return PassOutput(h=h_btd, fast_state=fast_state, conv_state=None, kv=None)

@@ -169,3 +169,18 @@ class ExperimentConfig:
   def to_dict(self) -> dict[str, Any]:
     """Plain JSON-able values (what config.json holds)."""
     return dataclasses.asdict(self)
+
+  def field_defaults(self) -> dict[str, Any]:
+    """Dotted name -> default of every section field that has one ("model.loop_norm": False):
+    what a config.json saved before that field existed meant."""
+    defaults = {}
+    for section in dataclasses.fields(self):
+      value = getattr(self, section.name)
+      if not dataclasses.is_dataclass(value):
+        continue
+      for field in dataclasses.fields(value):
+        if field.default is not dataclasses.MISSING:
+          defaults[f"{section.name}.{field.name}"] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+          defaults[f"{section.name}.{field.name}"] = field.default_factory()
+    return defaults

@@ -124,7 +124,7 @@ class Evaluator:
 def _prepare_run_dir(run: rundir.RunDir, config: ExperimentConfig, is_writer: bool) -> None:
   """Refuses an unusable or incompatible run directory before anything is compiled."""
   run.ensure_writable()
-  run.check_compatible_config(config.to_dict())
+  run.check_compatible_config(config.to_dict(), defaults=config.field_defaults())
   if is_writer:
     run.write_config(config.to_dict())
 

@@ -11,8 +11,8 @@ from sleep_jax import build_model
 from sleep_jax.model.config import FAST_WEIGHT_KINDS, mixer_kind
 from sleep_jax.model.lm import (
   LAYERS_AXIS,
-  SEGMENT_ATTRIBUTES,
   HybridLM,
+  block_places,
   param_path,
   params_by_path,
   repeating_unit,
@@ -71,14 +71,10 @@ def test_stacked_parameters_carry_a_layers_axis_and_keep_their_optimizer():
 def unstacked_blocks(model: HybridLM) -> list[tuple[str, str, nnx.Module]]:
   """(segment, letter, block) for every block in pattern order, cut out of the stacked params."""
   blocks = []
-  for name, start, stop, unit, _ in model.layout:
-    stack = getattr(model, SEGMENT_ATTRIBUTES[name])
-    graphdefs_and_params = [nnx.split(block) for block in stack]
-    for index, letter in enumerate(model.cfg.pattern[start:stop]):
-      repetition, position = divmod(index, len(unit))
-      graphdef, stacked = graphdefs_and_params[position]
-      block = nnx.merge(graphdef, jax.tree.map(lambda x, r=repetition: x[r], stacked))
-      blocks.append((name, letter, block))
+  for index, (segment, position, repetition) in enumerate(block_places(model.cfg)):
+    graphdef, stacked = nnx.split(getattr(model, segment.attribute)[position])
+    block = nnx.merge(graphdef, jax.tree.map(lambda x, r=repetition: x[r], stacked))
+    blocks.append((segment.name, model.cfg.pattern[index], block))
   return blocks
 
 

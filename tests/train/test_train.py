@@ -17,6 +17,7 @@ from sleep_jax.data import tasks
 from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.train import loop
 from sleep_jax.train import program as program_lib
+from sleep_jax.train.config import ExperimentConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -288,3 +289,23 @@ def test_changing_only_evaluation_slices_keeps_a_workdir_compatible(tmp_path):
   run.check_compatible_config(tiny_config(train__muon_lr=1e-4, train__num_steps=9).to_dict())
   with pytest.raises(rundir.WorkdirError, match="incompatible config.*task"):
     run.check_compatible_config(tiny_config(task__depth=2).to_dict())
+
+
+def test_a_run_saved_before_a_field_existed_resumes_under_its_default(tmp_path):
+  typed = lambda **overrides: ExperimentConfig.from_config(tiny_config(**overrides))
+  config = typed()
+  saved = config.to_dict()
+  for field in ("loop_norm", "loop_repeats", "sliding_window"):  # added after the first runs
+    del saved["model"][field]
+  del saved["sleep"]["conv_state"]
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(saved))
+  run = rundir.RunDir(str(workdir))
+  run.check_compatible_config(config.to_dict(), defaults=config.field_defaults())
+  carry = typed(sleep__conv_state="carry")
+  with pytest.raises(rundir.WorkdirError, match="conv_state: saved 'reset' vs new 'carry'"):
+    run.check_compatible_config(carry.to_dict(), defaults=carry.field_defaults())
+  looped = typed(model__loop_repeats=2)
+  with pytest.raises(rundir.WorkdirError, match="loop_repeats: saved 1 vs new 2"):
+    run.check_compatible_config(looped.to_dict(), defaults=looped.field_defaults())
