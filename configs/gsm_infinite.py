@@ -62,6 +62,9 @@ TINY_JET_NEMOTRON = jet_nemotron.CONFIG_2B | {
 def pretrained(c, model: dict, *, window: int, seq_len: int, epochs: int) -> None:
   """The paper's fine-tuning setup for a converted checkpoint's model (PAPER.md section 4)."""
   c.model = config_dict.ConfigDict(model)
+  # (ours) bfloat16 activations (the checkpoints' own dtype; parameters stay float32) and
+  # blocks recomputed in the backward: at L=2000 activations, not parameters, fill a chip.
+  c.model.dtype, c.model.remat_blocks = "bfloat16", True
   c.init_from = config_dict.placeholder(str)  # required: a launch/convert.py directory
   c.task.tokenizer = config_dict.placeholder(str)  # required: the checkpoint's tokenizer.json
   c.task.ops, c.task.eval_ops = (1, 8), (2, 4, 6, 8)

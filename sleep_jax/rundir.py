@@ -314,8 +314,14 @@ MUST_MATCH = (
   "sleep.grad_passes",
   "train.trainable",
 )
-# Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
-MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
+# Fields inside the sections above that may change on resume: evaluation-only task fields
+# (e.g. to add depths), and how the same values are computed (recomputation in the backward).
+MAY_DIFFER = (
+  "task.eval_depths",
+  "task.eval_hops",
+  "model.remat_blocks",
+  "model.scan_min_repeats",
+)
 
 
 def _json_roundtrip(value: Any) -> Any:

@@ -251,14 +251,12 @@ class JetDeltaNet(FastWeightMixer):
       logical_axes=("dconv", "heads"),
       optimizer=MUON,
       rngs=rngs,
+      init_scale=0.0,  # the generated part starts at zero: a fresh block convolves statically
       use_bias=True,
     )
     bound = width**-0.5
     static_filter = jax.random.uniform(
       rngs.params(), (h * value_dim * width,), minval=-bound, maxval=bound
-    )
-    self.kernel_out.kernel = param(
-      jnp.zeros((hidden, h * value_dim * width)), ("dconv", "heads"), MUON
     )
     self.kernel_out.bias = param(static_filter, ("heads",))
     self._init_gates_and_read_out(cfg, rngs)

@@ -33,6 +33,11 @@ FAST_WEIGHT_IMPLS = ("reference", "chunked", "pallas", "pallas_staged", "auto")
 DTYPES = ("float32", "bfloat16")
 
 
+# Fields that choose how the model runs, not what it computes: the same parameters give the
+# same function under any of their values (exactly, or up to float rounding for the first two).
+EXECUTION_FIELDS = ("dtype", "fast_weight_impl", "remat_blocks", "scan_min_repeats")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of the hybrid LM. See configs/rule110.py for the meaning of every field."""
@@ -77,6 +82,14 @@ class ModelConfig:
   loop_stop: int | None = None
   loop_repeats: int = 1
   loop_norm: bool = False
+  # Recompute every block's activations in the backward pass (`jax.checkpoint` around the
+  # scanned unit): a segment keeps one unit's activations live instead of all of them, for
+  # one more forward. Same values; what a billion-parameter model needs to fit.
+  remat_blocks: bool = False
+  # A segment whose unit repeats at least this many times is applied by `lax.scan` (compile
+  # time flat in depth); fewer repetitions run unrolled, which is a third fewer kernel
+  # launches and faster on the CPU for the paper's two-repetition stacks (bench/train_step.py).
+  scan_min_repeats: int = 3
 
   def __post_init__(self):
     unknown = sorted(set(self.pattern.upper()) - set(BLOCK_KINDS))
@@ -94,9 +107,15 @@ class ModelConfig:
         raise ValueError(f"model.{name} must be >= 1 or None, got {getattr(self, name)}")
     if SLIDING_ATTENTION in self.pattern.upper() and self.sliding_window is None:
       raise ValueError(f"model.pattern={self.pattern!r} has 'S' blocks: set model.sliding_window")
-    if self.rope_scaling <= 0 or self.dconv_reduction < 1 or self.loop_repeats < 1:
+    if (
+      self.rope_scaling <= 0
+      or self.dconv_reduction < 1
+      or self.loop_repeats < 1
+      or self.scan_min_repeats < 1
+    ):
       raise ValueError(
-        "model.rope_scaling must be > 0, model.dconv_reduction and model.loop_repeats >= 1"
+        "model.rope_scaling must be > 0, model.dconv_reduction, model.loop_repeats and "
+        "model.scan_min_repeats >= 1"
       )
     stop = self.loop_end
     if not 0 <= self.loop_start < stop <= len(self.pattern):

@@ -120,6 +120,17 @@ def stacked_blocks(cfg: ModelConfig, unit: str, repeats: int, rngs: nnx.Rngs) ->
 SEGMENT_ATTRIBUTES = {"prelude": "prelude_blocks", "loop": "blocks", "coda": "coda_blocks"}
 
 
+def unrolled_scan(f, carry, xs, length: int):
+  """`jax.lax.scan(f, carry, xs)` as a Python loop: the same values, with every slice of `xs`
+  static. (XLA:CPU runs a loop of few iterations faster unrolled: no per-iteration slicing of
+  the stacked parameters, stacking of residuals, or layout copies at the loop boundary.)"""
+  ys = []
+  for i in range(length):
+    carry, y = f(carry, jax.tree.map(lambda x, i=i: x[i], xs))
+    ys.append(y)
+  return carry, jax.tree.map(lambda *stacked: jnp.stack(stacked), *ys)
+
+
 class Segment(NamedTuple):
   """One segment of the stack: pattern[start:stop] == unit * repeats."""
 
@@ -272,8 +283,9 @@ class HybridLM(nnx.Module):
       return (h_btd, segment_fast), states_out
 
     applications = self.cfg.loop_repeats if name == "loop" else 1
-    if applications == 1:
-      (h_btd, segment_fast), states_out = apply_segment((h_btd, segment_fast))
+    if applications < self.cfg.scan_min_repeats:
+      for _ in range(applications):
+        (h_btd, segment_fast), states_out = apply_segment((h_btd, segment_fast))
     else:  # scanned, so that the traced program does not grow with loop_repeats (Ouro: 4)
       (h_btd, segment_fast), states_out = jax.lax.scan(
         apply_segment, (h_btd, segment_fast), length=applications
@@ -318,7 +330,8 @@ class HybridLM(nnx.Module):
     )
 
   def _scan_blocks(self, name, unit, repeats, h_btd, fast_state, conv_state, kv_prefix, context):
-    """The unit applied R times by `lax.scan`; block outputs stay stacked over repetitions."""
+    """The unit applied R times (by `lax.scan` from `scan_min_repeats` on); block outputs stay
+    stacked over repetitions."""
     gated, attending = (
       self._positions(unit, FAST_WEIGHT_KINDS),
       self._positions(unit, ATTENTION_KINDS),
@@ -352,7 +365,11 @@ class HybridLM(nnx.Module):
         states_out.append(state)
       return h, states_out
 
-    return jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
+    if self.cfg.remat_blocks:
+      apply_unit = jax.checkpoint(apply_unit, prevent_cse=False)  # (no CSE risk inside a scan)
+    if repeats >= self.cfg.scan_min_repeats:
+      return jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
+    return unrolled_scan(apply_unit, h_btd, (stacked_params, states_in), repeats)
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """Features [B,T,D] -> float32 logits [B,T,vocab] (tied: against the embedding matrix).

@@ -21,6 +21,20 @@ from sleep_jax.train.program import build_program
 logger = logging.getLogger(__name__)
 
 MOSAIC_CALL = re.compile(r'custom_call_target="tpu_custom_call"')
+# XLA:TPU's refusal of a program larger than HBM: "... Ran out of memory in memory space hbm.
+# Used 63.80G of 30.75G hbm. Exceeded hbm capacity by 33.05G."
+OUT_OF_HBM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_hbm(error: Exception) -> tuple[int, int] | None:
+  """(bytes the program needs, bytes the chip has) from XLA:TPU's out-of-memory error, or
+  None for any other error."""
+  match = OUT_OF_HBM.search(str(error))
+  if "RESOURCE_EXHAUSTED" not in str(error) or match is None:
+    return None
+  used, used_unit, hbm, hbm_unit = match.groups()
+  return int(float(used) * UNITS[used_unit]), int(float(hbm) * UNITS[hbm_unit])
 
 
 def _peak_bytes(compiled) -> int:
@@ -46,22 +60,17 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1) -> dict[
     A JSON-ready dict: topology, num_slices, num_devices, num_processes, device_kind, mesh,
     batch_size, mosaic_kernels (Mosaic calls in the compiled train step), peak and HBM bytes
     per device, fits, flops_per_step (model count, forward + backward), compile_s, and the
-    eval step's mosaic_kernels and peak bytes.
+    eval step's mosaic_kernels and peak bytes. When XLA:TPU refuses the train step for want
+    of memory, fits is False, the peak is the size it reported, `error` its message, and the
+    Mosaic counts and the eval step's figures are None.
   """
   resolved = topology_lib.resolve(topology)
   devices = topology_lib.tpu_devices(topology, num_slices=num_slices)
   program = build_program(config, devices)
   batch = program.abstract_batch(config.train.batch_size)
   start = time.perf_counter()
-  train = program.train_step.lower(program.abstract_state, batch).compile()
-  compile_s = time.perf_counter() - start
-  evaluate = program.eval_step.lower(
-    program.abstract_state.params, program.abstract_batch(config.eval.batch_size)
-  ).compile()
-  hbm = topology_lib.hbm_bytes_per_device(devices[0])
-  peak = _peak_bytes(train)
   validated = program.validated
-  return {
+  row = {
     "topology": topology,
     "jax_topology": resolved.jax_name,
     "num_slices": num_slices,
@@ -71,16 +80,41 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1) -> dict[
     "mesh": dict(program.mesh.shape),
     "batch_size": config.train.batch_size,
     "fast_weight_impl": validated.model.fast_weight_impl,
-    "mosaic_kernels": len(MOSAIC_CALL.findall(train.as_text())),
-    "peak_memory_bytes_per_device": peak,
-    "hbm_bytes_per_device": hbm,
-    "fits": peak <= hbm,
     "flops_per_step": train_step_flops(
       validated.model,
       validated.sleep,
       seq_len=validated.task.seq_len,
       batch_size=config.train.batch_size,
     ),
+  }
+  try:
+    train = program.train_step.lower(program.abstract_state, batch).compile()
+  except Exception as e:  # XLA's errors have no Python class of their own to catch
+    needed = out_of_hbm(e)
+    if needed is None:
+      raise
+    # XLA:TPU refuses a program that cannot fit: a "does not fit" row, not an error.
+    return row | {
+      "mosaic_kernels": None,
+      "peak_memory_bytes_per_device": needed[0],
+      "hbm_bytes_per_device": needed[1],
+      "fits": False,
+      "compile_s": round(time.perf_counter() - start, 2),
+      "error": str(e).splitlines()[0],
+      "eval_mosaic_kernels": None,
+      "eval_peak_memory_bytes_per_device": None,
+    }
+  compile_s = time.perf_counter() - start
+  evaluate = program.eval_step.lower(
+    program.abstract_state.params, program.abstract_batch(config.eval.batch_size)
+  ).compile()
+  hbm = topology_lib.hbm_bytes_per_device(devices[0])
+  peak = _peak_bytes(train)
+  return row | {
+    "mosaic_kernels": len(MOSAIC_CALL.findall(train.as_text())),
+    "peak_memory_bytes_per_device": peak,
+    "hbm_bytes_per_device": hbm,
+    "fits": peak <= hbm,
     "compile_s": round(compile_s, 2),
     "eval_mosaic_kernels": len(MOSAIC_CALL.findall(evaluate.as_text())),
     "eval_peak_memory_bytes_per_device": _peak_bytes(evaluate),
@@ -140,7 +174,8 @@ def format_table(rows: list[dict]) -> str:
     slices = f" x {row['num_slices']} slices" if row["num_slices"] > 1 else ""
     lines.append(
       f"| {row.get('config', '')} | {row['topology']}{slices} | {row['num_devices']} | "
-      f"{row['num_processes']} | {mesh} | {row['batch_size']} | {row['mosaic_kernels']} | "
+      f"{row['num_processes']} | {mesh} | {row['batch_size']} | "
+      f"{'-' if row['mosaic_kernels'] is None else row['mosaic_kernels']} | "
       f"{gib(row['peak_memory_bytes_per_device'])} | {gib(row['hbm_bytes_per_device'])} | "
       f"{'yes' if row['fits'] else 'NO'} | {row['flops_per_step'] / 1e12:.2f} | "
       f"{row['compile_s']:.1f} |"

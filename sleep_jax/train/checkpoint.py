@@ -25,15 +25,14 @@ from etils import epath
 from flax import nnx
 
 from sleep_jax import rundir
-from sleep_jax.model.config import ModelConfig
+from sleep_jax.model.config import EXECUTION_FIELDS, ModelConfig
 from sleep_jax.model.lm import HybridLM, build_model
 from sleep_jax.train.config import ExperimentConfig
 
 # A starting point for `config.init_from` (launch/convert.py): the model's config and its
-# parameters. The model fields that only choose how it runs may differ from the run's.
+# parameters. The model fields that only choose how it runs (EXECUTION_FIELDS) may differ.
 INITIAL_MODEL_FILE = "model.json"
 INITIAL_PARAMS_DIR = "params"
-RUNTIME_FIELDS = ("dtype", "fast_weight_impl")
 
 
 def make_manager(run: rundir.RunDir, *, max_to_keep: int) -> ocp.CheckpointManager:
@@ -143,7 +142,7 @@ def _check_same_model(saved: ModelConfig, model_config: ModelConfig, source: str
   differing = [
     f"{k}: saved {saved_fields[k]!r} vs config {wanted[k]!r}"
     for k in wanted
-    if k not in RUNTIME_FIELDS and saved_fields[k] != wanted[k]
+    if k not in EXECUTION_FIELDS and saved_fields[k] != wanted[k]
   ]
   if differing:
     raise ValueError(

@@ -116,13 +116,20 @@ PRETRAINED_PARTS = dict(
 )
 
 
-# R = 2 with two fast states per unit; R = 1 (slow: the scan of length one is the easy case).
+# R = 2 with two fast states per unit, scanned and unrolled (the default below 3 repetitions);
+# R = 1 (slow: the scan of length one is the easy case).
 @pytest.mark.parametrize(
   "pattern, extra",
   [
+    ("AGGAGG", dict(scan_min_repeats=1)),
     ("AGGAGG", {}),
     pytest.param("AGA", {}, marks=pytest.mark.slow),
-    ("GjSJjSAJ", PRETRAINED_PARTS | dict(loop_start=1, loop_stop=6, loop_repeats=2)),
+    # (with the blocks recomputed in the backward: the same values and gradients)
+    (
+      "GjSJjSAJ",
+      PRETRAINED_PARTS
+      | dict(loop_start=1, loop_stop=6, loop_repeats=2, remat_blocks=True, scan_min_repeats=2),
+    ),
     pytest.param(
       "AjAj", PRETRAINED_PARTS | dict(loop_repeats=2, loop_norm=True), marks=pytest.mark.slow
     ),
@@ -202,12 +209,23 @@ def jaxpr_size(jaxpr) -> int:
 
 
 def traced_stack_size(pattern: str, stack_pass=None) -> int:
-  model = build_model(CFG | dict(pattern=pattern), seed=0)
+  model = build_model(CFG | dict(pattern=pattern, scan_min_repeats=1), seed=0)
   graphdef, params = nnx.split(model)
   stack_pass = stack_pass or (lambda model, h, s: model.stack_pass(h, s))
   fn = lambda params, h, s: stack_pass(nnx.merge(graphdef, params), h, s)
   closed = jax.make_jaxpr(fn)(params, jnp.zeros((1, 4, 16)), zero_fast_state(model.cfg, 1))
   return jaxpr_size(closed.jaxpr)
+
+
+def test_remat_blocks_wraps_the_scanned_unit_in_a_checkpoint():
+  def checkpoints(remat_blocks):
+    model = build_model(CFG | dict(pattern="AGAG", remat_blocks=remat_blocks), seed=0)
+    fn = lambda h, s: model.stack_pass(h, s)[0].sum()
+    text = str(jax.make_jaxpr(jax.grad(fn))(jnp.zeros((1, 4, 16)), zero_fast_state(model.cfg, 1)))
+    return text.count("remat") + text.count("checkpoint[")
+
+  assert checkpoints(False) == 0
+  assert checkpoints(True) >= 1
 
 
 def test_traced_program_does_not_grow_with_depth():

@@ -57,6 +57,21 @@ def test_paper_rule110_compiles_for_a_v5e_slice_and_fits():
   assert result["batch_size"] == 512
 
 
+def test_a_step_larger_than_hbm_is_a_does_not_fit_row_and_bounds_the_largest_batch():
+  config = rule110_configs.get_config("tiny")
+  config.train.batch_size = 4 * 2**16  # 64k examples per chip of a v5e:2x2 (16 GiB each)
+  result = aot.compile_for_topology(config, "v5e:2x2")
+  assert not result["fits"] and "RESOURCE_EXHAUSTED" in result["error"]
+  assert result["peak_memory_bytes_per_device"] > result["hbm_bytes_per_device"] > 15 * 2**30
+  assert result["mosaic_kernels"] is None and "| NO |" in aot.format_table([result])
+  # Doubling from a batch that fits stops at the first that does not, instead of failing.
+  largest = aot.largest_fitting_batch(
+    config, "v5e:2x2", start_per_device=2**14, limit_per_device=2**16
+  )
+  assert largest["per_device_batch"] in (2**14, 2**15)
+  assert largest["peak_memory_bytes_per_device"] <= 16 * 2**30
+
+
 def test_fsdp_and_tensor_parallel_meshes_compile_on_tpu():
   config = depo_configs.get_config("tiny")
   config.parallel.mesh.update(data=1, fsdp=2, tensor=2)
