@@ -82,9 +82,9 @@ class ModelConfig:
   loop_stop: int | None = None
   loop_repeats: int = 1
   loop_norm: bool = False
-  # Recompute every block's activations in the backward pass (`jax.checkpoint` around the
-  # scanned unit): a segment keeps one unit's activations live instead of all of them, for
-  # one more forward. Same values; what a billion-parameter model needs to fit.
+  # Recompute every block's activations in the backward pass (`jax.checkpoint` per block): a
+  # segment keeps one block's activations live, plus every block's input, instead of all of
+  # them, for one more forward. Same values; what a billion-parameter model needs to fit.
   remat_blocks: bool = False
   # A segment whose unit repeats at least this many times is applied by `lax.scan` (compile
   # time flat in depth); fewer repetitions run unrolled, which is a third fewer kernel

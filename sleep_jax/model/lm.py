@@ -355,18 +355,23 @@ class HybridLM(nnx.Module):
       states_in[j] = (stack(fast_state, i, len(gated)), conv)
     for i, j in enumerate(attending):
       states_in[j] = None if kv_prefix is None else stack(kv_prefix, i, len(attending))
-    graphdef, stacked_params = nnx.split(getattr(self, SEGMENT_ATTRIBUTES[name]))
+    graphdefs, stacked_params = zip(
+      *(nnx.split(block) for block in getattr(self, SEGMENT_ATTRIBUTES[name]))
+    )
+
+    def apply_block(graphdef, params, h, state):
+      return nnx.merge(graphdef, params)(h, state, context=context)
+
+    if self.cfg.remat_blocks:  # each block's activations are recomputed in the backward
+      apply_block = jax.checkpoint(apply_block, static_argnums=(0,), prevent_cse=False)
 
     def apply_unit(h, params_and_states):
-      params, states = params_and_states
       states_out = []
-      for block, state in zip(nnx.merge(graphdef, params), states):
-        h, state = block(h, state, context=context)
+      for graphdef, params, state in zip(graphdefs, *params_and_states):
+        h, state = apply_block(graphdef, params, h, state)
         states_out.append(state)
       return h, states_out
 
-    if self.cfg.remat_blocks:
-      apply_unit = jax.checkpoint(apply_unit, prevent_cse=False)  # (no CSE risk inside a scan)
     if repeats >= self.cfg.scan_min_repeats:
       return jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
     return unrolled_scan(apply_unit, h_btd, (stacked_params, states_in), repeats)

@@ -25,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sleep_jax.ops.gated_delta.reference import fill_defaults, pad_tokens, state_dtype
 
@@ -65,41 +66,40 @@ def _masked_decay(segment_sums_bhnts):
 def _invert_unit_lower(strict_lower_ts):
   """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by recursive block inversion.
 
-  Uses the identity inv([[L11, 0], [L21, L22]]) = [[inv11, 0], [-inv22 L21 inv11, inv22]]
-  bottom-up: diagonal blocks of size 1, 2, 4, ... up to C rounded up to a power of two (the
-  padding is identity). Only batched matmuls: as accurate as forward substitution here, cheap
-  to differentiate, and it avoids the batched CPU LAPACK `trsm` that `triangular_solve` lowers
-  to, which deadlocks jaxlib 0.10's thread pool on 2-core hosts (both pool threads block in
-  its `ParallelBatchMap` waiting for work that only they could run).
+  Uses inv([[L11, 0], [L21, L22]]) = [[inv11, 0], [-inv22 L21 inv11, inv22]] bottom-up, with
+  diagonal blocks of size b = 1, 2, 4, ... held as one block-diagonal C x C matrix X: joining
+  the pairs of b-blocks is X := X - X (A restricted to the pairs' lower-left blocks) X. Two
+  matmuls and a masked select per level and no padding, slicing or concatenation, so few
+  kernels (17 for C = 24 where a per-block layout took 39: the CPU step is bound by kernel
+  count). As accurate as forward substitution here (the products only add exact zeros to the
+  per-block recursion), cheap to differentiate, and it avoids the batched CPU LAPACK `trsm`
+  that `triangular_solve` lowers to, which deadlocks jaxlib 0.10's thread pool on 2-core hosts
+  (both pool threads block in its `ParallelBatchMap` waiting for work that only they could run).
   """
   size = strict_lower_ts.shape[-1]
-  padded = 1 << (size - 1).bit_length()
   # One batch dimension: with several, XLA CPU's YNNPACK fusion of the backward pass crashed
   # (jaxlib 0.10, chunk >= 32; found by bench/fuzz_gated_delta.py).
   original_lead_shape = strict_lower_ts.shape[:-2]
   strict_lower_ts = strict_lower_ts.reshape((-1, size, size))
-  lead_shape = strict_lower_ts.shape[:-2]
-  pad = [(0, 0)] * len(lead_shape) + [(0, padded - size)] * 2
-  strict_lower_ts = jnp.pad(strict_lower_ts, pad)
-  inverse_blocks = jnp.ones(lead_shape + (padded, 1, 1), strict_lower_ts.dtype)
-  block = 1
-  while block < padded:  # log2(C) levels, unrolled at trace time
-    pairs = padded // (2 * block)
-    grid = strict_lower_ts.reshape(lead_shape + (pairs, 2 * block, pairs, 2 * block))
-    # Diagonal blocks by a masked sum rather than jnp.diagonal (a gather, slow to compile).
-    same_pair = jnp.eye(pairs, dtype=grid.dtype)[:, None, :, None]
-    diagonal_blocks = jnp.sum(grid * same_pair, axis=-2)
-    lower_left = diagonal_blocks[..., block:, :block]
-    upper_inverse = inverse_blocks[..., 0::2, :, :]
-    lower_inverse = inverse_blocks[..., 1::2, :, :]
-    corner = -_einsum(
-      "...ij,...jk->...ik", lower_inverse, _einsum("...ij,...jk->...ik", lower_left, upper_inverse)
+  row, col = np.arange(size)[:, None], np.arange(size)[None, :]
+
+  def lower_left_of_pairs(block):  # (t, s) in the lower-left block of a pair of b-blocks
+    same_pair = row // (2 * block) == col // (2 * block)
+    return same_pair & (row // block % 2 == 1) & (col // block % 2 == 0)
+
+  # Blocks of size 1 hold 1; joining them needs no product: X = I - A on the first subdiagonal
+  # pairs.
+  inverse_ts = jnp.eye(size, dtype=strict_lower_ts.dtype) - jnp.where(
+    lower_left_of_pairs(1), strict_lower_ts, 0.0
+  )
+  block = 2
+  while block < size:  # ceil(log2(C)) - 1 more levels, unrolled at trace time
+    joining_ts = jnp.where(lower_left_of_pairs(block), strict_lower_ts, 0.0)
+    inverse_ts = inverse_ts - _einsum(
+      "nij,njk->nik", inverse_ts, _einsum("nij,njk->nik", joining_ts, inverse_ts)
     )
-    top = jnp.concatenate([upper_inverse, jnp.zeros_like(upper_inverse)], axis=-1)
-    bottom = jnp.concatenate([corner, lower_inverse], axis=-1)
-    inverse_blocks = jnp.concatenate([top, bottom], axis=-2)
     block *= 2
-  return inverse_blocks[..., 0, :size, :size].reshape(original_lead_shape + (size, size))
+  return inverse_ts.reshape(original_lead_shape + (size, size))
 
 
 @jax.custom_vjp
