@@ -21,9 +21,14 @@ from sleep_jax.train.program import build_program
 logger = logging.getLogger(__name__)
 
 MOSAIC_CALL = re.compile(r'custom_call_target="tpu_custom_call"')
-# XLA:TPU's refusal of a program larger than HBM: "... Ran out of memory in memory space hbm.
-# Used 63.80G of 30.75G hbm. Exceeded hbm capacity by 33.05G."
-OUT_OF_HBM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# XLA:TPU's refusal of a program larger than HBM, in the wordings of libtpu releases: "Ran out
+# of memory on HBM, the total memory required for HLO temporaries (59.04G) exceeds available HBM
+# (15.75G)." (libtpu 0.0.42) and "Ran out of memory in memory space hbm. Used 63.80G of 30.75G
+# hbm." (older).
+OUT_OF_HBM = re.compile(
+  r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"
+  r"|Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"
+)
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -33,7 +38,8 @@ def out_of_hbm(error: Exception) -> tuple[int, int] | None:
   match = OUT_OF_HBM.search(str(error))
   if "RESOURCE_EXHAUSTED" not in str(error) or match is None:
     return None
-  used, used_unit, hbm, hbm_unit = match.groups()
+  # The matching wording's four groups (the other's are None; an empty unit is bytes).
+  used, used_unit, hbm, hbm_unit = (g for g in match.groups() if g is not None)
   return int(float(used) * UNITS[used_unit]), int(float(hbm) * UNITS[hbm_unit])
 
 

@@ -66,9 +66,9 @@ def test_a_step_larger_than_hbm_is_a_does_not_fit_row_and_bounds_the_largest_bat
   assert result["mosaic_kernels"] is None and "| NO |" in aot.format_table([result])
   # Doubling from a batch that fits stops at the first that does not, instead of failing.
   largest = aot.largest_fitting_batch(
-    config, "v5e:2x2", start_per_device=2**14, limit_per_device=2**16
-  )
-  assert largest["per_device_batch"] in (2**14, 2**15)
+    config, "v5e:2x2", start_per_device=2**13, limit_per_device=2**16
+  )  # (64k per chip needs ~59 GiB of temporaries: about 0.9 MiB per example)
+  assert largest["per_device_batch"] in (2**13, 2**14)
   assert largest["peak_memory_bytes_per_device"] <= 16 * 2**30
 
 
