@@ -63,7 +63,20 @@ def _masked_decay(segment_sums_bhnts):
   return jnp.where(causal_ts, jnp.exp(segment_sums_bhnts), 0.0)
 
 
+# Chunks up to this length invert by masked doubling (fewest kernels; the CPU step is bound by
+# kernel count), longer ones by block pairs (fewest FLOPs: masked doubling multiplies whole
+# C x C matrices, 4 C^3 per level). model/flops.py counts the same rule.
+MASKED_INVERSE_MAX_CHUNK = 32
+
+
 def _invert_unit_lower(strict_lower_ts):
+  """(I + A)^{-1} for strictly lower-triangular A [..., C, C] (see the two forms below)."""
+  if strict_lower_ts.shape[-1] <= MASKED_INVERSE_MAX_CHUNK:
+    return _invert_by_masked_doubling(strict_lower_ts)
+  return _invert_by_block_pairs(strict_lower_ts)
+
+
+def _invert_by_masked_doubling(strict_lower_ts):
   """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by recursive block inversion.
 
   Uses inv([[L11, 0], [L21, L22]]) = [[inv11, 0], [-inv22 L21 inv11, inv22]] bottom-up, with
@@ -100,6 +113,46 @@ def _invert_unit_lower(strict_lower_ts):
     )
     block *= 2
   return inverse_ts.reshape(original_lead_shape + (size, size))
+
+
+def _invert_by_block_pairs(strict_lower_ts):
+  """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by recursive block inversion.
+
+  Uses the identity inv([[L11, 0], [L21, L22]]) = [[inv11, 0], [-inv22 L21 inv11, inv22]]
+  bottom-up: diagonal blocks of size 1, 2, 4, ... up to C rounded up to a power of two (the
+  padding is identity). Only batched matmuls: as accurate as forward substitution here, cheap
+  to differentiate, and it avoids the batched CPU LAPACK `trsm` that `triangular_solve` lowers
+  to, which deadlocks jaxlib 0.10's thread pool on 2-core hosts (both pool threads block in
+  its `ParallelBatchMap` waiting for work that only they could run).
+  """
+  size = strict_lower_ts.shape[-1]
+  padded = 1 << (size - 1).bit_length()
+  # One batch dimension: with several, XLA CPU's YNNPACK fusion of the backward pass crashed
+  # (jaxlib 0.10, chunk >= 32; found by bench/fuzz_gated_delta.py).
+  original_lead_shape = strict_lower_ts.shape[:-2]
+  strict_lower_ts = strict_lower_ts.reshape((-1, size, size))
+  lead_shape = strict_lower_ts.shape[:-2]
+  pad = [(0, 0)] * len(lead_shape) + [(0, padded - size)] * 2
+  strict_lower_ts = jnp.pad(strict_lower_ts, pad)
+  inverse_blocks = jnp.ones(lead_shape + (padded, 1, 1), strict_lower_ts.dtype)
+  block = 1
+  while block < padded:  # log2(C) levels, unrolled at trace time
+    pairs = padded // (2 * block)
+    grid = strict_lower_ts.reshape(lead_shape + (pairs, 2 * block, pairs, 2 * block))
+    # Diagonal blocks by a masked sum rather than jnp.diagonal (a gather, slow to compile).
+    same_pair = jnp.eye(pairs, dtype=grid.dtype)[:, None, :, None]
+    diagonal_blocks = jnp.sum(grid * same_pair, axis=-2)
+    lower_left = diagonal_blocks[..., block:, :block]
+    upper_inverse = inverse_blocks[..., 0::2, :, :]
+    lower_inverse = inverse_blocks[..., 1::2, :, :]
+    corner = -_einsum(
+      "...ij,...jk->...ik", lower_inverse, _einsum("...ij,...jk->...ik", lower_left, upper_inverse)
+    )
+    top = jnp.concatenate([upper_inverse, jnp.zeros_like(upper_inverse)], axis=-1)
+    bottom = jnp.concatenate([corner, lower_inverse], axis=-1)
+    inverse_blocks = jnp.concatenate([top, bottom], axis=-2)
+    block *= 2
+  return inverse_blocks[..., 0, :size, :size].reshape(original_lead_shape + (size, size))
 
 
 @jax.custom_vjp
