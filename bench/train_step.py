@@ -67,7 +67,8 @@ stacked parameters sliced per repetition, residuals and gradients stacked) and ~
 copies. Unrolled (`model.scan_min_repeats`, default 3): 5,383 kernels, N=1 292 -> 232 ms and
 N=4 1000 -> 822 ms in one run. The triangular inverse of the chunked rule took 39 kernels per
 call (5 levels of slicing, two dots and concatenation); as one block-diagonal matrix doubled by
-masked products (chunks up to 32 tokens; longer ones keep the FLOP-lean form) it takes 17: 4,995 kernels per step, 170-188 ms (N=1) and 668-799 ms (N=4).
+masked products (chunks up to 32 tokens; longer ones keep the FLOP-lean form) it takes 17:
+4,995 kernels per step, 170-188 ms (N=1) and 668-799 ms (N=4).
 Unrolling the sleep chunks' and passes' scans as well cut another 14% (N=1) and 9% (N=4) of
 the kernels but not the time (and doubled the N=4 compile): not done. What is left at N=1:
 ~3,500 loop fusions (the model's elementwise chains, backward pads and adds, the gated delta
