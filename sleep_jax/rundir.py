@@ -262,7 +262,9 @@ class RunDir:
 
   # --- The config guard. ---
 
-  def check_compatible_config(self, config: dict, defaults: dict[str, Any] | None = None) -> None:
+  def check_compatible_config(
+    self, config: dict, defaults: dict[str, Any] | None = None, may_differ: tuple[str, ...] = ()
+  ) -> None:
     """Raises WorkdirError if the directory holds a run of an incompatible config.
 
     Nothing is touched. Loop settings (num_steps, cadences, learning rates, remat, the mesh)
@@ -272,11 +274,15 @@ class RunDir:
       config: the new run's config, as config.json would hold it.
       defaults: dotted field name -> the value a config saved without that field meant (the
         typed config's field defaults: fields added after a run was saved read as these).
+      may_differ: more dotted fields that may change (beside MAY_DIFFER), e.g. those that only
+        choose how the same values are computed.
     """
     saved = self.config()
     if saved is None:
       return
-    saved, config = _without_eval_fields(saved), _without_eval_fields(_json_roundtrip(config))
+    ignored = MAY_DIFFER + tuple(may_differ)
+    saved = _without(saved, ignored)
+    config = _without(_json_roundtrip(config), ignored)
     defaults = _json_roundtrip(defaults or {})
     value = lambda tree, key: _lookup(tree, key, defaults.get(key))
     keys = [k for k in MUST_MATCH if k != "model"]
@@ -314,14 +320,8 @@ MUST_MATCH = (
   "sleep.grad_passes",
   "train.trainable",
 )
-# Fields inside the sections above that may change on resume: evaluation-only task fields
-# (e.g. to add depths), and how the same values are computed (recomputation in the backward).
-MAY_DIFFER = (
-  "task.eval_depths",
-  "task.eval_hops",
-  "model.remat_blocks",
-  "model.scan_min_repeats",
-)
+# Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
+MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
 
 
 def _json_roundtrip(value: Any) -> Any:
@@ -334,9 +334,9 @@ def _lookup(tree: Any, dotted: str, default: Any = None) -> Any:
   return tree
 
 
-def _without_eval_fields(config: dict) -> dict:
+def _without(config: dict, dotted_fields: tuple[str, ...]) -> dict:
   config = copy.deepcopy(config)
-  for dotted in MAY_DIFFER:
+  for dotted in dotted_fields:
     *parents, field = dotted.split(".")
     section = _lookup(config, ".".join(parents))
     if isinstance(section, dict):

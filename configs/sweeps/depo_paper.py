@@ -9,7 +9,7 @@ stalls at k >= 8; only N=4 starts to improve at k = 16.
 
 from ml_collections import config_dict
 
-from sleep_jax.experiments.sweeps import arm
+from sleep_jax.experiments.sweeps import passes_arms
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -20,5 +20,5 @@ def get_config() -> config_dict.ConfigDict:
   c.depths = ()
   c.num_steps = config_dict.placeholder(int)  # None: the paper variant's train.num_steps
   c.overrides = config_dict.ConfigDict()
-  c.arms = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in (1, 2, 3, 4, 8))
+  c.arms = passes_arms((1, 2, 3, 4, 8))
   return c

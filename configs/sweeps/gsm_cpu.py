@@ -8,7 +8,7 @@ A pipeline check of experiment 3 (accuracy per operation count 2 and 4), not a r
 
 from ml_collections import config_dict
 
-from sleep_jax.experiments.sweeps import arm
+from sleep_jax.experiments.sweeps import passes_arms
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -19,5 +19,5 @@ def get_config() -> config_dict.ConfigDict:
   c.depths = ()
   c.num_steps = config_dict.placeholder(int)  # None: the cpu variant's 300 steps
   c.overrides = config_dict.ConfigDict()
-  c.arms = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in (1, 2, 4))
+  c.arms = passes_arms((1, 2, 4))
   return c

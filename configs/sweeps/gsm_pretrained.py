@@ -23,7 +23,7 @@ set them here (CHECKPOINTS) or on the command line:
 
 from ml_collections import config_dict
 
-from sleep_jax.experiments.sweeps import arm
+from sleep_jax.experiments.sweeps import passes_arms
 
 # (base variant, passes, init_from, tokenizer.json) per sweep.
 CHECKPOINTS = {
@@ -54,5 +54,5 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   c.depths = ()
   c.num_steps = config_dict.placeholder(int)  # None: the variant's epochs
   c.overrides = config_dict.ConfigDict({"init_from": init_from, "task": {"tokenizer": tokenizer}})
-  c.arms = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in passes)
+  c.arms = passes_arms(passes)
   return c

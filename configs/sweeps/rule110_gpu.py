@@ -7,7 +7,7 @@ About 2,700 steps per arm (~140M tokens) with an eval every 250 steps for the le
 
 from ml_collections import config_dict
 
-from sleep_jax.experiments.sweeps import arm
+from sleep_jax.experiments.sweeps import passes_arms
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -24,5 +24,5 @@ def get_config() -> config_dict.ConfigDict:
       "checkpoint": {"every_steps": 250},
     }
   )
-  c.arms = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in (1, 2, 4))
+  c.arms = passes_arms((1, 2, 4))
   return c

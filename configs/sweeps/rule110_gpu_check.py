@@ -10,7 +10,7 @@ fit) and the kernel (`model.fast_weight_impl`) from its own measurements, as fla
 
 from ml_collections import config_dict
 
-from sleep_jax.experiments.sweeps import arm
+from sleep_jax.experiments.sweeps import passes_arms
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -28,5 +28,5 @@ def get_config() -> config_dict.ConfigDict:
       "model": {"fast_weight_impl": "auto"},
     }
   )
-  c.arms = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in (1, 2))
+  c.arms = passes_arms((1, 2))
   return c

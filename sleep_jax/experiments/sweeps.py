@@ -194,3 +194,8 @@ def run_sweep(
 def arm(name: str, overrides: dict[str, Any] | None = None, *, step_ratio: float = 1.0) -> dict:
   """One arm of a sweep config: `arm("n2", {"sleep.passes": 2})`."""
   return {"name": name, "overrides": dict(overrides or {}), "step_ratio": float(step_ratio)}
+
+
+def passes_arms(passes) -> tuple[dict, ...]:
+  """One arm per number of sleep passes N, named n{N}: `passes_arms((1, 2, 4))`."""
+  return tuple(arm(f"n{n}", {"sleep.passes": n}) for n in passes)

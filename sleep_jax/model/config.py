@@ -34,8 +34,10 @@ DTYPES = ("float32", "bfloat16")
 
 
 # Fields that choose how the model runs, not what it computes: the same parameters give the
-# same function under any of their values (exactly, or up to float rounding for the first two).
-EXECUTION_FIELDS = ("dtype", "fast_weight_impl", "remat_blocks", "scan_min_repeats")
+# same function under any of their values, exactly (a resumed run may change these) or up to
+# float rounding.
+EXACT_EXECUTION_FIELDS = ("remat_blocks", "scan_min_repeats")
+EXECUTION_FIELDS = ("dtype", "fast_weight_impl", *EXACT_EXECUTION_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)

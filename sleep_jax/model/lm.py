@@ -120,10 +120,13 @@ def stacked_blocks(cfg: ModelConfig, unit: str, repeats: int, rngs: nnx.Rngs) ->
 SEGMENT_ATTRIBUTES = {"prelude": "prelude_blocks", "loop": "blocks", "coda": "coda_blocks"}
 
 
-def unrolled_scan(f, carry, xs, length: int):
-  """`jax.lax.scan(f, carry, xs)` as a Python loop: the same values, with every slice of `xs`
-  static. (XLA:CPU runs a loop of few iterations faster unrolled: no per-iteration slicing of
-  the stacked parameters, stacking of residuals, or layout copies at the loop boundary.)"""
+def repeat(f, carry, xs, length: int, *, scan_min_repeats: int):
+  """`jax.lax.scan(f, carry, xs, length=length)`; below `scan_min_repeats` iterations, the
+  same as a Python loop with every slice of `xs` static (XLA:CPU runs a loop of few iterations
+  faster unrolled: no per-iteration slicing of stacked parameters, stacking of residuals, or
+  layout copies at the loop boundary). Outputs are stacked either way."""
+  if length >= scan_min_repeats:
+    return jax.lax.scan(f, carry, xs, length=length)
   ys = []
   for i in range(length):
     carry, y = f(carry, jax.tree.map(lambda x, i=i: x[i], xs))
@@ -272,7 +275,7 @@ class HybridLM(nnx.Module):
     segment_conv = None if conv_state is None else conv_state[fast_lo:fast_hi]
     segment_kv = None if kv_prefix is None else kv_prefix[attn_lo:attn_hi]
 
-    def apply_segment(carry, _=None):
+    def apply_segment(carry, _):
       h_btd, segment_fast = carry
       h_btd, states_out = self._scan_blocks(
         name, unit, repeats, h_btd, segment_fast, segment_conv, segment_kv, context
@@ -282,15 +285,15 @@ class HybridLM(nnx.Module):
         h_btd = self.final_norm(h_btd)
       return (h_btd, segment_fast), states_out
 
-    applications = self.cfg.loop_repeats if name == "loop" else 1
-    if applications < self.cfg.scan_min_repeats:
-      for _ in range(applications):
-        (h_btd, segment_fast), states_out = apply_segment((h_btd, segment_fast))
-    else:  # scanned, so that the traced program does not grow with loop_repeats (Ouro: 4)
-      (h_btd, segment_fast), states_out = jax.lax.scan(
-        apply_segment, (h_btd, segment_fast), length=applications
-      )
-      states_out = jax.tree.map(lambda x: x[-1], states_out)  # the last application's
+    # Scanned from scan_min_repeats on: the traced program does not grow with Ouro's 4.
+    (h_btd, segment_fast), states_out = repeat(
+      apply_segment,
+      (h_btd, segment_fast),
+      None,
+      self.cfg.loop_repeats if name == "loop" else 1,
+      scan_min_repeats=self.cfg.scan_min_repeats,
+    )
+    states_out = jax.tree.map(lambda x: x[-1], states_out)  # the last application's
     fast_state = fast_state[:fast_lo] + segment_fast + fast_state[fast_hi:]
     if fast_state_only:
       return PassOutput(h=h_btd, fast_state=fast_state, conv_state=None, kv=None)
@@ -372,9 +375,13 @@ class HybridLM(nnx.Module):
         states_out.append(state)
       return h, states_out
 
-    if repeats >= self.cfg.scan_min_repeats:
-      return jax.lax.scan(apply_unit, h_btd, (stacked_params, states_in))
-    return unrolled_scan(apply_unit, h_btd, (stacked_params, states_in), repeats)
+    return repeat(
+      apply_unit,
+      h_btd,
+      (stacked_params, states_in),
+      repeats,
+      scan_min_repeats=self.cfg.scan_min_repeats,
+    )
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """Features [B,T,D] -> float32 logits [B,T,vocab] (tied: against the embedding matrix).

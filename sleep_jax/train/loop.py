@@ -24,6 +24,7 @@ import numpy as np
 
 from sleep_jax import rundir
 from sleep_jax.data import tasks
+from sleep_jax.model.config import EXACT_EXECUTION_FIELDS
 from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.train import checkpoint as ckpt
 from sleep_jax.train.config import ExperimentConfig
@@ -124,7 +125,11 @@ class Evaluator:
 def _prepare_run_dir(run: rundir.RunDir, config: ExperimentConfig, is_writer: bool) -> None:
   """Refuses an unusable or incompatible run directory before anything is compiled."""
   run.ensure_writable()
-  run.check_compatible_config(config.to_dict(), defaults=config.field_defaults())
+  run.check_compatible_config(
+    config.to_dict(),
+    defaults=config.field_defaults(),
+    may_differ=tuple(f"model.{field}" for field in EXACT_EXECUTION_FIELDS),
+  )
   if is_writer:
     run.write_config(config.to_dict())
 

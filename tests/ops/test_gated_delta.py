@@ -231,7 +231,8 @@ def test_matches_reference_and_numpy_in_values_and_gradients(impl, case, with_st
     assert_close(grads[name], expected_grads[name], 1e-4, f"d loss / d {name}")
 
 
-@pytest.mark.parametrize("size", [1, 5, 37])
+# Masked doubling up to MASKED_INVERSE_MAX_CHUNK = 32 (1, 5, 24, 32), block pairs above (33, 37).
+@pytest.mark.parametrize("size", [1, 5, 24, 32, 33, 37])
 def test_unit_lower_inverses_match_numpy(size):
   rng = np.random.default_rng(size)
   strict_lower = np.tril(rng.uniform(-1, 1, size=(2, size, size)), -1)

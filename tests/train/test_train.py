@@ -14,6 +14,7 @@ from configs import depo as depo_configs
 from configs import rule110 as rule110_configs
 from sleep_jax import rundir
 from sleep_jax.data import tasks
+from sleep_jax.model.config import EXACT_EXECUTION_FIELDS
 from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.train import loop
 from sleep_jax.train import program as program_lib
@@ -309,3 +310,9 @@ def test_a_run_saved_before_a_field_existed_resumes_under_its_default(tmp_path):
   looped = typed(model__loop_repeats=2)
   with pytest.raises(rundir.WorkdirError, match="loop_repeats: saved 1 vs new 2"):
     run.check_compatible_config(looped.to_dict(), defaults=looped.field_defaults())
+  # Recomputing blocks gives the same values: a resumed run may switch it, when told so.
+  remat = typed(model__remat_blocks=True)
+  exact = tuple(f"model.{field}" for field in EXACT_EXECUTION_FIELDS)
+  run.check_compatible_config(remat.to_dict(), remat.field_defaults(), may_differ=exact)
+  with pytest.raises(rundir.WorkdirError, match="remat_blocks: saved False vs new True"):
+    run.check_compatible_config(remat.to_dict(), defaults=remat.field_defaults())

@@ -70,30 +70,33 @@ MASKED_INVERSE_MAX_CHUNK = 32
 
 
 def _invert_unit_lower(strict_lower_ts):
-  """(I + A)^{-1} for strictly lower-triangular A [..., C, C] (see the two forms below)."""
-  if strict_lower_ts.shape[-1] <= MASKED_INVERSE_MAX_CHUNK:
-    return _invert_by_masked_doubling(strict_lower_ts)
-  return _invert_by_block_pairs(strict_lower_ts)
-
-
-def _invert_by_masked_doubling(strict_lower_ts):
   """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by recursive block inversion.
 
-  Uses inv([[L11, 0], [L21, L22]]) = [[inv11, 0], [-inv22 L21 inv11, inv22]] bottom-up, with
-  diagonal blocks of size b = 1, 2, 4, ... held as one block-diagonal C x C matrix X: joining
-  the pairs of b-blocks is X := X - X (A restricted to the pairs' lower-left blocks) X. Two
-  matmuls and a masked select per level and no padding, slicing or concatenation, so few
-  kernels (17 for C = 24 where a per-block layout took 39: the CPU step is bound by kernel
-  count). As accurate as forward substitution here (the products only add exact zeros to the
-  per-block recursion), cheap to differentiate, and it avoids the batched CPU LAPACK `trsm`
-  that `triangular_solve` lowers to, which deadlocks jaxlib 0.10's thread pool on 2-core hosts
-  (both pool threads block in its `ParallelBatchMap` waiting for work that only they could run).
+  Both forms use inv([[L11, 0], [L21, L22]]) = [[inv11, 0], [-inv22 L21 inv11, inv22]] bottom-up
+  on diagonal blocks of size 1, 2, 4, ...: only batched matmuls, as accurate as forward
+  substitution here, cheap to differentiate, and free of the batched CPU LAPACK `trsm` that
+  `triangular_solve` lowers to, which deadlocks jaxlib 0.10's thread pool on 2-core hosts (both
+  pool threads block in its `ParallelBatchMap` waiting for work that only they could run).
   """
   size = strict_lower_ts.shape[-1]
   # One batch dimension: with several, XLA CPU's YNNPACK fusion of the backward pass crashed
   # (jaxlib 0.10, chunk >= 32; found by bench/fuzz_gated_delta.py).
-  original_lead_shape = strict_lower_ts.shape[:-2]
-  strict_lower_ts = strict_lower_ts.reshape((-1, size, size))
+  one_batch_nts = strict_lower_ts.reshape((-1, size, size))
+  if size <= MASKED_INVERSE_MAX_CHUNK:
+    inverse_nts = _invert_by_masked_doubling(one_batch_nts)
+  else:
+    inverse_nts = _invert_by_block_pairs(one_batch_nts)
+  return inverse_nts.reshape(strict_lower_ts.shape)
+
+
+def _invert_by_masked_doubling(strict_lower_nts):
+  """`_invert_unit_lower` of [N, C, C] with the diagonal blocks of size b held as one
+  block-diagonal C x C matrix X: joining the pairs of b-blocks is
+  X := X - X (A restricted to the pairs' lower-left blocks) X. Two matmuls and a masked
+  select per level and no padding, slicing or concatenation, so few kernels (17 for C = 24
+  where block pairs take 39); the products only add exact zeros to the per-block recursion.
+  """
+  size = strict_lower_nts.shape[-1]
   row, col = np.arange(size)[:, None], np.arange(size)[None, :]
 
   def lower_left_of_pairs(block):  # (t, s) in the lower-left block of a pair of b-blocks
@@ -102,43 +105,31 @@ def _invert_by_masked_doubling(strict_lower_ts):
 
   # Blocks of size 1 hold 1; joining them needs no product: X = I - A on the first subdiagonal
   # pairs.
-  inverse_ts = jnp.eye(size, dtype=strict_lower_ts.dtype) - jnp.where(
-    lower_left_of_pairs(1), strict_lower_ts, 0.0
+  inverse_nts = jnp.eye(size, dtype=strict_lower_nts.dtype) - jnp.where(
+    lower_left_of_pairs(1), strict_lower_nts, 0.0
   )
   block = 2
   while block < size:  # ceil(log2(C)) - 1 more levels, unrolled at trace time
-    joining_ts = jnp.where(lower_left_of_pairs(block), strict_lower_ts, 0.0)
-    inverse_ts = inverse_ts - _einsum(
-      "nij,njk->nik", inverse_ts, _einsum("nij,njk->nik", joining_ts, inverse_ts)
+    joining_nts = jnp.where(lower_left_of_pairs(block), strict_lower_nts, 0.0)
+    inverse_nts = inverse_nts - _einsum(
+      "nij,njk->nik", inverse_nts, _einsum("nij,njk->nik", joining_nts, inverse_nts)
     )
     block *= 2
-  return inverse_ts.reshape(original_lead_shape + (size, size))
+  return inverse_nts
 
 
-def _invert_by_block_pairs(strict_lower_ts):
-  """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by recursive block inversion.
-
-  Uses the identity inv([[L11, 0], [L21, L22]]) = [[inv11, 0], [-inv22 L21 inv11, inv22]]
-  bottom-up: diagonal blocks of size 1, 2, 4, ... up to C rounded up to a power of two (the
-  padding is identity). Only batched matmuls: as accurate as forward substitution here, cheap
-  to differentiate, and it avoids the batched CPU LAPACK `trsm` that `triangular_solve` lowers
-  to, which deadlocks jaxlib 0.10's thread pool on 2-core hosts (both pool threads block in
-  its `ParallelBatchMap` waiting for work that only they could run).
-  """
-  size = strict_lower_ts.shape[-1]
+def _invert_by_block_pairs(strict_lower_nts):
+  """`_invert_unit_lower` of [N, C, C] on C rounded up to a power of two (the padding is
+  identity), the inverses of the diagonal blocks kept as [N, pairs, b, b]."""
+  size = strict_lower_nts.shape[-1]
   padded = 1 << (size - 1).bit_length()
-  # One batch dimension: with several, XLA CPU's YNNPACK fusion of the backward pass crashed
-  # (jaxlib 0.10, chunk >= 32; found by bench/fuzz_gated_delta.py).
-  original_lead_shape = strict_lower_ts.shape[:-2]
-  strict_lower_ts = strict_lower_ts.reshape((-1, size, size))
-  lead_shape = strict_lower_ts.shape[:-2]
-  pad = [(0, 0)] * len(lead_shape) + [(0, padded - size)] * 2
-  strict_lower_ts = jnp.pad(strict_lower_ts, pad)
-  inverse_blocks = jnp.ones(lead_shape + (padded, 1, 1), strict_lower_ts.dtype)
+  lead_shape = strict_lower_nts.shape[:-2]
+  strict_lower_nts = jnp.pad(strict_lower_nts, [(0, 0), (0, padded - size), (0, padded - size)])
+  inverse_blocks = jnp.ones(lead_shape + (padded, 1, 1), strict_lower_nts.dtype)
   block = 1
   while block < padded:  # log2(C) levels, unrolled at trace time
     pairs = padded // (2 * block)
-    grid = strict_lower_ts.reshape(lead_shape + (pairs, 2 * block, pairs, 2 * block))
+    grid = strict_lower_nts.reshape(lead_shape + (pairs, 2 * block, pairs, 2 * block))
     # Diagonal blocks by a masked sum rather than jnp.diagonal (a gather, slow to compile).
     same_pair = jnp.eye(pairs, dtype=grid.dtype)[:, None, :, None]
     diagonal_blocks = jnp.sum(grid * same_pair, axis=-2)
@@ -152,7 +143,7 @@ def _invert_by_block_pairs(strict_lower_ts):
     bottom = jnp.concatenate([corner, lower_inverse], axis=-1)
     inverse_blocks = jnp.concatenate([top, bottom], axis=-2)
     block *= 2
-  return inverse_blocks[..., 0, :size, :size].reshape(original_lead_shape + (size, size))
+  return inverse_blocks[..., 0, :size, :size]
 
 
 @jax.custom_vjp
