@@ -53,7 +53,7 @@ threads, jaxlib 0.10.2, sweep setting, N=1): about 8,000 kernel launches per ste
 kernel time each on average. Before the causal conv got its own backward pass (layers.py), its
 filter gradient was the three slowest kernels (48 of ~300 ms): XLA fused the per-tap (B, T)
 reduction with the whole elementwise chain producing its cotangent (SiLU and L2-norm backward,
-transposes) and recomputed the chain for every tap and channel; as one matmul it is gone from
+transposes) and recomputed the chain for every tap and channel; as one matmul it was gone from
 the top of the list (297 -> ~255 ms per step). What is left: ~1,500 small dots (~120 ms; the
 model's dense matmuls ~35 ms of them, the rest the chunked gated delta rule's per-(batch, head)
 products and the triangular inverse's levels), layout copies and transposes feeding them
@@ -73,6 +73,19 @@ Unrolling the sleep chunks' and passes' scans as well cut another 14% (N=1) and 
 the kernels but not the time (and doubled the N=4 compile): not done. What is left at N=1:
 ~3,500 loop fusions (the model's elementwise chains, backward pads and adds, the gated delta
 rule's masks), ~1,470 dots (225 of them Muon's Newton-Schulz iterations).
+Next round (time by component: the thunk events of a host trace joined to the HLO's op names,
+with temporary jax.named_scope around the mixers, the MLP and the gated delta rule): the gated
+delta rule was ~40% of the step, the Gated DeltaNet mixer's own backward ~20%. Every sleep pass
+over a 24-token window is one chunk, yet the rule ran its chunk scan and its lean custom VJP
+(the chunk recomputed in the backward, gradient buffers written by dynamic updates); a call of
+one chunk is now that chunk under plain autodiff. The decay sums of chunks up to 32 tokens
+(two cumulative sums, several reduce-window kernels each way) are one matmul against a 0/1
+selector. The conv's filter gradient, a matmul batched over channels (~0.6 ms a call), is a
+multiply and one reduction over B*T. Projections reading the same input share one matmul per
+output width (`layers.project_together`: q|k|v|out_gate, gate|up, decay|beta) and the three
+q/k/v convolutions run as one (`layers.convolve_together`). Together: 4,057 kernels per N=1
+step and 0.79x the step time of the round before, in one A/B run (alternating persistent
+workers, 40 steps each).
 Single-threaded Eigen kernels (`--xla_flags=--xla_cpu_multi_thread_eigen=false`) cut another
 8-15% on this host, but aborted an 8-device test process, so they are not the default.
 """

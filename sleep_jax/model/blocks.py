@@ -34,9 +34,11 @@ from sleep_jax.model.layers import (
   CausalDepthwiseConv,
   Dense,
   RMSNorm,
+  convolve_together,
   dynamic_causal_conv,
   l2_normalize,
   param,
+  project_together,
   rotary,
 )
 from sleep_jax.ops import gated_delta_rule
@@ -52,7 +54,8 @@ class SwiGLU(nnx.Module):
     self.down = Dense(f, d, logical_axes=("mlp", "embed"), optimizer=MUON, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    gate, up = project_together(x, self.gate, self.up)
+    return self.down(jax.nn.silu(gate) * up)
 
 
 @struct.dataclass
@@ -111,7 +114,7 @@ class CausalSelfAttention(nnx.Module):
     """Attention over the prefix and the call's tokens -> (y, the call's own (k, v))."""
     b, t, _ = x_btd.shape
     split = lambda y: y.reshape(b, t, -1, self.cfg.head_dim)
-    q, k, v = split(self.q(x_btd)), split(self.k(x_btd)), split(self.v(x_btd))
+    q, k, v = map(split, project_together(x_btd, self.q, self.k, self.v))
     rope = lambda y, positions: rotary(y, positions, self.cfg.rope_base, self.cfg.rope_scaling)
     if context is None and prefix_kv is None and self.window is None:
       positions = jnp.arange(t)  # positions restart at 0 in every chunk (PAPER.md section 3)
@@ -169,14 +172,16 @@ class FastWeightMixer(nnx.Module):
   def _heads(self, y_btc: jax.Array, width: int) -> jax.Array:
     return y_btc.reshape(y_btc.shape[0], y_btc.shape[1], -1, width)
 
-  def _delta_rule_and_read_out(self, q, k, v, x_btd, fast_state, context):
-    """Gates from x, the gated delta rule from S, and the gated, normalised read-out."""
+  def _delta_rule_and_read_out(self, q, k, v, out_gate, x_btd, fast_state, context):
+    """Gates from x, the gated delta rule from S, and the read-out, normalised and gated by
+    silu(out_gate) (x W_g, projected by the subclass with its q, k and v)."""
     x32 = x_btd.astype(jnp.float32)
-    g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.decay_proj(x32) + self.dt_bias[...])
-    beta = jax.nn.sigmoid(self.beta_proj(x32))
+    decay, beta = project_together(x32, self.decay_proj, self.beta_proj)
+    g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(decay + self.dt_bias[...])
+    beta = jax.nn.sigmoid(beta)
     impl = (context and context.fast_weight_impl) or self.cfg.fast_weight_impl
     o, fast_state = gated_delta_rule(q, k, v, g, beta, initial_state=fast_state, impl=impl)
-    o = self.out_norm(o) * jax.nn.silu(self._heads(self.out_gate(x_btd), o.shape[-1]))
+    o = self.out_norm(o) * jax.nn.silu(self._heads(out_gate, o.shape[-1]))
     return self.o(o.reshape(o.shape[0], o.shape[1], -1)), fast_state
 
 
@@ -208,19 +213,14 @@ class GatedDeltaNet(FastWeightMixer):
     S is [B,H,K,V] float32; conv_tails is (q, k, v) tails [B, conv_width-1, H*K or H*V] or None.
     """
     fast_state, conv_tails = state
-    conv_tails = conv_tails or (None, None, None)
     _, key_dim, value_dim = self.cfg.fast_state_shape
-    convolved = [
-      conv(proj(x_btd), tail)
-      for conv, proj, tail in zip(
-        (self.conv_q, self.conv_k, self.conv_v), (self.q, self.k, self.v), conv_tails
-      )
-    ]
-    (q, q_tail), (k, k_tail), (v, v_tail) = convolved
+    q, k, v, out_gate = project_together(x_btd, self.q, self.k, self.v, self.out_gate)
+    convs = [self.conv_q, self.conv_k, self.conv_v]
+    (q, q_tail), (k, k_tail), (v, v_tail) = convolve_together([q, k, v], convs, conv_tails)
     q = l2_normalize(self._heads(jax.nn.silu(q), key_dim))
     k = l2_normalize(self._heads(jax.nn.silu(k), key_dim))
     v = self._heads(jax.nn.silu(v), value_dim)
-    y, fast_state = self._delta_rule_and_read_out(q, k, v, x_btd, fast_state, context)
+    y, fast_state = self._delta_rule_and_read_out(q, k, v, out_gate, x_btd, fast_state, context)
     return y, (fast_state, (q_tail, k_tail, v_tail))
 
 
@@ -268,9 +268,9 @@ class JetDeltaNet(FastWeightMixer):
     b, t, _ = x_btd.shape
     width = self.cfg.conv_width
     _, key_dim, value_dim = self.cfg.fast_state_shape
-    q = l2_normalize(self._heads(jax.nn.silu(self.q(x_btd)), key_dim))
-    k = l2_normalize(self._heads(jax.nn.silu(self.k(x_btd)), key_dim))
-    v_in = self.v(x_btd)
+    q, k, v_in, out_gate = project_together(x_btd, self.q, self.k, self.v, self.out_gate)
+    q = l2_normalize(self._heads(jax.nn.silu(q), key_dim))
+    k = l2_normalize(self._heads(jax.nn.silu(k), key_dim))
     if v_tail is None:
       padded = jnp.pad(v_in, ((0, 0), (width - 1, 0), (0, 0)))
     else:
@@ -279,7 +279,7 @@ class JetDeltaNet(FastWeightMixer):
     kernels = self.kernel_out(jax.nn.silu(self.kernel_hidden(x_btd)))
     kernels = jnp.swapaxes(kernels.reshape(b, t, -1, width), -1, -2)
     v = self._heads(jax.nn.silu(dynamic_causal_conv(padded, kernels)), value_dim)
-    y, fast_state = self._delta_rule_and_read_out(q, k, v, x_btd, fast_state, context)
+    y, fast_state = self._delta_rule_and_read_out(q, k, v, out_gate, x_btd, fast_state, context)
     return y, (fast_state, (padded[:, t:],))
 
 

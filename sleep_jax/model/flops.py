@@ -73,9 +73,10 @@ def attention_flops(cfg: ModelConfig, num_tokens: int, window: int | None = None
 def triangular_inverse_flops(chunk: int) -> int:
   """(I + A)^{-1} of a [C, C] unit lower-triangular matrix as chunked.py computes it.
 
-  The model's count is that of block pairs, whatever form runs: chunks up to 32 tokens invert
-  by masked doubling, which multiplies whole C x C matrices (4 C^3 per level, more FLOPs but
-  fewer kernels) and, like rematerialisation, is not counted as model work.
+  The model's count is that of block pairs, whatever form runs: chunks up to 32 tokens
+  (chunked.SMALL_CHUNK) invert by masked doubling, which multiplies whole C x C matrices
+  (4 C^3 per level, more FLOPs but fewer kernels) and, like rematerialisation and those
+  chunks' decay sums taken as a matmul, is not counted as model work.
 
   Recursive block doubling on C rounded up to a power of two P: at block size b there are
   P/(2b) pairs of diagonal blocks, each costing two [b, b] @ [b, b] matmuls, i.e. 2*P*b^2 per

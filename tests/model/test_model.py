@@ -12,9 +12,12 @@ from sleep_jax.data import rule110
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.model.layers import (
   CausalDepthwiseConv,
+  Dense,
   RMSNorm,
   causal_depthwise_conv,
+  convolve_together,
   l2_normalize,
+  project_together,
   rotary,
 )
 from sleep_jax.model.lm import zero_fast_state
@@ -62,10 +65,10 @@ def test_causal_conv_tail_continues_the_sequence_across_calls():
 
 
 def test_causal_conv_written_backward_equals_autodiff_of_a_plain_loop():
-  """The conv's own VJP (filter gradient as one matmul) against autodiff of an explicit loop."""
-  padded = jax.random.normal(jax.random.key(2), (2, 9 + 3, 5))
-  weight = jax.random.normal(jax.random.key(3), (4, 5))
-  cotangent = jax.random.normal(jax.random.key(4), (2, 9, 5))
+  """The conv's own VJP against autodiff of an explicit loop, on stacked [n, C] channels."""
+  padded = jax.random.normal(jax.random.key(2), (2, 9 + 3, 3, 5))
+  weight = jax.random.normal(jax.random.key(3), (4, 3, 5))
+  cotangent = jax.random.normal(jax.random.key(4), (2, 9, 3, 5))
 
   def plain(padded, weight):
     return jnp.stack([sum(weight[j] * padded[:, 3 + t - j] for j in range(4)) for t in range(9)], 1)
@@ -82,6 +85,59 @@ def test_causal_conv_written_backward_equals_autodiff_of_a_plain_loop():
   np.testing.assert_allclose(
     d_weight.astype(jnp.float32), plain_vjp(cotangent)[1], rtol=0.05, atol=0.1
   )
+
+
+def test_projections_together_equal_the_layers_one_by_one_in_values_and_gradients():
+  # Widths 6, 6, 4, 6, 4 with a bias: three matmuls of the same width, two of another.
+  rngs = nnx.Rngs(0)
+  dense = lambda width, axes=("embed", "heads"), bias=False: Dense(
+    5, width, logical_axes=axes, optimizer="muon", rngs=rngs, use_bias=bias
+  )
+  layers = [dense(6), dense(6, bias=True), dense(4), dense(6), dense(4, ("embed", "mlp"))]
+  for layer in layers[1:2]:
+    layer.bias[...] = jax.random.normal(jax.random.key(1), (6,))
+  x = jax.random.normal(jax.random.key(2), (2, 3, 5))
+  graphdef, params = nnx.split(layers)
+
+  def together(params, x):
+    return project_together(x, *nnx.merge(graphdef, params))
+
+  def one_by_one(params, x):
+    return tuple(layer(x) for layer in nnx.merge(graphdef, params))
+
+  fast, fast_vjp = jax.vjp(together, params, x)
+  slow, slow_vjp = jax.vjp(one_by_one, params, x)
+  assert [y.shape for y in fast] == [(2, 3, 6), (2, 3, 6), (2, 3, 4), (2, 3, 6), (2, 3, 4)]
+  np.testing.assert_allclose(jnp.concatenate(fast, -1), jnp.concatenate(slow, -1), rtol=1e-6)
+  cotangents = tuple(jax.random.normal(jax.random.key(3 + i), y.shape) for i, y in enumerate(slow))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, fast_vjp(cotangents), slow_vjp(cotangents))
+  # Only same-width layers with the same logical axes share a matmul: 6, 6, 6 | 4 | 4.
+  dots = str(jax.make_jaxpr(together)(params, x)).count("dot_general")
+  assert dots == 3
+
+
+def test_convolutions_together_equal_them_one_by_one_with_and_without_tails():
+  rngs = nnx.Rngs(0)
+  convs = [CausalDepthwiseConv(c, 4, logical_axis="heads", rngs=rngs) for c in (3, 5, 3)]
+  xs = [jax.random.normal(jax.random.key(i), (2, 7, c)) for i, c in enumerate((3, 5, 3))]
+  tails = [jax.random.normal(jax.random.key(9 + i), (2, 3, c)) for i, c in enumerate((3, 5, 3))]
+  graphdef, params = nnx.split(convs)
+  for given_tails in (None, tails):
+    together = lambda params, xs, tails=given_tails: convolve_together(
+      xs, nnx.merge(graphdef, params), tails
+    )
+
+    def one_by_one(params, xs, tails=given_tails):
+      convs = nnx.merge(graphdef, params)
+      return [conv(x, tails and tails[i]) for i, (conv, x) in enumerate(zip(convs, xs))]
+
+    fast, fast_vjp = jax.vjp(together, params, xs)
+    slow, slow_vjp = jax.vjp(one_by_one, params, xs)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, fast, slow)
+    cotangents = jax.tree.map(lambda y: jax.random.normal(jax.random.key(7), y.shape), slow)
+    jax.tree.map(close, fast_vjp(cotangents), slow_vjp(cotangents))
 
 
 def test_norms():

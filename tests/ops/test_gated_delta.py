@@ -167,7 +167,8 @@ def test_scale_multiplies_the_queries():
 
 
 @pytest.mark.parametrize(
-  "impl,tokens", [("reference", 1), ("reference", 5), ("chunked", 11), ("chunked_autodiff", 11)]
+  "impl,tokens",
+  [("reference", 1), ("reference", 5), ("chunked", 3), ("chunked", 11), ("chunked_autodiff", 11)],
 )
 def test_gradients_match_finite_differences_in_float64(impl, tokens):
   with jax.enable_x64(True):
@@ -192,6 +193,9 @@ CASES = {
   ),
   "T=24 shorter than the chunk": dict(
     batch=1, tokens=24, heads=1, key_dim=4, value_dim=4, chunk_size=64
+  ),
+  "T=80 in chunks of 48, above chunked.SMALL_CHUNK": dict(
+    batch=1, tokens=80, heads=2, key_dim=4, value_dim=4, chunk_size=48
   ),
 }
 # The interpreted kernels cost seconds per case: the default suite runs them on the richest
@@ -231,7 +235,7 @@ def test_matches_reference_and_numpy_in_values_and_gradients(impl, case, with_st
     assert_close(grads[name], expected_grads[name], 1e-4, f"d loss / d {name}")
 
 
-# Masked doubling up to MASKED_INVERSE_MAX_CHUNK = 32 (1, 5, 24, 32), block pairs above (33, 37).
+# Masked doubling up to chunked.SMALL_CHUNK = 32 (1, 5, 24, 32), block pairs above (33, 37).
 @pytest.mark.parametrize("size", [1, 5, 24, 32, 33, 37])
 def test_unit_lower_inverses_match_numpy(size):
   rng = np.random.default_rng(size)

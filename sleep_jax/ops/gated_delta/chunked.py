@@ -9,7 +9,9 @@ source token). Two versions share the per-chunk math:
     hand-off, under a `jax.custom_vjp`. The forward saves only the inputs (in their own layout)
     and the [K, V] state entering every chunk; the backward walks the chunks in reverse,
     re-runs one chunk and differentiates it, using the closed-form gradient of the inverse.
-    Working memory is O(T/C * K * V + C * C) per head, whatever T is.
+    Working memory is O(T/C * K * V + C * C) per head, whatever T is. A call of one chunk
+    (T <= chunk_size) is that chunk differentiated by plain autodiff: the same memory bound,
+    no scans and no recomputation.
   * `gated_delta_rule_chunked_autodiff`: the local terms of all chunks at once (big batched
     matmuls), then the state scan, differentiated by plain autodiff, which keeps every [T, C]
     intermediate alive until the backward pass. Kept as the benchmark's baseline and as a
@@ -56,6 +58,23 @@ def _segment_sums(g_bhnc):
   return jnp.cumsum(jnp.where(strictly_below_ts, g_bhnc[..., :, None], 0.0), axis=-2)
 
 
+def _sums_by_matmul(g_bhnc):
+  """(prefix sums g_1 + ... + g_t [..., C], `_segment_sums` [..., C, C]) as one matmul.
+
+  g [..., C] times a constant 0/1 matrix [C, C + C*C] whose columns select the terms of each
+  sum: every sum is still taken over its own tokens only (no difference of prefix sums), and
+  one matmul replaces the two cumulative sums, which XLA:CPU runs as several reduce-window
+  kernels each way. It multiplies C times the additions, so only small chunks use it.
+  """
+  chunk = g_bhnc.shape[-1]
+  r, t, s = np.ogrid[:chunk, :chunk, :chunk]
+  prefix_rt = (r <= t)[:, :, 0]
+  segment_rts = ((s < r) & (r <= t)).reshape(chunk, chunk * chunk)
+  selector = np.concatenate([prefix_rt, segment_rts], axis=1).astype(g_bhnc.dtype)
+  sums = _einsum("...r,rx->...x", g_bhnc, selector)
+  return sums[..., :chunk], sums[..., chunk:].reshape(g_bhnc.shape + (chunk,))
+
+
 def _masked_decay(segment_sums_bhnts):
   """D[t, s] = exp(g_{s+1} + ... + g_t) for s <= t, else exactly 0."""
   chunk = segment_sums_bhnts.shape[-1]
@@ -63,10 +82,11 @@ def _masked_decay(segment_sums_bhnts):
   return jnp.where(causal_ts, jnp.exp(segment_sums_bhnts), 0.0)
 
 
-# Chunks up to this length invert by masked doubling (fewest kernels; the CPU step is bound by
-# kernel count), longer ones by block pairs (fewest FLOPs: masked doubling multiplies whole
-# C x C matrices, 4 C^3 per level). model/flops.py counts the same rule.
-MASKED_INVERSE_MAX_CHUNK = 32
+# Chunks up to this length take the forms with the fewest kernels (the CPU step is bound by
+# kernel count): the inverse by masked doubling and the decay sums as one matmul. Longer ones
+# take the forms with the fewest FLOPs: block pairs (masked doubling multiplies whole C x C
+# matrices, 4 C^3 per level) and cumulative sums. model/flops.py counts the same rule.
+SMALL_CHUNK = 32
 
 
 def _invert_unit_lower(strict_lower_ts):
@@ -82,7 +102,7 @@ def _invert_unit_lower(strict_lower_ts):
   # One batch dimension: with several, XLA CPU's YNNPACK fusion of the backward pass crashed
   # (jaxlib 0.10, chunk >= 32; found by bench/fuzz_gated_delta.py).
   one_batch_nts = strict_lower_ts.reshape((-1, size, size))
-  if size <= MASKED_INVERSE_MAX_CHUNK:
+  if size <= SMALL_CHUNK:
     inverse_nts = _invert_by_masked_doubling(one_batch_nts)
   else:
     inverse_nts = _invert_by_block_pairs(one_batch_nts)
@@ -186,8 +206,12 @@ def chunk_local_terms(
   `precision` is that of the matmuls outside the inverse (the staged GPU kernels lower it for
   bfloat16 inputs, see pallas_gpu_staged.py).
   """
-  decay_from_start_bhnc = jnp.exp(jnp.cumsum(g_bhnc, axis=-1))
-  segment_sums_bhnts = _segment_sums(g_bhnc)
+  if g_bhnc.shape[-1] <= SMALL_CHUNK:
+    cum_bhnc, segment_sums_bhnts = _sums_by_matmul(g_bhnc)
+    decay_from_start_bhnc = jnp.exp(cum_bhnc)
+  else:
+    decay_from_start_bhnc = jnp.exp(jnp.cumsum(g_bhnc, axis=-1))
+    segment_sums_bhnts = _segment_sums(g_bhnc)
   # The decay from token t to the chunk's end: the last row of the segment sums.
   decay_to_end_bhnc = jnp.exp(segment_sums_bhnts[..., -1, :])
 
@@ -350,6 +374,13 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   chunk = min(chunk_size, num_tokens)
   inputs = [pad_tokens(x, chunk) for x in (q, k, v, g, beta)]
   compute_dtype = state_dtype(q, k, v, g, beta, initial_state)
+  if num_tokens == chunk:
+    # One chunk: plain autodiff of it keeps only that chunk's terms, the memory the lean VJP
+    # exists to bound, and spares the scans, the chunk's recomputation in the backward pass
+    # and the gradient buffers (the sleep passes over a short window on the CPU).
+    one = [_chunk_at(x, 0, chunk, compute_dtype) for x in inputs]
+    out_bhcv, final_state = _one_chunk(float(scale), *one, initial_state.astype(compute_dtype))
+    return jnp.moveaxis(out_bhcv, 2, 1).astype(v.dtype), final_state
   out_btv, final_state = _chunked_with_lean_vjp(
     *inputs, initial_state.astype(compute_dtype), float(scale), chunk
   )
