@@ -77,9 +77,9 @@ def project_together(x: jax.Array, *layers: Dense) -> tuple[jax.Array, ...]:
 
   Layers of one output width and the same logical axes share one matmul against their kernels
   stacked on a new leading axis, [n, in, out]: a kernel sharded over its output axis stays
-  sharded the same way, and every layer keeps its own parameter (and its own Muon update). Where a step is bound by
-  the number of kernels it launches (the CPU at small widths), one wide matmul beats n narrow
-  ones, forward and in both backward products.
+  sharded the same way, and every layer keeps its own parameter (and its own Muon update).
+  Where a step is bound by the number of kernels it launches (the CPU at small widths), one
+  wide matmul beats n narrow ones, forward and in both backward products.
   """
   outputs: list[jax.Array | None] = [None] * len(layers)
   kinds = [
