@@ -37,6 +37,7 @@ from sleep_jax.model.layers import (
   convolve_together,
   dynamic_causal_conv,
   l2_normalize,
+  pad_with_tail,
   param,
   project_together,
   rotary,
@@ -271,10 +272,7 @@ class JetDeltaNet(FastWeightMixer):
     q, k, v_in, out_gate = project_together(x_btd, self.q, self.k, self.v, self.out_gate)
     q = l2_normalize(self._heads(jax.nn.silu(q), key_dim))
     k = l2_normalize(self._heads(jax.nn.silu(k), key_dim))
-    if v_tail is None:
-      padded = jnp.pad(v_in, ((0, 0), (width - 1, 0), (0, 0)))
-    else:
-      padded = jnp.concatenate([v_tail.astype(v_in.dtype), v_in], axis=1)
+    padded = pad_with_tail(v_in, v_tail, width)
     # The generator's output channel c * W + w is tap w of value channel c.
     kernels = self.kernel_out(jax.nn.silu(self.kernel_hidden(x_btd)))
     kernels = jnp.swapaxes(kernels.reshape(b, t, -1, width), -1, -2)

@@ -158,14 +158,17 @@ class CausalDepthwiseConv(nnx.Module):
     return _convolve(x_btc, self.weight[...], tail)
 
 
+def pad_with_tail(x_bt: jax.Array, tail: jax.Array | None, width: int) -> jax.Array:
+  """x [B,T,...] with the width-1 inputs before it in front: the tail, or zeros if None."""
+  if tail is None:
+    return jnp.pad(x_bt, ((0, 0), (width - 1, 0)) + ((0, 0),) * (x_bt.ndim - 2))
+  return jnp.concatenate([tail.astype(x_bt.dtype), x_bt], axis=1)
+
+
 def _convolve(x_bt, weight_w, tail=None):
   """`CausalDepthwiseConv` on x [B,T,...] with weight [W,...] (the same trailing dims)."""
-  width, t = weight_w.shape[0], x_bt.shape[1]
-  if tail is None:
-    padded = jnp.pad(x_bt, ((0, 0), (width - 1, 0)) + ((0, 0),) * (x_bt.ndim - 2))
-  else:
-    padded = jnp.concatenate([tail.astype(x_bt.dtype), x_bt], axis=1)
-  return causal_depthwise_conv(padded, weight_w.astype(x_bt.dtype)), padded[:, t:]
+  padded = pad_with_tail(x_bt, tail, weight_w.shape[0])
+  return causal_depthwise_conv(padded, weight_w.astype(x_bt.dtype)), padded[:, x_bt.shape[1] :]
 
 
 def convolve_together(
