@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sleep_jax import xla_flags
 
-xla_flags.apply_workarounds()
+xla_flags.apply_defaults()
 
 from flax import nnx  # noqa: E402
 

@@ -86,8 +86,17 @@ output width (`layers.project_together`: q|k|v|out_gate, gate|up, decay|beta) an
 q/k/v convolutions run as one (`layers.convolve_together`). Together: 4,057 kernels per N=1
 step and 0.79x the step time of the round before, in one A/B run (alternating persistent
 workers, 40 steps each).
-Single-threaded Eigen kernels (`--xla_flags=--xla_cpu_multi_thread_eigen=false`) cut another
-8-15% on this host, but aborted an 8-device test process, so they are not the default.
+XLA flags (sleep_jax/xla_flags.py, set by every entry point; this script's workers too). The
+YNNPACK crash guard had turned off all of XLA:CPU's YNNPACK fusions, its dots included; limited
+to dots (`--xla_cpu_experimental_ynn_fusion_type=dot`) they are back, and they run the gated
+delta rule's small batched products ([B, H] batches of 24 x 32 operands, ~0.1-0.2 ms each
+through XLA's own dot, about a fifth of the step) faster. In a process with one CPU device,
+`--xla_cpu_multi_thread_eigen=false` saves the thread pool's hand-off on each of the ~4,000
+small kernels (the step still uses both cores: CPU ms stays ~1.6x wall). With 8 host devices
+the latter made the step slower (195 -> 259 ms at N=1 in one pair of runs), so processes with
+several devices (the tests) keep XLA's default. Four settings rotated three times, N=1 medians
+of the three runs (one process each, `XLA_FLAGS=...`): previous defaults 184 ms, one-thread
+kernels 165 ms, both 144 ms (0.78x), YNN dots alone 157 ms.
 """
 
 import argparse
@@ -262,11 +271,11 @@ def measure(
 
   With `profile_steps`, also traces that many more steps and summarizes where the device time
   went (`summarize_trace`)."""
-  try:  # the project's XLA CPU workarounds, before the backend starts (older trees: on import)
+  try:  # the project's XLA CPU defaults, before the backend starts (older trees: other names)
     from sleep_jax import xla_flags
 
-    xla_flags.apply_workarounds()
-  except ImportError:
+    xla_flags.apply_defaults()
+  except (ImportError, AttributeError):
     pass
   import jax
   import jax.numpy as jnp

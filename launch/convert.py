@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sleep_jax import xla_flags
 
-xla_flags.apply_workarounds()  # before JAX starts its backend
+xla_flags.apply_defaults()  # before JAX starts its backend
 
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402

@@ -11,7 +11,7 @@ Public entry points (DESIGN.md section 3):
 Importing the package has no side effects and loads neither JAX nor Flax: the entry points
 above are imported on first use, so configs and reports can import `sleep_jax.data`,
 `sleep_jax.rundir` or `sleep_jax.experiments` cheaply. On a CPU with jaxlib 0.10, call
-`sleep_jax.xla_flags.apply_workarounds()` before the first JAX computation.
+`sleep_jax.xla_flags.apply_defaults()` before the first JAX computation.
 """
 
 import importlib

@@ -23,4 +23,4 @@ if REPO_ROOT not in sys.path:
 
 from sleep_jax import xla_flags  # noqa: E402  (imports no JAX)
 
-xla_flags.apply_workarounds()  # what every entry point does before JAX starts
+xla_flags.apply_defaults()  # what every entry point does before JAX starts
