@@ -9,7 +9,8 @@ behaviour behind them changes between releases; other releases keep XLA's own de
     make_transpose_impl) in the backward pass of the chunked gated delta rule at batch >= ~64,
     so they stay off; its dots run that rule's many small batched products (per batch and
     head, 24 x 32 operands in the CPU sweeps) faster than XLA's own dot.
-  * `--xla_cpu_multi_thread_eigen=false`, only when the process has one CPU device: the step's
+  * `--xla_cpu_multi_thread_eigen=false`, only when the process has one CPU device (neither
+    --xla_force_host_platform_device_count nor JAX_NUM_CPU_DEVICES asks for more): the step's
     ~4,000 small kernels then run without handing each one's work to the thread pool.
     With 8 host devices (`--xla_force_host_platform_device_count=8`, the tests) the same flag
     made the step slower, so such processes keep XLA's default.
@@ -19,7 +20,7 @@ behaviour behind them changes between releases; other releases keep XLA's own de
 A flag the caller's XLA_FLAGS already names is left as the caller set it (e.g.
 `XLA_FLAGS=--xla_cpu_multi_thread_eigen=true` brings the thread pool back).
 
-launch/*.py, bench/*.py and tests/conftest.py call it first thing; a program that uses the
+launch/*.py, bench/train_step.py, bench/param_movement.py and tests/conftest.py call it first; a program that uses the
 library directly on a CPU with jaxlib 0.10 should too:
 
   from sleep_jax import xla_flags
