@@ -20,8 +20,8 @@ behaviour behind them changes between releases; other releases keep XLA's own de
 A flag the caller's XLA_FLAGS already names is left as the caller set it (e.g.
 `XLA_FLAGS=--xla_cpu_multi_thread_eigen=true` brings the thread pool back).
 
-launch/*.py, bench/train_step.py, bench/param_movement.py and tests/conftest.py call it first; a program that uses the
-library directly on a CPU with jaxlib 0.10 should too:
+launch/*.py, bench/train_step.py, bench/param_movement.py and tests/conftest.py call it first;
+a program that uses the library directly on a CPU with jaxlib 0.10 should too:
 
   from sleep_jax import xla_flags
   xla_flags.apply_defaults()  # before the first JAX computation
