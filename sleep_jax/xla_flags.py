@@ -66,5 +66,6 @@ def apply_defaults() -> None:
   except (ImportError, AttributeError):
     return
   flags = os.environ.get("XLA_FLAGS", "")
-  if default_flags(flags, version) != flags:
-    os.environ["XLA_FLAGS"] = default_flags(flags, version)
+  wanted = default_flags(flags, version)
+  if wanted != flags:  # an unset XLA_FLAGS stays unset when nothing is added
+    os.environ["XLA_FLAGS"] = wanted

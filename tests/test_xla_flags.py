@@ -35,7 +35,7 @@ def test_xla_accepts_the_flags_and_fuses_batched_dots_through_ynnpack():
   """The flags parse (XLA aborts on unknown ones) and a batched dot becomes a YNN fusion."""
   code = (
     "from sleep_jax import xla_flags; xla_flags.apply_defaults();"
-    "import os, jax, jax.numpy as jnp, jaxlib;"
+    "import jax, jax.numpy as jnp, jaxlib;"
     "f = jax.jit(lambda a, b: jnp.einsum('nij,njk->nik', a, b));"
     "a = jnp.ones((64, 24, 32));"
     "hlo = f.lower(a, a.transpose(0, 2, 1)).compile().as_text();"
