@@ -26,6 +26,7 @@ from flax import nnx
 from sleep_jax.data import tasks
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.model.lm import build_model
+from sleep_jax.ops.gated_delta.api import resolve_impl
 from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.train import checkpoint
@@ -178,7 +179,14 @@ def build_program(config, devices: Sequence[Any] | None = None) -> Program:
   devices = list(jax.devices() if devices is None else devices)
   validated = validate(config, len(devices), len({d.process_index for d in devices}))
   mesh = mesh_lib.make_mesh(config.parallel, devices)
-  abstract_model = nnx.eval_shape(lambda: build_model(validated.model, seed=config.seed))
+  # The steps are lowered for `devices` only. On CPUs "auto" stands for "chunked": naming it
+  # traces none of the GPU and TPU kernels' branches (half the CPU train step's jaxpr and trace
+  # time). On accelerators "auto" is resolved when lowering (a "gpu" device may be CUDA or
+  # ROCm). The saved config keeps the name it was given.
+  step_model = validated.model
+  if devices[0].platform == "cpu" and step_model.fast_weight_impl == "auto":
+    step_model = dataclasses.replace(step_model, fast_weight_impl=resolve_impl("auto", "cpu"))
+  abstract_model = nnx.eval_shape(lambda: build_model(step_model, seed=config.seed))
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = mesh_lib.param_shardings(abstract_params, mesh, config.parallel.rules)
   optimizer = make_optimizer(

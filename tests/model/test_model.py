@@ -25,7 +25,9 @@ from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.train.optim import make_optimizer, optimizer_labels
 from sleep_jax.train.step import TrainState, train_step
 
+# "chunked" is what "auto" lowers to on a CPU; named, tracing skips the GPU and TPU kernels too.
 CFG = dict(vocab_size=6, pattern="AGAG", d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
+CFG |= dict(fast_weight_impl="chunked")
 
 
 def test_rotary_preserves_norms_and_depends_only_on_relative_position():

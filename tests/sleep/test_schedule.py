@@ -17,11 +17,14 @@ from sleep_jax.sleep.config import Chunk, SleepConfig
 from sleep_jax.sleep.consolidate import sleep_forward
 
 L, VOCAB = 4, 7
+# What "auto" lowers to on a CPU, named so that tracing outside a program skips the GPU and TPU
+# kernels' branches too (sleep_jax.ops.gated_delta.api._by_platform).
+CPU_FORM = dict(fast_weight_impl="chunked")
 
 
 def build(pattern="AGAG"):
   cfg = dict(vocab_size=VOCAB, pattern=pattern, d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
-  return sleep_jax.build_model(cfg, seed=3)
+  return sleep_jax.build_model(cfg | CPU_FORM, seed=3)
 
 
 def tokens(length, seed=0, batch=2):
@@ -219,8 +222,8 @@ def test_new_schedules_train_gradients_match_finite_differences(hybrid, sleep):
   params = nnx.to_pure_dict(state)
   cfg = SleepConfig(window=L, **({"context_len": 8} | sleep))
   toks = jnp.asarray(tokens(10, seed=7))
-  loss = lambda p: jnp.mean(sleep_forward(graphdef, p, toks, cfg)[0] ** 2)
-  grads = jax.grad(loss)(params)
+  loss = jax.jit(lambda p: jnp.mean(sleep_forward(graphdef, p, toks, cfg)[0] ** 2))
+  grads = jax.jit(jax.grad(loss))(params)
   direction = jax.tree.map(lambda x: jnp.sign(jnp.sin(jnp.arange(x.size))).reshape(x.shape), params)
   analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
   eps = 1e-3

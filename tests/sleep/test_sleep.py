@@ -16,10 +16,14 @@ from sleep_jax.sleep.consolidate import sleep_forward
 
 WINDOW, CHUNKS, PREDICT, VOCAB = 4, 3, 3, 7
 CONTEXT = WINDOW * CHUNKS
+# What "auto" lowers to on a CPU, named so that tracing outside a program skips the GPU and TPU
+# kernels' branches too (sleep_jax.ops.gated_delta.api._by_platform).
+CPU_FORM = dict(fast_weight_impl="chunked")
 
 
 def model_config(pattern="AGAG"):
-  return dict(vocab_size=VOCAB, pattern=pattern, d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
+  cfg = dict(vocab_size=VOCAB, pattern=pattern, d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
+  return cfg | CPU_FORM
 
 
 def sleep_config(passes=1, **overrides):

@@ -105,6 +105,23 @@ def test_fsdp_and_tensor_parallelism_really_split_the_parameters():
   assert program.batch_sharding.shard_shape((16, 100)) == (4, 100)
 
 
+def traced_train_step(config) -> str:
+  """The train step's jaxpr on one CPU device, printed with every nested jaxpr."""
+  program = program_lib.build_program(config, jax.devices()[:1])
+  batch = program.abstract_batch(config.train.batch_size)
+  with jax.set_mesh(program.mesh):
+    return str(program.train_step.__wrapped__.trace(program.abstract_state, batch).jaxpr)
+
+
+def test_on_a_cpu_the_steps_trace_the_chunked_form_and_the_config_keeps_auto():
+  auto = tiny_config()
+  assert auto.model.fast_weight_impl == "auto"
+  assert program_lib.build_program(auto).validated.model.fast_weight_impl == "auto"
+  traced = traced_train_step(auto)
+  assert "platform_index" not in traced and "pallas_call" not in traced  # no kernel branches
+  assert traced == traced_train_step(tiny_config(model__fast_weight_impl="chunked"))
+
+
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
   steps = dict(train__num_steps=6)
   straight = loop.train_and_evaluate(tiny_config(**steps), str(tmp_path / "straight"))
