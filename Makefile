@@ -2,7 +2,7 @@
 PYTHON ?= python
 SWEEP_DIR ?= runs/first_look
 
-.PHONY: install run test lint format test-all test-tpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
+.PHONY: install run test test-integration lint format test-all test-tpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
@@ -12,7 +12,11 @@ run:
 	$(PYTHON) launch/sweep.py --config=configs/sweeps/first_look.py --sweep_dir=$(SWEEP_DIR)
 
 test:
-	$(PYTHON) -m pytest -m "not slow and not gpu and not tpu and not tpu_compile" -n 2 -q
+	$(PYTHON) -m pytest -m "not slow and not integration and not gpu and not tpu and not tpu_compile" -n 2 -q
+
+# End-to-end runs (real processes, the training loop on disk, meshes, two-process jobs); CI runs them.
+test-integration:
+	$(PYTHON) -m pytest -m integration -n 2 -q
 
 # Lint and format check (ruff, configured in ruff.toml); `make format` rewrites in place.
 lint:

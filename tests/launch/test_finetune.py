@@ -48,6 +48,7 @@ def run(script, *flags):
   return out
 
 
+@pytest.mark.integration
 def test_convert_then_fine_tune_the_coda_only(tmp_path):
   write_tiny_jet_nemotron(tmp_path / "hf")
   converted = tmp_path / "converted"

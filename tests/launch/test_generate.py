@@ -15,6 +15,8 @@ from sleep_jax.data import tasks
 from sleep_jax.train import loop
 from sleep_jax.train.checkpoint import restore_model
 
+pytestmark = pytest.mark.integration  # every test reads a real training run
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -81,7 +81,10 @@ def assert_same_run(workdir, reference):
   got, want = train_losses(workdir), train_losses(reference)
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
-  results = [json.load(open(os.path.join(d, "results.json"))) for d in (workdir, reference)]
+  results = []
+  for directory in (workdir, reference):
+    with open(os.path.join(directory, "results.json")) as f:
+      results.append(json.load(f))
   np.testing.assert_allclose(results[0]["eval"]["loss"], results[1]["eval"]["loss"], rtol=1e-5)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -97,7 +100,7 @@ def one_process_run(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow  # ~150 s with its reference run: the default suite must stay under 10 minutes
+@pytest.mark.integration  # ~150 s with its reference run
 def test_two_processes_end_where_one_process_ends(tmp_path, one_process_run):
   workdir = str(tmp_path / "two")
   processes = launch_two(workdir)
@@ -107,7 +110,7 @@ def test_two_processes_end_where_one_process_ends(tmp_path, one_process_run):
   assert sum(f.startswith("events.out.tfevents") for f in os.listdir(workdir)) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_killed_two_process_run_resumes_to_the_same_end(tmp_path, one_process_run):
   workdir = str(tmp_path / "killed")
   processes = launch_two(workdir)
@@ -118,7 +121,7 @@ def test_killed_two_process_run_resumes_to_the_same_end(tmp_path, one_process_ru
     time.sleep(0.2)
   for process in processes:
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()  # (and closes its pipes)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", str(STEPS)))
   wait(launch_two(workdir))
   assert_same_run(workdir, one_process_run)

@@ -125,6 +125,7 @@ def sigterm_then_resume(workdir) -> int:
   return logged
 
 
+@pytest.mark.integration
 def test_sigterm_saves_within_seconds_exits_0_and_the_rerun_finishes(tmp_path):
   workdir = tmp_path / "run"
   sigterm_then_resume(workdir)
@@ -239,6 +240,7 @@ def project_lines_only(stderr: str) -> list[str]:
   return [line for line in lines if line.strip()]
 
 
+@pytest.mark.integration
 def test_the_console_shows_only_the_project_unless_asked(tmp_path):
   code, err = run_main(tmp_path / "quiet")
   assert code == 0, err[-3000:]

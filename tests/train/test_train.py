@@ -52,14 +52,14 @@ MESHES = {
   "data 4 x tensor 2": dict(data=4, tensor=2),
   "data 2 x fsdp 2 x tensor 2": dict(data=2, fsdp=2, tensor=2),
 }
-# The default suite runs the mesh that uses every axis; the rest are `slow` (~1 min each).
-FAST = {("data 2 x fsdp 2 x tensor 2", "chunked")}
+# CI's integration step runs the mesh that uses every axis; the rest are `slow` (~1 min each).
+IN_CI = {("data 2 x fsdp 2 x tensor 2", "chunked")}
 
 
 def _mesh_cases():
   for impl in ("chunked", "pallas"):
     for name in MESHES:
-      marks = () if (name, impl) in FAST else (pytest.mark.slow,)
+      marks = pytest.mark.integration if (name, impl) in IN_CI else pytest.mark.slow
       yield pytest.param(name, impl, marks=marks, id=f"{name}-{impl}")
 
 
@@ -122,6 +122,7 @@ def test_on_a_cpu_the_steps_trace_the_chunked_form_and_the_config_keeps_auto():
   assert traced == traced_train_step(tiny_config(model__fast_weight_impl="chunked"))
 
 
+@pytest.mark.integration
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
   steps = dict(train__num_steps=6)
   straight = loop.train_and_evaluate(tiny_config(**steps), str(tmp_path / "straight"))
@@ -140,6 +141,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
   )
 
 
+@pytest.mark.integration
 def test_main_pulse_writes_checkpoints_events_and_results(tmp_path):
   workdir = tmp_path / "pulse"
   out = subprocess.run(
@@ -236,6 +238,7 @@ def test_incompatible_workdir_is_refused_and_left_untouched(tmp_path):
   assert os.listdir(workdir) == ["config.json"]
 
 
+@pytest.mark.integration
 def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
   workdir = tmp_path / "run"
   loop.train_and_evaluate(tiny_config(train__num_steps=2), str(workdir))
@@ -249,6 +252,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
   assert (workdir / "checkpoints" / "2").exists()
 
 
+@pytest.mark.integration
 def test_depo_run_reports_per_hop_metrics(tmp_path):
   workdir = tmp_path / "depo"
   # The reference scan compiles in about half the time of "auto" (chunked) at these sizes.
