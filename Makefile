@@ -14,7 +14,7 @@ run:
 test:
 	$(PYTHON) -m pytest -m "not slow and not integration and not gpu and not tpu and not tpu_compile" -n 2 -q
 
-# End-to-end runs (real processes, the training loop on disk, meshes, two-process jobs); CI runs them.
+# End-to-end runs (real processes, the training loop on disk, the 8-device mesh); CI runs them.
 test-integration:
 	$(PYTHON) -m pytest -m integration -n 2 -q
 

@@ -100,7 +100,9 @@ def one_process_run(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.integration  # ~150 s with its reference run
+# Slow (~150 s with its reference run), and not in CI: on a loaded 2-core host (both tests at
+# once under `-n 2`, four training processes) one process once aborted at JAX's shutdown barrier.
+@pytest.mark.slow
 def test_two_processes_end_where_one_process_ends(tmp_path, one_process_run):
   workdir = str(tmp_path / "two")
   processes = launch_two(workdir)
@@ -110,7 +112,7 @@ def test_two_processes_end_where_one_process_ends(tmp_path, one_process_run):
   assert sum(f.startswith("events.out.tfevents") for f in os.listdir(workdir)) == 1
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_same_end(tmp_path, one_process_run):
   workdir = str(tmp_path / "killed")
   processes = launch_two(workdir)
