@@ -105,21 +105,22 @@ def test_fsdp_and_tensor_parallelism_really_split_the_parameters():
   assert program.batch_sharding.shard_shape((16, 100)) == (4, 100)
 
 
-def traced_train_step(config) -> str:
-  """The train step's jaxpr on one CPU device, printed with every nested jaxpr."""
+def traced_train_step(config) -> tuple[program_lib.Program, str]:
+  """The program on one CPU device and its train step's jaxpr, printed with every nested jaxpr."""
   program = program_lib.build_program(config, jax.devices()[:1])
   batch = program.abstract_batch(config.train.batch_size)
   with jax.set_mesh(program.mesh):
-    return str(program.train_step.__wrapped__.trace(program.abstract_state, batch).jaxpr)
+    traced = program.train_step.__wrapped__.trace(program.abstract_state, batch)
+  return program, str(traced.jaxpr)
 
 
 def test_on_a_cpu_the_steps_trace_the_chunked_form_and_the_config_keeps_auto():
   auto = tiny_config()
   assert auto.model.fast_weight_impl == "auto"
-  assert program_lib.build_program(auto).validated.model.fast_weight_impl == "auto"
-  traced = traced_train_step(auto)
+  program, traced = traced_train_step(auto)
+  assert program.validated.model.fast_weight_impl == "auto"
   assert "platform_index" not in traced and "pallas_call" not in traced  # no kernel branches
-  assert traced == traced_train_step(tiny_config(model__fast_weight_impl="chunked"))
+  assert traced == traced_train_step(tiny_config(model__fast_weight_impl="chunked"))[1]
 
 
 @pytest.mark.integration
