@@ -2,7 +2,7 @@
 PYTHON ?= python
 SWEEP_DIR ?= runs/first_look
 
-.PHONY: install run test test-integration lint format test-all test-tpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
+.PHONY: install install-gpu-compile run test test-integration lint format test-all test-tpu-compile test-gpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
@@ -12,7 +12,7 @@ run:
 	$(PYTHON) launch/sweep.py --config=configs/sweeps/first_look.py --sweep_dir=$(SWEEP_DIR)
 
 test:
-	$(PYTHON) -m pytest -m "not slow and not integration and not gpu and not tpu and not tpu_compile" -n 2 -q
+	$(PYTHON) -m pytest -m "not slow and not integration and not gpu and not tpu and not tpu_compile and not gpu_compile" -n 2 -q
 
 # End-to-end runs (real processes, the training loop on disk, the 8-device mesh); CI runs them.
 test-integration:
@@ -28,11 +28,19 @@ format:
 	$(PYTHON) -m ruff format .
 
 test-all:
-	$(PYTHON) -m pytest -m "not gpu and not tpu and not tpu_compile" -n 2 -q
+	$(PYTHON) -m pytest -m "not gpu and not tpu and not tpu_compile and not gpu_compile" -n 2 -q
 
 # Compile for TPU topologies on this host (needs libtpu: pip install -e ".[tpu]"); one process.
 test-tpu-compile:
 	$(PYTHON) -m pytest -m tpu_compile -q
+
+# Compile for H100/H200 on this host (no GPU): the CUDA plugin of the installed jax and ptxas
+# (~1.2 GB), then the kernels' and the paper steps' compile tests; one process.
+install-gpu-compile:
+	$(PYTHON) -m pip install "jax-cuda12-plugin==$$($(PYTHON) -c 'import jax; print(jax.__version__)')" nvidia-cuda-nvcc-cu12
+
+test-gpu-compile:
+	$(PYTHON) -m pytest -m gpu_compile -q
 
 # The README's TPU table: paper configs on v5e-8, v5p-32 and 2 x v5e-16, and the largest v5e batch.
 aot-table:

@@ -1,0 +1,80 @@
+"""The GPU kernels compile for H100 and H200 from this host, fit Hopper and spill nothing.
+
+Each case compiles one program holding a kernel's forward and backward (the gradient of a loss
+over the outputs and the final state, from an initial state) through XLA:GPU, Pallas' Triton
+lowering, Triton and ptxas for sm_90a, then runs ptxas over the dumped PTX of every Triton
+kernel for its report. A kernel over the shared-memory limit fails the compile itself
+(RESOURCE_EXHAUSTED); a spill shows only in ptxas' report, which must say 0 bytes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sleep_jax.ops import gated_delta_rule
+from sleep_jax.parallel import compiled, gpu_topology
+from sleep_jax.train import aot
+
+pytestmark = [
+  pytest.mark.gpu_compile,
+  pytest.mark.skipif(bool(gpu_topology.missing_toolchain()), reason="no CUDA plugin or ptxas"),
+]
+
+# 16 chunks of 64 tokens: the staged form launches its walk kernels too.
+BATCH, TOKENS, HEADS = 2, 1024, 4
+SHARED_MEMORY_LIMIT = 232_448  # Hopper's opt-in bytes per block (the target configs say so)
+
+
+def _abstract_inputs(device, dtype, width):
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
+  return (
+    [spec((BATCH, TOKENS, HEADS, width), dtype)] * 3
+    + [spec((BATCH, TOKENS, HEADS), jnp.float32)] * 2
+    + [spec((BATCH, HEADS, width, width), jnp.float32)]
+  )
+
+
+def compile_and_report(gpu, impl, dtype, width, tmp_path):
+  """(compiled program's text, ptxas' report of its Triton kernels) for a kernel's gradient."""
+
+  def loss(q, k, v, g, beta, state):
+    out, final = gated_delta_rule(q, k, v, g, beta, initial_state=state, impl=impl)
+    return out.astype(jnp.float32).sum() + final.sum()
+
+  devices = gpu_topology.gpu_devices(gpu)
+  program = aot.compile_lowerable(
+    jax.jit(jax.value_and_grad(loss, argnums=range(6))),
+    *_abstract_inputs(devices[0], dtype, width),
+    devices=devices,
+    dump_to=str(tmp_path),
+  )
+  text = program.as_text()
+  names = compiled.triton_kernel_names(text)
+  return text, compiled.ptxas_report(str(tmp_path), names, ptxas=gpu_topology.ptxas_path())
+
+
+CASES = [
+  (gpu, impl, dtype, width)
+  for gpu in ("h100", "h200")
+  for impl in ("pallas", "pallas_staged", "auto")
+  for dtype in (jnp.float32, jnp.bfloat16)
+  for width in (64, 128)
+  if gpu == "h100" or width == 128  # the H200 differs in memory only: its bench shape
+]
+
+
+@pytest.mark.parametrize(
+  "gpu, impl, dtype, width",
+  CASES,
+  ids=[f"{g}-{i}-{jnp.dtype(d).name}-K=V={w}" for g, i, d, w in CASES],
+)
+def test_kernels_compile_within_shared_memory_and_spill_nothing(gpu, impl, dtype, width, tmp_path):
+  text, report = compile_and_report(gpu, impl, dtype, width, tmp_path)
+  assert compiled.pallas_calls(text) >= 2, "a forward and a backward Triton kernel"
+  assert report, "ptxas reported no Triton kernel"
+  for name, row in report.items():
+    assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (name, row)
+    assert row["shared_memory_bytes"] <= SHARED_MEMORY_LIMIT, (name, row)  # from the launch
