@@ -65,6 +65,25 @@ def _by_platform(default, **per_platform):
   return run
 
 
+def _gpu_choice(num_tokens: int, chunk_size: int) -> str:
+  """What "auto" runs on a GPU for a call of `num_tokens` tokens.
+
+  One chunk: the fused kernel, one launch each way; the staged form would run that chunk's
+  local terms as tens of small XLA kernels (the sleep passes over short windows are all such
+  calls). Several chunks: the staged form, whose chunk-parallel stages use the whole GPU where
+  the fused kernel walks every chunk of a sequence in one program. Which is faster per shape is
+  for the GPU measurements to settle (docs/results/gpu/).
+  """
+  return "pallas" if num_tokens <= chunk_size else "pallas_staged"
+
+
+def _gpu_auto(*args, scale, chunk_size):
+  impl = {"pallas": _triton, "pallas_staged": _triton_staged}[
+    _gpu_choice(args[0].shape[1], chunk_size)
+  ]
+  return impl(*args, scale=scale, chunk_size=chunk_size)
+
+
 # Name -> implementation. "pallas" off a GPU or TPU interprets the GPU kernels (slow: for tests);
 # "pallas_staged" (GPU only) interprets its walk kernels anywhere else.
 _IMPLEMENTATIONS = {
@@ -72,22 +91,26 @@ _IMPLEMENTATIONS = {
   "chunked": _chunked,
   "pallas": _by_platform(_triton_interpreted, cuda=_triton, tpu=_mosaic),
   "pallas_staged": _by_platform(_triton_staged_interpreted, cuda=_triton_staged),
-  # On GPUs the staged kernels: the fused kernel needs more shared memory than an H100 has at
-  # K = V = 128 (docs/results/gpu/report.md).
-  "auto": _by_platform(_chunked, cuda=_triton_staged, tpu=_mosaic),
+  "auto": _by_platform(_chunked, cuda=_gpu_auto, tpu=_mosaic),
 }
 
 
-def resolve_impl(impl: str, platform: str) -> str:
+def resolve_impl(
+  impl: str, platform: str, *, num_tokens: int | None = None, chunk_size: int = 64
+) -> str:
   """The implementation `impl` runs when lowered for `platform` ("cpu", "cuda", "tpu", ...).
 
-  "auto" is the staged Pallas kernels on CUDA GPUs, the fused Mosaic kernels on TPUs and the
-  chunked XLA form elsewhere (where Pallas only interprets). The choice is made when a function
-  is lowered, not by the host's default backend: see `_by_platform`.
+  "auto" is the fused Mosaic kernels on TPUs and the chunked XLA form on CPUs (where Pallas
+  only interprets). On CUDA GPUs it is the fused Triton kernel for a call of one chunk
+  (`num_tokens` <= `chunk_size`) and the staged kernels otherwise (and when `num_tokens` is not
+  given). The choice is made when a function is lowered, not by the host's default backend:
+  see `_by_platform`.
   """
   if impl != "auto":
     return impl
-  return {"cuda": "pallas_staged", "gpu": "pallas_staged", "tpu": "pallas"}.get(platform, "chunked")
+  if platform in ("cuda", "gpu"):
+    return "pallas_staged" if num_tokens is None else _gpu_choice(num_tokens, chunk_size)
+  return {"tpu": "pallas"}.get(platform, "chunked")
 
 
 def _check_shape(name, actual, expected):
@@ -154,7 +177,8 @@ def gated_delta_rule(
       custom VJP), "pallas" (fused kernels: Triton on GPUs, Mosaic on TPUs, the GPU kernel
       interpreted elsewhere), "pallas_staged" (GPUs: the chunks' parallel work in XLA and
       a thin Triton kernel for the state hand-off, see pallas_gpu_staged.py; interpreted
-      elsewhere), or "auto" (pallas_staged on GPUs, pallas on TPUs, chunked elsewhere).
+      elsewhere), or "auto" (on GPUs pallas for one chunk, pallas_staged for more; pallas
+      on TPUs; chunked elsewhere: `resolve_impl`).
       Static.
       The platform is the one being lowered for, not the host's default backend.
     chunk_size: tokens per chunk for the chunked form. Static under jit.
@@ -183,4 +207,5 @@ def gated_delta_rule(
     batch_axes=batch_axes,
     head_axes=head_axes,
   )
-  return run(q, k, v, g, beta, initial_state)
+  with jax.named_scope(f"gated_delta_rule_{impl}"):
+    return run(q, k, v, g, beta, initial_state)
