@@ -34,15 +34,17 @@ from sleep_jax.model.layers import (
   CausalDepthwiseConv,
   Dense,
   RMSNorm,
+  convolve_stacked,
   convolve_together,
   dynamic_causal_conv,
   l2_normalize,
   pad_with_tail,
   param,
+  project_stacked,
   project_together,
   rotary,
 )
-from sleep_jax.ops import gated_delta_rule
+from sleep_jax.ops import causal_attention, gated_delta_rule
 
 
 class SwiGLU(nnx.Module):
@@ -55,8 +57,9 @@ class SwiGLU(nnx.Module):
     self.down = Dense(f, d, logical_axes=("mlp", "embed"), optimizer=MUON, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate, up = project_together(x, self.gate, self.up)
-    return self.down(jax.nn.silu(gate) * up)
+    """Products in x's dtype; the gating and the result in float32 (see `ResidualBlock`)."""
+    gate, up = project_together(x, self.gate, self.up, result_dtype=jnp.float32)
+    return self.down((jax.nn.silu(gate) * up).astype(x.dtype), jnp.float32)
 
 
 @struct.dataclass
@@ -119,7 +122,9 @@ class CausalSelfAttention(nnx.Module):
     rope = lambda y, positions: rotary(y, positions, self.cfg.rope_base, self.cfg.rope_scaling)
     if context is None and prefix_kv is None and self.window is None:
       positions = jnp.arange(t)  # positions restart at 0 in every chunk (PAPER.md section 3)
-      out = jax.nn.dot_product_attention(rope(q, positions), rope(k, positions), v, is_causal=True)
+      out = causal_attention(
+        rope(q, positions), rope(k, positions), v, impl=self.cfg.attention_impl
+      )
     else:
       if context is None:  # a sliding-window layer over a fresh chunk
         context = PassContext(
@@ -140,7 +145,7 @@ class CausalSelfAttention(nnx.Module):
       out = jax.nn.dot_product_attention(
         rope(q, context.positions), keys.astype(q.dtype), values, mask=mask
       )
-    return self.o(out.reshape(b, t, -1)), (k, v)
+    return self.o(out.reshape(b, t, -1), jnp.float32), (k, v)
 
 
 class FastWeightMixer(nnx.Module):
@@ -170,8 +175,18 @@ class FastWeightMixer(nnx.Module):
     self.out_norm = RMSNorm(value_dim, logical_axis="head_dim", eps=eps)
     self.o = Dense(out_width, d, logical_axes=("heads", "embed"), optimizer=MUON, rngs=rngs)
 
+  def _project(self, x_btd, *layers: Dense) -> tuple[jax.Array, ...]:
+    """The projections feeding the recurrence, multiplied in the compute dtype, in float32.
+
+    Mixed precision: the short convolutions, the normalisations and the delta rule, whose
+    error S carries from token to token and pass to pass, run in float32 (their inputs rounded
+    to bfloat16 moved the paper model's logits by ~1.5%, the attention blocks' by 0.4%).
+    """
+    return project_together(x_btd, *layers, result_dtype=jnp.float32)
+
   def _heads(self, y_btc: jax.Array, width: int) -> jax.Array:
-    return y_btc.reshape(y_btc.shape[0], y_btc.shape[1], -1, width)
+    """[..., H*width] -> [..., H, width]."""
+    return y_btc.reshape(*y_btc.shape[:-1], -1, width)
 
   def _delta_rule_and_read_out(self, q, k, v, out_gate, x_btd, fast_state, context):
     """Gates from x, the gated delta rule from S, and the read-out, normalised and gated by
@@ -183,7 +198,8 @@ class FastWeightMixer(nnx.Module):
     impl = (context and context.fast_weight_impl) or self.cfg.fast_weight_impl
     o, fast_state = gated_delta_rule(q, k, v, g, beta, initial_state=fast_state, impl=impl)
     o = self.out_norm(o) * jax.nn.silu(self._heads(out_gate, o.shape[-1]))
-    return self.o(o.reshape(o.shape[0], o.shape[1], -1)), fast_state
+    read_out = o.reshape(o.shape[0], o.shape[1], -1).astype(x_btd.dtype)
+    return self.o(read_out, jnp.float32), fast_state
 
 
 class GatedDeltaNet(FastWeightMixer):
@@ -215,14 +231,27 @@ class GatedDeltaNet(FastWeightMixer):
     """
     fast_state, conv_tails = state
     _, key_dim, value_dim = self.cfg.fast_state_shape
-    q, k, v, out_gate = project_together(x_btd, self.q, self.k, self.v, self.out_gate)
     convs = [self.conv_q, self.conv_k, self.conv_v]
-    (q, q_tail), (k, k_tail), (v, v_tail) = convolve_together([q, k, v], convs, conv_tails)
-    q = l2_normalize(self._heads(jax.nn.silu(q), key_dim))
-    k = l2_normalize(self._heads(jax.nn.silu(k), key_dim))
-    v = self._heads(jax.nn.silu(v), value_dim)
+    if key_dim == value_dim:
+      # One width: q, k and v stay stacked from their projection through the convolution, the
+      # SiLU and the norm. Split and stacked again, they cost a copy each way, forward and
+      # backward (34 of the paper step's ~1,060 GPU kernels).
+      projected = project_stacked(
+        x_btd, self.q, self.k, self.v, self.out_gate, result_dtype=jnp.float32
+      )
+      qkv, tails = convolve_stacked(projected[..., :3, :], convs, conv_tails)
+      qkv = self._heads(jax.nn.silu(qkv), key_dim)  # [B,T,3,H,K]
+      qk = l2_normalize(qkv[:, :, :2])
+      q, k, v, out_gate = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2], projected[..., 3, :]
+    else:
+      q, k, v, out_gate = self._project(x_btd, self.q, self.k, self.v, self.out_gate)
+      (q, q_tail), (k, k_tail), (v, v_tail) = convolve_together([q, k, v], convs, conv_tails)
+      q = l2_normalize(self._heads(jax.nn.silu(q), key_dim))
+      k = l2_normalize(self._heads(jax.nn.silu(k), key_dim))
+      v = self._heads(jax.nn.silu(v), value_dim)
+      tails = [q_tail, k_tail, v_tail]
     y, fast_state = self._delta_rule_and_read_out(q, k, v, out_gate, x_btd, fast_state, context)
-    return y, (fast_state, (q_tail, k_tail, v_tail))
+    return y, (fast_state, tuple(tails))
 
 
 class JetDeltaNet(FastWeightMixer):
@@ -269,7 +298,7 @@ class JetDeltaNet(FastWeightMixer):
     b, t, _ = x_btd.shape
     width = self.cfg.conv_width
     _, key_dim, value_dim = self.cfg.fast_state_shape
-    q, k, v_in, out_gate = project_together(x_btd, self.q, self.k, self.v, self.out_gate)
+    q, k, v_in, out_gate = self._project(x_btd, self.q, self.k, self.v, self.out_gate)
     q = l2_normalize(self._heads(jax.nn.silu(q), key_dim))
     k = l2_normalize(self._heads(jax.nn.silu(k), key_dim))
     padded = pad_with_tail(v_in, v_tail, width)
@@ -310,6 +339,7 @@ class ResidualBlock(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, letter: str, *, rngs: nnx.Rngs):
     norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.compute_dtype = cfg.dtype
     self.mixer_norm = norm()
     self.mixer = make_mixer(cfg, letter, rngs)
     self.mixer_out_norm = norm() if cfg.sandwich_norm else None
@@ -319,14 +349,24 @@ class ResidualBlock(nnx.Module):
     self.mlp_out_norm = norm() if mlp and cfg.sandwich_norm else None
 
   def __call__(self, x_btd: jax.Array, state, *, context: PassContext | None = None):
-    """(x, mixer state in) -> (x', mixer state out); see the module docstring for the states."""
-    mixed, state = self.mixer(self.mixer_norm(x_btd), state, context=context)
-    if self.mixer_out_norm is not None:
-      mixed = self.mixer_out_norm(mixed)
-    x_btd = x_btd + mixed
+    """(x, mixer state in) -> (x', mixer state out); see the module docstring for the states.
+
+    Mixed precision: x, the residual stream, is float32 (from the embedding). A branch
+    multiplies in the model's dtype (`cfg.dtype`: bfloat16 runs the matmuls on bfloat16
+    tensor cores) and sums and returns its products in float32, so that bfloat16 rounding
+    does not pile up along the stack and the passes (the paper model's logits stay within
+    1e-2 of float32's: tests/model/test_model.py)."""
+    branch_input = lambda norm: norm(x_btd).astype(self.compute_dtype)
+    # Named scopes label every op of a block in compiled programs and profiles.
+    with jax.named_scope(type(self.mixer).__name__):
+      mixed, state = self.mixer(branch_input(self.mixer_norm), state, context=context)
+      if self.mixer_out_norm is not None:
+        mixed = self.mixer_out_norm(mixed)
+      x_btd = x_btd + mixed.astype(x_btd.dtype)
     if self.mlp is None:
       return x_btd, state
-    mlp_out = self.mlp(self.mlp_norm(x_btd))
-    if self.mlp_out_norm is not None:
-      mlp_out = self.mlp_out_norm(mlp_out)
-    return x_btd + mlp_out, state
+    with jax.named_scope("SwiGLU"):
+      mlp_out = self.mlp(branch_input(self.mlp_norm))
+      if self.mlp_out_norm is not None:
+        mlp_out = self.mlp_out_norm(mlp_out)
+      return x_btd + mlp_out.astype(x_btd.dtype), state

@@ -30,6 +30,7 @@ def has_mlp(letter: str) -> bool:
 
 
 FAST_WEIGHT_IMPLS = ("reference", "chunked", "pallas", "pallas_staged", "auto")
+ATTENTION_IMPLS = ("xla", "reference", "pallas", "auto")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -37,7 +38,7 @@ DTYPES = ("float32", "bfloat16")
 # same function under any of their values, exactly (a resumed run may change these) or up to
 # float rounding.
 EXACT_EXECUTION_FIELDS = ("remat_blocks", "scan_min_repeats")
-EXECUTION_FIELDS = ("dtype", "fast_weight_impl", *EXACT_EXECUTION_FIELDS)
+EXECUTION_FIELDS = ("dtype", "fast_weight_impl", "attention_impl", *EXACT_EXECUTION_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ModelConfig:
   conv_width: int = 4
   rope_base: float = 10_000.0
   fast_weight_impl: str = "auto"
+  # Causal attention within a chunk (sleep_jax.ops.causal_attention): "auto" is the fused Triton
+  # kernel on GPUs where a window fits it, XLA elsewhere; or "xla", "reference", "pallas".
+  attention_impl: str = "auto"
   dtype: str = "float32"
   # Pretrained architectures (third_party/): grouped-query attention (None: as many key/value
   # heads as query heads), biases on the attention's q/k/v projections, the output head tied
@@ -135,6 +139,8 @@ class ModelConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim must be even for rotary positions, got {self.head_dim}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl={self.attention_impl!r} not in {ATTENTION_IMPLS}")
     if self.fast_weight_impl not in FAST_WEIGHT_IMPLS:
       raise ValueError(
         f"model.fast_weight_impl={self.fast_weight_impl!r} not in {FAST_WEIGHT_IMPLS}"

@@ -48,9 +48,13 @@ class Dense(nnx.Module):
     self.kernel = param(kernel, logical_axes, optimizer)
     self.bias = param(jnp.zeros((out_features,)), logical_axes[1:]) if use_bias else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
-    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+  def __call__(self, x: jax.Array, result_dtype=None) -> jax.Array:
+    """x @ kernel in x's dtype; the result in `result_dtype` (default x's), summed in float32."""
+    result_dtype = result_dtype or x.dtype
+    y = jnp.einsum(
+      "...i,io->...o", x, self.kernel[...].astype(x.dtype), preferred_element_type=result_dtype
+    )
+    return y if self.bias is None else y + self.bias[...].astype(result_dtype)
 
 
 def _groups_of_equals(keys: list) -> list[list[int]]:
@@ -72,8 +76,9 @@ def _unstack(y: jax.Array, axis: int) -> list[jax.Array]:
   return [part.squeeze(axis) for part in jnp.split(y, y.shape[axis], axis=axis)]
 
 
-def project_together(x: jax.Array, *layers: Dense) -> tuple[jax.Array, ...]:
-  """(layer(x) for layer in layers) for Dense layers that read the same x, in few matmuls.
+def project_together(x: jax.Array, *layers: Dense, result_dtype=None) -> tuple[jax.Array, ...]:
+  """(layer(x, result_dtype) for layer in layers) for Dense layers that read the same x, in few
+  matmuls.
 
   Layers of one output width and the same logical axes share one matmul against their kernels
   stacked on a new leading axis, [n, in, out]: a kernel sharded over its output axis stays
@@ -82,19 +87,34 @@ def project_together(x: jax.Array, *layers: Dense) -> tuple[jax.Array, ...]:
   wide matmul beats n narrow ones, forward and in both backward products.
   """
   outputs: list[jax.Array | None] = [None] * len(layers)
-  kinds = [
-    (layer.kernel.shape[1], layer.kernel.get_metadata().get("logical_axes")) for layer in layers
-  ]
-  for group in _groups_of_equals(kinds):
+  for group in _groups_of_equals([_projection_kind(layer) for layer in layers]):
     if len(group) == 1:
-      outputs[group[0]] = layers[group[0]](x)
+      outputs[group[0]] = layers[group[0]](x, result_dtype)
       continue
-    kernels = jnp.stack([layers[i].kernel[...] for i in group]).astype(x.dtype)
-    parts = _unstack(jnp.einsum("...i,nio->...no", x, kernels), axis=-2)
-    for i, part in zip(group, parts):
-      bias = layers[i].bias
-      outputs[i] = part if bias is None else part + bias[...].astype(x.dtype)
+    products = project_stacked(x, *(layers[i] for i in group), result_dtype=result_dtype)
+    for i, part in zip(group, _unstack(products, axis=-2)):
+      outputs[i] = part
   return tuple(outputs)
+
+
+def _projection_kind(layer: Dense) -> tuple:
+  return layer.kernel.shape[1], layer.kernel.get_metadata().get("logical_axes")
+
+
+def project_stacked(x: jax.Array, *layers: Dense, result_dtype=None) -> jax.Array:
+  """The layers' outputs stacked on a new second-to-last axis, [..., n, out], in one matmul.
+
+  The layers share their output width and logical axes (see `project_together`).
+  """
+  if len({_projection_kind(layer) for layer in layers}) != 1:
+    raise ValueError("project_stacked: the layers differ in output width or logical axes")
+  result_dtype = result_dtype or x.dtype
+  kernels = jnp.stack([layer.kernel[...] for layer in layers]).astype(x.dtype)
+  products = jnp.einsum("...i,nio->...no", x, kernels, preferred_element_type=result_dtype)
+  if all(layer.bias is None for layer in layers):
+    return products
+  biases = [jnp.zeros(products.shape[-1]) if l.bias is None else l.bias[...] for l in layers]
+  return products + jnp.stack(biases).astype(result_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -190,12 +210,30 @@ def convolve_together(
     if len(group) == 1:
       results[group[0]] = convs[group[0]](xs[group[0]], tails[group[0]])
       continue
-    tail = None if tails[group[0]] is None else _stack_at(tails, group)
-    weight = _stack_at([conv.weight[...] for conv in convs], group)
-    y, new_tail = _convolve(_stack_at(xs, group), weight, tail)
-    for i, y_i, tail_i in zip(group, _unstack(y, -2), _unstack(new_tail, -2)):
+    group_tails = None if tails[group[0]] is None else [tails[i] for i in group]
+    y, new_tails = convolve_stacked(_stack_at(xs, group), [convs[i] for i in group], group_tails)
+    for i, y_i, tail_i in zip(group, _unstack(y, -2), new_tails):
       results[i] = (y_i, tail_i)
   return results
+
+
+def convolve_stacked(
+  x_btnc: jax.Array, convs: list[CausalDepthwiseConv], tails=None
+) -> tuple[jax.Array, list[jax.Array]]:
+  """The convolutions of inputs stacked on the second-to-last axis, in one call.
+
+  Args:
+    x_btnc: inputs [B,T,n,C], input j for convolution j.
+    convs: n `CausalDepthwiseConv` of width C.
+    tails: n tails [B,width-1,C], or None for zeros.
+
+  Returns:
+    (y [B,T,n,C], the n new tails [B,width-1,C]).
+  """
+  tail = None if tails is None else jnp.stack(tails, axis=-2)
+  weight = jnp.stack([conv.weight[...] for conv in convs], axis=-2)
+  y, new_tail = _convolve(x_btnc, weight, tail)
+  return y, _unstack(new_tail, -2)
 
 
 def _taps(padded_btc: jax.Array, width: int) -> list[jax.Array]:

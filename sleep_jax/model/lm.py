@@ -74,7 +74,8 @@ def zero_conv_state(cfg: ModelConfig, batch_size: int) -> ConvState:
   convolution).
   """
   heads, key_dim, value_dim = cfg.fast_state_shape
-  tail = lambda width: jnp.zeros((batch_size, cfg.conv_width - 1, heads * width), cfg.dtype)
+  # float32 like the convolutions' inputs (blocks._recurrence_inputs), whatever cfg.dtype.
+  tail = lambda width: jnp.zeros((batch_size, cfg.conv_width - 1, heads * width), jnp.float32)
   tails = lambda letter: (
     (tail(value_dim),)
     if mixer_kind(letter) == JET
@@ -196,8 +197,9 @@ class HybridLM(nnx.Module):
     )
 
   def embed(self, tokens_bt: jax.Array) -> jax.Array:
-    """Token ids [B,T] -> features [B,T,D] in the compute dtype."""
-    return jnp.take(self.embedding[...], tokens_bt, axis=0).astype(self.cfg.dtype)
+    """Token ids [B,T] -> the residual stream [B,T,D], float32 whatever the compute dtype (the
+    blocks compute their branches in `cfg.dtype`: `ResidualBlock`)."""
+    return jnp.take(self.embedding[...], tokens_bt, axis=0).astype(jnp.float32)
 
   def stack_pass(self, h_btd: jax.Array, fast_state: FastState) -> tuple[jax.Array, FastState]:
     """One pass of every block over a fresh chunk: (h, S) -> (h', S').
@@ -389,9 +391,11 @@ class HybridLM(nnx.Module):
     The final norm comes first, unless the loop already applied it (`loop_norm`)."""
     if not self.cfg.loop_norm:
       h_btd = self.final_norm(h_btd)
+    # The head runs in float32 whatever the compute dtype (the residual stream is float32):
+    # bfloat16 inputs alone would move the logits by ~1% of their size, and it is one matmul.
+    h_btd = h_btd.astype(jnp.float32)
     if self.head is None:
-      embedding = self.embedding[...].astype(h_btd.dtype)
-      return jnp.einsum("btd,vd->btv", h_btd, embedding).astype(jnp.float32)
+      return jnp.einsum("btd,vd->btv", h_btd, self.embedding[...].astype(jnp.float32))
     return self.head(h_btd).astype(jnp.float32)
 
 

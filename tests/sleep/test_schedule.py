@@ -19,7 +19,7 @@ from sleep_jax.sleep.consolidate import sleep_forward
 L, VOCAB = 4, 7
 # What "auto" lowers to on a CPU, named so that tracing outside a program skips the GPU and TPU
 # kernels' branches too (sleep_jax.ops.gated_delta.api._by_platform).
-CPU_FORM = dict(fast_weight_impl="chunked")
+CPU_FORM = dict(fast_weight_impl="chunked", attention_impl="xla")
 
 
 def build(pattern="AGAG"):

@@ -11,7 +11,7 @@ from sleep_jax.sleep import stream
 L, CONTEXT, PREDICT, VOCAB = 4, 12, 3, 7
 # What "auto" lowers to on a CPU, named so that tracing outside a program skips the GPU and TPU
 # kernels' branches too (sleep_jax.ops.gated_delta.api._by_platform).
-CPU_FORM = dict(fast_weight_impl="chunked")
+CPU_FORM = dict(fast_weight_impl="chunked", attention_impl="xla")
 
 
 @pytest.fixture(scope="module")
