@@ -26,12 +26,13 @@ from flax import nnx
 from sleep_jax.data import tasks
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.model.lm import build_model
+from sleep_jax.ops.attention import api as attention_api
 from sleep_jax.ops.gated_delta.api import resolve_impl
 from sleep_jax.parallel import mesh as mesh_lib
 from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.train import checkpoint
 from sleep_jax.train.config import ExperimentConfig
-from sleep_jax.train.optim import make_optimizer, optimizer_labels
+from sleep_jax.train.optim import global_norm, make_optimizer, optimizer_labels
 from sleep_jax.train.step import TrainState, make_eval_step, make_train_step
 
 
@@ -179,19 +180,22 @@ def build_program(config, devices: Sequence[Any] | None = None) -> Program:
   devices = list(jax.devices() if devices is None else devices)
   validated = validate(config, len(devices), len({d.process_index for d in devices}))
   mesh = mesh_lib.make_mesh(config.parallel, devices)
-  # The steps are lowered for `devices` only. On CPUs "auto" stands for "chunked": naming it
-  # traces none of the GPU and TPU kernels' branches (half the CPU train step's jaxpr and trace
-  # time). On accelerators "auto" is resolved when lowering (a "gpu" device may be CUDA or
-  # ROCm). The saved config keeps the name it was given.
+  # The steps are lowered for `devices` only. On CPUs "auto" stands for "chunked" and "xla":
+  # naming them traces none of the GPU and TPU kernels' branches (half the CPU train step's
+  # jaxpr and trace time). On accelerators "auto" is resolved when lowering (a "gpu" device may
+  # be CUDA or ROCm). The saved config keeps the names it was given.
   step_model = validated.model
-  if devices[0].platform == "cpu" and step_model.fast_weight_impl == "auto":
-    step_model = dataclasses.replace(step_model, fast_weight_impl=resolve_impl("auto", "cpu"))
+  if devices[0].platform == "cpu":
+    step_model = dataclasses.replace(
+      step_model,
+      fast_weight_impl=resolve_impl(step_model.fast_weight_impl, "cpu"),
+      attention_impl=attention_api.resolve_impl(step_model.attention_impl, "cpu"),
+    )
   abstract_model = nnx.eval_shape(lambda: build_model(step_model, seed=config.seed))
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = mesh_lib.param_shardings(abstract_params, mesh, config.parallel.rules)
-  optimizer = make_optimizer(
-    dataclasses.asdict(config.train), optimizer_labels(abstract_params, config.train.trainable)
-  )
+  labels = optimizer_labels(abstract_params, config.train.trainable)
+  optimizer = make_optimizer(dataclasses.asdict(config.train), labels)
   replicated = mesh_lib.replicated(mesh)
   shapes = jax.eval_shape(functools.partial(_fresh_state, validated.model, config.seed, optimizer))
   # Optimizer moments are sharded like the parameters they mirror; counters are replicated.
@@ -215,6 +219,7 @@ def build_program(config, devices: Sequence[Any] | None = None) -> Program:
     state_shardings=shardings,
     batch_sharding=batch_sharding,
     replicated=replicated,
+    grad_norm=functools.partial(global_norm, labels=labels),
   )
   eval_step = make_eval_step(
     graphdef=graphdef,

@@ -8,6 +8,7 @@ explicit input/output shardings (what pjit was) and the old state donated.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -50,11 +51,13 @@ def train_step(
   graphdef: nnx.GraphDef,
   sleep_cfg: SleepConfig,
   optimizer: optax.GradientTransformation,
+  grad_norm: Callable = optax.tree.norm,
 ) -> tuple[TrainState, dict]:
   """One optimizer update on the masked answer cross-entropy.
 
   Gradients flow through every pass of every window, or through the last `sleep.grad_passes`
-  passes of each window only (sleep_jax.sleep.consolidate).
+  passes of each window only (sleep_jax.sleep.consolidate). `grad_norm` computes the metric of
+  that name (the program passes `optim.global_norm`, the clipping's own computation).
   """
 
   def loss_fn(params):
@@ -62,20 +65,32 @@ def train_step(
     return mean_loss(sums), sums
 
   (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
   metrics = {
     "loss": loss,
     "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
     "exact_accuracy": sums["exact"] / jnp.maximum(sums["examples"], 1.0),
-    "grad_norm": optax.tree.norm(grads),
+    "grad_norm": grad_norm(grads),
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_train_step(*, graphdef, sleep_cfg, optimizer, state_shardings, batch_sharding, replicated):
+def make_train_step(
+  *,
+  graphdef,
+  sleep_cfg,
+  optimizer,
+  state_shardings,
+  batch_sharding,
+  replicated,
+  grad_norm=optax.tree.norm,
+):
   """`train_step` jitted once with explicit shardings; the incoming state is donated."""
-  step = functools.partial(train_step, graphdef=graphdef, sleep_cfg=sleep_cfg, optimizer=optimizer)
+  step = functools.partial(
+    train_step, graphdef=graphdef, sleep_cfg=sleep_cfg, optimizer=optimizer, grad_norm=grad_norm
+  )
   return jax.jit(
     step,
     in_shardings=(state_shardings, batch_sharding),

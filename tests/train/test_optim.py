@@ -5,6 +5,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -193,3 +194,33 @@ def test_muon_orthogonalises_each_hidden_matrix_and_adamw_works_elementwise(prog
     for key in path:
       grad, leaf = grad[key], leaf[key]
     np.testing.assert_allclose(leaf, -lr_adamw * grad / (np.abs(grad) + 1e-8), rtol=1e-4)
+
+
+@pytest.mark.parametrize("trainable", ["", "blocks/1/"])  # all parameters, or some frozen
+def test_stacked_groups_update_as_the_leaves_one_by_one_with_the_same_state_layout(trainable):
+  program = tiny_program(trainable=trainable)
+  abstract_model = nnx.eval_shape(lambda: build_model(program.config.model, seed=0))
+  labels = optim.optimizer_labels(nnx.state(abstract_model), trainable)
+  train = dataclasses.asdict(program.config.train)
+  stacked, per_leaf = optim.make_optimizer(train, labels), optim.per_leaf_optimizer(train, labels)
+  params = random_tree(param_shapes(program), seed=3, norm=10.0)
+  states = [stacked.init(params), per_leaf.init(params)]
+  # Checkpoints of either restore into the other: the same tree of the same arrays.
+  assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+  assert jax.tree.map(np.shape, states[0]) == jax.tree.map(np.shape, states[1])
+  for step in range(3):
+    grads = random_tree(param_shapes(program), seed=10 + step, norm=2.0)  # clipped: norm > 1
+    (a, states[0]), (b, states[1]) = (
+      jax.jit(opt.update)(grads, state, params) for opt, state in zip((stacked, per_leaf), states)
+    )
+    # Batched matmuls sum in another order: equal to float32 rounding, leaf by leaf.
+    for x, y in zip(jax.tree.leaves((a, states[0])), jax.tree.leaves((b, states[1]))):
+      assert np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(y))
+  # The metric's norm, computed on the same stacked groups as the clipping, is the leaves' norm.
+  np.testing.assert_allclose(optim.global_norm(grads, labels), optax.tree.norm(grads), rtol=1e-6)
+  if trainable:
+    frozen = a["blocks"][0]["mixer"]["q"]["kernel"]
+    assert not np.any(frozen) and np.any(a["blocks"][1]["mixer"]["q"]["kernel"])
+  # One Newton-Schulz matmul per group and step instead of per leaf.
+  count = lambda opt: str(jax.make_jaxpr(opt.update)(grads, states[0], params)).count("dot_general")
+  assert count(stacked) < count(per_leaf) / 2
