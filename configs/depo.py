@@ -10,12 +10,17 @@ Variants (`--config=configs/depo.py:<variant>`):
                    (the whole 300-token cycle is evicted before the queries), k ~ U{1..16} in
                    training, batch 128, 100k steps. Expect (test loss per k): every N learns
                    k = 1, 2; N=1 barely moves for k >= 4; N=2 stalls at k >= 8; only N=4 starts
-                   to improve at k = 16.
+                   to improve at k = 16. Runs the sleep loops unrolled and without remat (for
+                   GPUs and TPUs: common.accelerator_execution).
+  paper_fig3_bf16  paper_fig3 with bfloat16 matmuls (mixed precision; logits within 1e-2 of
+                   float32's).
   paper_text       the text's model: 10 blocks of the Jet-Nemotron architecture, d_model 512:
                    Jet blocks with attention at every fifth ("JJJJA" twice; (ours): the
                    paper gives neither the layout nor the widths), 8 attention heads of 64, Jet
                    blocks with 4 heads of key width 96 and value width 256 (Jet-Nemotron's
-                   per-head sizes), MLP 2048. Otherwise as paper_fig3.
+                   per-head sizes), MLP 2048. Otherwise as paper_fig3, except that its
+                   loops stay loops and its passes are rematerialised (ten blocks unrolled
+                   over every pass and chunk would make a large program).
   cpu              sized for a 2-core CPU (a few minutes at N=1): d_model 64, batch 16, 200 steps.
                    A pipeline check, not a result: the paper needs ~100k steps.
   tiny             a few steps of a toy model, for tests.
@@ -59,8 +64,8 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   )
   # 100k steps: ~4.6B tokens at 360 tokens per example, as in the paper.
 
-  if variant == "paper_fig3":
-    pass
+  if variant in ("paper_fig3", "paper_fig3_bf16"):
+    common.accelerator_execution(c, bfloat16=variant == "paper_fig3_bf16")
   elif variant == "paper_text":
     c.model.pattern, c.model.d_model, c.model.mlp_dim = "JJJJA" * 2, 512, 2048
     c.model.num_heads, c.model.head_dim = 8, 64
@@ -86,6 +91,7 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
     c.eval.num_examples, c.eval.num_slice_examples, c.eval.batch_size = 16, 16, 16
   else:
     raise ValueError(
-      f"unknown depo config variant {variant!r}; use paper_fig3, paper_text, cpu or tiny"
+      f"unknown depo config variant {variant!r}; use paper_fig3, paper_fig3_bf16, paper_text, "
+      "cpu or tiny"
     )
   return c

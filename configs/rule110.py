@@ -3,6 +3,10 @@
 Variants (`--config=configs/rule110.py:<variant>`):
   paper (default)  the paper's model and batch: d_model 256, "AGAG", depth t=32, batch 512.
                    Expect ~10% exact accuracy at N=1 and >30% at N=3..4 after ~5B tokens.
+                   Runs the sleep loops unrolled and without remat (for GPUs and TPUs:
+                   common.accelerator_execution).
+  paper_bf16       paper with bfloat16 matmuls (mixed precision; logits within 1e-2 of
+                   float32's).
   cpu              sized for a 2-core CPU (~10 minutes at N=1): d_model 128, batch 64, depth 2.
                    Learns the task well past chance (1/16) at N=1.
   tiny             a few steps of a toy model, for tests.
@@ -45,8 +49,8 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   )
   # 100k steps: ~5B tokens at 100 tokens per example, as in the paper.
 
-  if variant == "paper":
-    pass
+  if variant in ("paper", "paper_bf16"):
+    common.accelerator_execution(c, bfloat16=variant == "paper_bf16")
   elif variant == "cpu":
     c.task.depth = 2
     c.model.d_model, c.model.head_dim, c.model.mlp_dim = 128, 32, 512
@@ -61,5 +65,7 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
     common.short_run(c, num_steps=4, eval_every=2, log_every=1)
     c.eval.num_examples, c.eval.num_slice_examples, c.eval.batch_size = 32, 16, 16
   else:
-    raise ValueError(f"unknown rule110 config variant {variant!r}; use paper, cpu or tiny")
+    raise ValueError(
+      f"unknown rule110 config variant {variant!r}; use paper, paper_bf16, cpu or tiny"
+    )
   return c

@@ -116,8 +116,9 @@ def _segment_pass(
   )
 
 
-def _run_passes(pass_fn, h, fast_state, num_passes: int, keep_last: bool):
-  """(h, S, last) after `num_passes` passes, as a `lax.scan` over passes.
+def _run_passes(pass_fn, h, fast_state, num_passes: int, keep_last: bool, unroll: bool):
+  """(h, S, last) after `num_passes` passes, as a `lax.scan` over passes (unrolled with
+  `unroll`, `SleepConfig.unroll`).
 
   With `keep_last`, `last` is the last pass's (conv tails, attention KV), riding in the scan's
   carry so that only the last pass's survives; otherwise None.
@@ -135,7 +136,9 @@ def _run_passes(pass_fn, h, fast_state, num_passes: int, keep_last: bool):
     shapes = jax.eval_shape(pass_fn, h, fast_state)
     zeros = lambda x: jnp.zeros(x.shape, x.dtype)
     last = jax.tree.map(zeros, (shapes.conv_state, shapes.kv))
-  (h, fast_state, last), _ = jax.lax.scan(one_pass, (h, fast_state, last), None, length=num_passes)
+  (h, fast_state, last), _ = jax.lax.scan(
+    one_pass, (h, fast_state, last), None, length=num_passes, unroll=unroll
+  )
   return h, fast_state, last
 
 
@@ -168,10 +171,12 @@ def sleep_on_chunk(
       outputs.append(run(h, state))
       h, state = outputs[-1].h, outputs[-1].fast_state
       continue
-    h, state, _ = _run_passes(run, h, state, cfg.frozen_passes, keep_last=False)
+    h, state, _ = _run_passes(run, h, state, cfg.frozen_passes, False, cfg.unroll)
     if cfg.frozen_passes:
       h, state = jax.lax.stop_gradient((h, state))
-    h, state, last = _run_passes(run, h, state, cfg.passes - cfg.frozen_passes, keep_last)
+    h, state, last = _run_passes(
+      run, h, state, cfg.passes - cfg.frozen_passes, keep_last, cfg.unroll
+    )
     if keep_last:
       outputs.append(PassOutput(h, state, *last))
   if keep_last:
@@ -255,7 +260,7 @@ def sleep_forward(
       carry = sleep(carry, tokens) if cfg.predict_then_sleep else woke
     else:  # one scan over a run of equally long sleep chunks
       windows = jnp.swapaxes(tokens.reshape(batch, len(group), first.length), 0, 1)
-      carry, _ = jax.lax.scan(lambda c, x: (sleep(c, x), None), carry, windows)
+      carry, _ = jax.lax.scan(lambda c, x: (sleep(c, x), None), carry, windows, unroll=cfg.unroll)
   return jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0], carry.fast
 
 

@@ -18,7 +18,7 @@ WINDOW, CHUNKS, PREDICT, VOCAB = 4, 3, 3, 7
 CONTEXT = WINDOW * CHUNKS
 # What "auto" lowers to on a CPU, named so that tracing outside a program skips the GPU and TPU
 # kernels' branches too (sleep_jax.ops.gated_delta.api._by_platform).
-CPU_FORM = dict(fast_weight_impl="chunked")
+CPU_FORM = dict(fast_weight_impl="chunked", attention_impl="xla")
 
 
 def model_config(pattern="AGAG"):
@@ -169,6 +169,20 @@ def test_remat_gives_identical_gradients(hybrid):
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_a, grads_b
   )
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_unrolled_loops_give_the_same_values_and_gradients(hybrid, eviction):
+  # Unrolled, the chunks and passes are straight-line code (fewer GPU kernels), and the last
+  # pass's KV still crosses into the next chunk under sliding eviction.
+  tokens, s0 = random_tokens(8), incoming_state(hybrid, 2)
+  loss_a, grads_a = loss_and_grads(hybrid, tokens, s0, passes=2, eviction=eviction)
+  loss_b, grads_b = loss_and_grads(
+    hybrid, tokens, s0, passes=2, eviction=eviction, unroll=True, remat=False
+  )
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):  # to float32 rounding
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
 
 
 @pytest.mark.parametrize(
