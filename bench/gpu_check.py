@@ -10,7 +10,8 @@ and the next one runs). The timed ones run alone on the GPU, first:
            XLA stages around a Triton state walk), fla's chunk_gated_delta_rule, chunked and
            the per-token reference, one process.
   step     bench/train_step.py on configs/rule110.py:paper (batch 512) at N = 1, 2, 4, with
-           `model.fast_weight_impl=auto` (the staged kernels on a GPU).
+           `model.fast_weight_impl=auto` (on a GPU: the one-chunk kernel for every 24-token
+           sleep pass).
   depth    configs/sweeps/rule110_gpu_check.py: N=1 beside N=2 at equal steps (both at once),
            sized to the time left (depth 8, or 4 when fewer than 2,000 steps fit).
   tests    `pytest -m gpu`, beside the depth runs: both kernels against "chunked" at T=1000,
@@ -18,8 +19,10 @@ and the next one runs). The timed ones run alone on the GPU, first:
            state; the model's train-step gradient with each kernel against "chunked".
 
 Writes to --out, flat: gpu_check.json (everything, with versions and the targets met or
-missed), gated_delta.json, train_step.json, depth_curves.json, report.md, depth_curves.png
-(eval exact accuracy against steps) and gpu_check.log (every subprocess's output).
+missed), gated_delta.json, train_step.json (with each step's static kernel count beside the
+profile's runtime one), depth_curves.json, report.md, depth_curves.png (eval exact accuracy
+against steps), target_config.txtpb (the GPU's own target config, for the deviceless compiles)
+and gpu_check.log (every subprocess's output).
 """
 
 from __future__ import annotations
@@ -145,6 +148,30 @@ def versions() -> dict:
   return found
 
 
+TARGET_CONFIG = (
+  "import jax; from jax._src.lib import xla_client; "
+  "print(xla_client.get_topology_for_devices(jax.devices()).target_config)"
+)
+
+
+def capture_target_config(check: Check) -> dict:
+  """The GPU's own target config (the text GpuTargetConfigProto that deviceless compiles take),
+  written to --out as target_config.txtpb, to set beside sleep_jax/parallel/gpu_targets/."""
+  env = {**os.environ, "JAX_PLATFORMS": check.platform}
+  try:
+    out = subprocess.run(
+      [sys.executable, "-c", TARGET_CONFIG], capture_output=True, text=True, env=env, timeout=120
+    )
+  except subprocess.TimeoutExpired:
+    return {"error": "timeout"}
+  if out.returncode or "gpu_device_info" not in out.stdout:
+    return {"error": (out.stderr.strip().splitlines() or ["no gpu_device_info"])[-1]}
+  path = os.path.join(check.out_dir, "target_config.txtpb")
+  with open(path, "w") as f:
+    f.write(out.stdout)
+  return {"path": path}
+
+
 # --- 1. tests -----------------------------------------------------------------------------------
 
 
@@ -239,7 +266,7 @@ def _ok(row: dict) -> bool:
 
 
 def section_step(check: Check, timeout_s: float) -> dict:
-  best = "auto"  # what a user gets: the staged kernels on a GPU
+  best = "auto"  # what a user gets
   path = os.path.join(check.work_dir, "train_step.json")
   platform = "gpu" if check.platform == "cuda" else check.platform
   argv = [sys.executable, "bench/train_step.py", "--platform", platform]
@@ -468,6 +495,8 @@ def main(argv=None):
   skip = set(filter(None, args.skip.split(",")))
   check.results["versions"] = versions()
   check.say(json.dumps(check.results["versions"]))
+  if "target_config" not in skip:
+    check.results["target_config"] = capture_target_config(check)
   sections = check.results["sections"]
 
   def save():  # after every section: a check stopped from outside keeps what it measured

@@ -6,6 +6,7 @@
   python bench/train_step.py --platform gpu --setting paper --passes 1 2 4 \
       --json bench/results/train_step_gpu.json     # the paper's step on one GPU: MFU, peak memory
   python bench/train_step.py --platform gpu --passes 1 4 --dtype bfloat16 --impl chunked
+  python bench/train_step.py --setting paper --count_kernels h100 --passes 1 2 4   # no GPU
 
 Settings (`configs/rule110.py:<variant>` plus overrides; hard eviction, L=24, 96 context tokens):
   sweep (default on the CPU)  variant cpu, depth 2, with the model of the short two-arm run and
@@ -144,14 +145,18 @@ except ImportError:
 PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "default": None}
 
 
-def build_config(setting: str, passes: int, remat: bool, dtype="config", impl="config"):
+def build_config(setting: str, passes: int, remat, dtype="config", impl="config"):
+  """The setting's config at N=`passes`; `remat` True/False overrides sleep.remat, None keeps
+  the config's (the paper variant: off, with the loops unrolled)."""
   import importlib
 
   config = importlib.import_module("configs.rule110").get_config(SETTINGS[setting]["variant"])
   for section, fields in SETTINGS[setting]["overrides"].items():
     for name, value in fields.items():
       config[section][name] = value
-  config.sleep.passes, config.sleep.remat = passes, remat
+  config.sleep.passes = passes
+  if remat is not None:
+    config.sleep.remat = remat
   if dtype != "config":
     config.model.dtype = dtype
   if impl != "config":
@@ -328,6 +333,15 @@ def measure(
     train_state, out = step(train_state, batch)
     return out
 
+  static_kernels = None
+  if backend == "gpu":  # the compiled step's own count, beside the profile's runtime one
+    try:
+      from sleep_jax.parallel.compiled import kernels_per_step
+
+      static_kernels = kernels_per_step(step.lower(train_state, batch).compile().as_text()).total
+    except Exception as error:  # older trees have no counter; informational only
+      static_kernels = f"{type(error).__name__}: {error}"
+
   # The device's high-water mark of the step alone (state, batch, activations), before the
   # reference matmuls allocate their operands.
   jax.block_until_ready(run_step())
@@ -410,6 +424,7 @@ def measure(
     ),
     "peak_gb": peak_gb,
     "compile_s": compile_s,
+    "static_kernels_per_step": static_kernels,
     "profile": profile,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -519,6 +534,58 @@ def print_gpu_table(rows: list[dict], args) -> None:
     )
 
 
+def count_kernels(args) -> None:
+  """Compiles the step per N for a compile-only GPU (no GPU needed) and prints, per row, the
+  kernels one step launches (sleep_jax.parallel.compiled.kernels_per_step), by kind, beside
+  the FLOPs and the peak memory; the rows go to --json."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices: no backend to start
+  from sleep_jax.train import aot
+
+  rows = []
+  for passes in args.passes:
+    remat = {"config": None, "on": True, "off": False}[args.remat]
+    config = build_config(args.setting, passes, remat, args.dtype, args.impl)
+    result = aot.compile_for_topology(config, args.count_kernels)
+    rows.append(
+      {
+        "passes": passes,
+        "remat": config.sleep.remat,
+        "unroll": config.sleep.unroll,
+        "dtype": config.model.dtype,
+        "impl": config.model.fast_weight_impl,
+        "gflop_per_step": result["flops_per_step"] / 1e9,
+        **{key: result[key] for key in ("kernels_per_step", "kernels_by_kind", "triton_kernels")},
+        "peak_gib": result["peak_memory_bytes_per_device"] / 2**30,
+        "spill_bytes": result["spill_bytes"],
+        "compile_s": result["compile_s"],
+        "device": result["device_kind"],
+      }
+    )
+    print({k: v for k, v in rows[-1].items() if k != "kernels_by_kind"}, file=sys.stderr)
+  print(
+    f"\nrule110.py:{SETTINGS[args.setting]['variant']} compiled for {args.count_kernels} "
+    f"({rows[0]['device']}) on this host, jax {_jax_version()}\n"
+  )
+  print(
+    "| N | dtype | remat | unrolled | kernels / step | fusions | cuBLAS | Triton | copies "
+    "| GFLOP / step | peak GiB | compile s |"
+  )
+  print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for row in rows:
+    kinds = row["kernels_by_kind"]
+    fusions = sum(n for kind, n in kinds.items() if kind.startswith("fusion"))
+    cublas = sum(n for kind, n in kinds.items() if "cublas" in kind)
+    print(
+      f"| {row['passes']} | {row['dtype']} | {row['remat']} | {row['unroll']} "
+      f"| {row['kernels_per_step']:,} | {fusions:,} | {cublas:,} "
+      f"| {kinds.get('__gpu$xla.gpu.triton', 0)} | {kinds.get('copy', 0)} "
+      f"| {row['gflop_per_step']:.0f} | {row['peak_gib']:.2f} | {row['compile_s']:.0f} |"
+    )
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump({"topology": args.count_kernels, "jax": _jax_version(), "rows": rows}, f, indent=2)
+
+
 def _text(data) -> str:
   """A subprocess stream as text (TimeoutExpired carries bytes even under text=True)."""
   if data is None:
@@ -543,7 +610,7 @@ def run_worker(args, passes: int, remat: bool, env: dict) -> dict:
     str(args.profile),
     "--worker",
     str(passes),
-    str(int(remat)),
+    "config" if remat is None else str(int(remat)),
   ]
   error = {"passes": passes, "remat": remat, "impl": args.impl, "dtype": args.dtype}
   try:
@@ -612,9 +679,9 @@ def main():
   parser.add_argument("--passes", type=int, nargs="+", default=[1, 4])
   parser.add_argument(
     "--remat",
-    choices=("on", "off", "both"),
-    default="on",
-    help="sleep.remat (the config's default is on)",
+    choices=("config", "on", "off", "both"),
+    default="config",
+    help="sleep.remat (config: the variant's own; cpu on, paper off)",
   )
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument(
@@ -645,6 +712,12 @@ def main():
     default=0,
     help="trace this many more steps and report device time by kernel with launch counts",
   )
+  parser.add_argument(
+    "--count_kernels",
+    metavar="GPU_TOPOLOGY",
+    help="instead of timing: compile the step for this compile-only GPU (h100, h200-8, ...) "
+    "and print the kernels it launches per step beside its FLOPs and peak memory",
+  )
   parser.add_argument("--worker", nargs=2, metavar=("PASSES", "REMAT"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.setting is None:
@@ -653,7 +726,7 @@ def main():
     row = measure(
       args.setting,
       int(args.worker[0]),
-      args.worker[1] == "1",
+      {"1": True, "0": False, "config": None}[args.worker[1]],
       args.steps,
       args.dtype,
       args.impl,
@@ -668,8 +741,11 @@ def main():
     env.setdefault("JAX_PLATFORMS", "cpu")
   elif PLATFORMS[args.platform]:
     env["JAX_PLATFORMS"] = PLATFORMS[args.platform]
+  if args.count_kernels:
+    count_kernels(args)
+    return
   rows = []
-  remats = {"on": (True,), "off": (False,), "both": (True, False)}[args.remat]
+  remats = {"config": (None,), "on": (True,), "off": (False,), "both": (True, False)}[args.remat]
   for remat in remats:
     for passes in args.passes:
       rows.append(run_worker(args, passes, remat, env))
