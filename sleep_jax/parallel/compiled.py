@@ -123,6 +123,33 @@ def kernels_per_step(hlo_text: str) -> KernelCount:
   return KernelCount(sum(by_kind.values()), dict(by_kind.most_common()), unknown_loops)
 
 
+_NAMED_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+
+
+def copies_of_arrays(hlo_text: str) -> list[str]:
+  """The copy instructions of the module that move an array (not a scalar) for any reason but
+  one: handing a cuBLAS matmul the buffer it accumulates into (its `C + A B` epilogue, which
+  XLA gives a copy when the addend is read again). Layout changes, loop-carried values and
+  stacked outputs all show here; the returned strings are "name: shape"."""
+  users: dict[str, list[str]] = collections.defaultdict(list)
+  copies: dict[str, str] = {}
+  for line in hlo_text.splitlines():
+    match = _NAMED_INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape, opcode, rest = match.groups()
+    if opcode == "copy" and not re.fullmatch(r"\w+\[\]", shape):
+      copies[name] = shape.split("{")[0]
+    for operand in re.findall(r"%([\w.\-]+)", rest.split("),", 1)[0]):
+      users[operand].append(line)
+  epilogue = lambda line: "cublas" in line and "output_to_operand_aliasing" in line
+  return [
+    f"{name}: {shape}"
+    for name, shape in copies.items()
+    if not (users[name] and all(epilogue(line) for line in users[name]))
+  ]
+
+
 def pallas_calls(hlo_text: str) -> int:
   """Pallas kernel calls in a compiled module's text: Triton (GPU) plus Mosaic (TPU)."""
   return len(TRITON_CALL.findall(hlo_text)) + len(MOSAIC_CALL.findall(hlo_text))

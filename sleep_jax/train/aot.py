@@ -114,6 +114,7 @@ def _gpu_fields(train_text: str, dump_dir: str) -> dict[str, Any]:
     "kernels_per_step": kernels.total,
     "kernels_by_kind": kernels.by_kind,
     "loops_without_trip_count": kernels.loops_without_trip_count,
+    "array_copies": compiled_lib.copies_of_arrays(train_text),
     "triton_kernel_report": report,
     "spill_bytes": sum(row["spill_store_bytes"] for row in report.values()),
   }
@@ -133,10 +134,11 @@ def compile_for_topology(config, topology: str, *, num_slices: int = 1) -> dict[
     batch_size, mosaic_kernels (Mosaic calls in the compiled train step; TPU), peak and HBM
     bytes per device, fits, flops_per_step (model count, forward + backward), compile_s, and
     the eval step's Pallas call count and peak bytes. GPU rows add triton_kernels,
-    device_memory_bytes, kernels_per_step (and by kind), the Triton kernels' ptxas report and
-    their spill_bytes. When XLA:TPU refuses the train step for want of memory, fits is False,
-    the peak is the size it reported, `error` its message, and the kernel counts and the eval
-    step's figures are None.
+    device_memory_bytes, kernels_per_step (and by kind), the copies that move arrays
+    (`compiled.copies_of_arrays`), the Triton kernels' ptxas report and their spill_bytes.
+    When XLA:TPU refuses the train step for want of memory, fits is False, the peak is the
+    size it reported, `error` its message, and the kernel counts and the eval step's figures
+    are None.
   """
   devices = topology_devices(topology, num_slices=num_slices)
   is_gpu = _is_gpu(devices)

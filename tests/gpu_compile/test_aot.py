@@ -40,6 +40,18 @@ def test_paper_rule110_step_compiles_fits_and_stays_within_the_kernel_budget(top
   result = aot.compile_for_topology(rule110_configs.get_config("paper"), topology)
   check_fits(result, devices)
   assert result["kernels_per_step"] <= KERNEL_BUDGET, result["kernels_by_kind"]
+  # No device-to-device copy of an array: no loop plumbing, no layout changes (only cuBLAS's
+  # accumulator copies, which compiled.copies_of_arrays leaves out, and scalar counters).
+  assert result["array_copies"] == []
+
+
+@pytest.mark.parametrize("variant", ["paper", "paper_bf16"])
+def test_four_passes_and_bfloat16_compile_with_no_array_copies(variant):
+  config = rule110_configs.get_config(variant)
+  config.sleep.passes = 4
+  result = aot.compile_for_topology(config, "h100")
+  check_fits(result, 1)
+  assert result["array_copies"] == [] and result["dtype"] == config.model.dtype
 
 
 @pytest.mark.parametrize("topology, devices", [("h100", 1), ("h100-8", 8)])

@@ -127,3 +127,24 @@ def test_ptxas_report_reads_spills_registers_and_the_launch_shared_memory(tmp_pa
       "shared_memory_bytes": 81920,
     }
   }
+
+
+def test_copies_of_arrays_leave_out_scalars_and_the_matmul_accumulator_copies():
+  hlo = textwrap.dedent(
+    """\
+    HloModule m
+
+    ENTRY %main (x: f32[8,8], n: s32[]) -> f32[8,8] {
+      %x = f32[8,8]{1,0} parameter(0)
+      %n = s32[] parameter(1)
+      %counter = s32[] copy(%n)
+      %addend = f32[8,8]{1,0} copy(%x)
+      %mm = (f32[8,8]{1,0}, s8[64]{0}) custom-call(%x, %x, %addend), custom_call_target=\
+"__cublas$lt$matmul", output_to_operand_aliasing={{0}: (2, {})}
+      %y = f32[8,8]{1,0} get-tuple-element(%mm), index=0
+      %moved = f32[8,8]{0,1} copy(%y)
+      ROOT %out = f32[8,8]{1,0} add(%moved, %x)
+    }
+    """
+  )
+  assert compiled.copies_of_arrays(hlo) == ["moved: f32[8,8]"]
