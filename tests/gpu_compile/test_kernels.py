@@ -1,4 +1,5 @@
-"""The GPU kernels compile for H100 and H200 from this host, fit Hopper and spill nothing.
+"""The GPU kernels compile for H100 and H200 from this host, fit Hopper and spill nothing
+(the gated delta rule's, and causal attention's over a window).
 
 Each case compiles one program holding a kernel's forward and backward (the gradient of a loss
 over the outputs and the final state, from an initial state) through XLA:GPU, Pallas' Triton
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sleep_jax.ops import gated_delta_rule
+from sleep_jax.ops import causal_attention, gated_delta_rule
 from sleep_jax.parallel import compiled, gpu_topology
 from sleep_jax.train import aot
 
@@ -78,3 +79,39 @@ def test_kernels_compile_within_shared_memory_and_spill_nothing(gpu, impl, dtype
   for name, row in report.items():
     assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (name, row)
     assert row["shared_memory_bytes"] <= SHARED_MEMORY_LIMIT, (name, row)  # from the launch
+
+
+ATTENTION_CASES = [
+  # (batch, tokens, heads, key/value heads, width, dtype): the paper's window, the longest
+  # window a program takes in each dtype, grouped-query heads.
+  (512, 24, 4, 4, 64, jnp.float32),
+  (512, 24, 4, 4, 64, jnp.bfloat16),
+  (8, 64, 8, 8, 64, jnp.float32),
+  (8, 64, 8, 8, 128, jnp.bfloat16),
+  (8, 64, 8, 2, 64, jnp.float32),
+]
+
+
+@pytest.mark.parametrize(
+  "shape", ATTENTION_CASES, ids=[f"{c[:5]}-{jnp.dtype(c[5]).name}" for c in ATTENTION_CASES]
+)
+def test_attention_kernels_compile_and_spill_nothing(shape, tmp_path):
+  batch, tokens, heads, kv_heads, width, dtype = shape
+  devices = gpu_topology.gpu_devices("h100")
+  sharding = jax.sharding.SingleDeviceSharding(devices[0])
+  spec = lambda h: jax.ShapeDtypeStruct((batch, tokens, h, width), dtype, sharding=sharding)
+  loss = lambda q, k, v: causal_attention(q, k, v, impl="pallas").astype(jnp.float32).sum()
+  program = aot.compile_lowerable(
+    jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
+    spec(heads),
+    spec(kv_heads),
+    spec(kv_heads),
+    devices=devices,
+    dump_to=str(tmp_path),
+  )
+  names = compiled.triton_kernel_names(program.as_text())
+  assert names == ["causal_attention_backward", "causal_attention_forward"]
+  report = compiled.ptxas_report(str(tmp_path), names, ptxas=gpu_topology.ptxas_path())
+  for name, row in report.items():
+    assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (name, row)
+    assert row["shared_memory_bytes"] <= SHARED_MEMORY_LIMIT, (name, row)

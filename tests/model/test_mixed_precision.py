@@ -53,9 +53,7 @@ def test_matmuls_take_bfloat16_operands_and_the_residual_stream_stays_float32():
   # The projections and the MLP (the gates' [d, heads] projections stay float32, as the rule).
   widths = (low.cfg.d_model, low.cfg.mlp_dim)
   big = [
-    e
-    for e in dots
-    if e.invars[1].aval.shape[-2] in widths and e.invars[1].aval.shape[-1] in widths
+    e for e in dots if e.invars[1].aval.shape[-2] in widths and e.invars[1].aval.shape[-1] in widths
   ]
   assert len(big) == 4 * 4 and all(  # per block: the mixer's two and the MLP's two
     x.aval.dtype == jnp.bfloat16 for e in big for x in e.invars
