@@ -108,9 +108,17 @@ def device_memory_bytes(device) -> int:
   raise ValueError(f"no target config describes a {device.device_kind!r}")
 
 
+def _find_module(name: str):
+  """`importlib.util.find_spec`, None also where a parent package is missing (it raises there)."""
+  try:
+    return importlib.util.find_spec(name)
+  except ModuleNotFoundError:
+    return None
+
+
 def ptxas_path() -> str | None:
   """The ptxas XLA uses: the `nvidia-cuda-nvcc-cu12` package's, else one on the PATH."""
-  spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+  spec = _find_module("nvidia.cuda_nvcc")
   for folder in [] if spec is None else list(spec.submodule_search_locations or []):
     candidate = os.path.join(folder, "bin", "ptxas")
     if os.access(candidate, os.X_OK):
@@ -122,7 +130,7 @@ def missing_toolchain() -> str | None:
   """What to install before compiling for a GPU on this host, or None when nothing is missing."""
   import jax
 
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  if _find_module("jax_plugins.xla_cuda12") is None:
     return (
       "compiling for a GPU topology needs the CUDA plugin of this jax and ptxas: python -m pip "
       f'install "{PLUGIN_PACKAGE}=={jax.__version__}" {PTXAS_PACKAGE}  (make install-gpu-compile)'

@@ -3,7 +3,7 @@
 Nothing here compiles for a GPU (tests/gpu_compile does, with the CUDA plugin and ptxas).
 """
 
-import importlib.util
+import sys
 
 import pytest
 
@@ -66,19 +66,24 @@ def test_target_configs_describe_hopper_with_its_shared_memory_limit(gpu):
   assert "collective_memory_granularity" not in text.split("sleep_jax compiles")[1]
 
 
+def _uninstalled(monkeypatch, package, module):
+  """Make `package.module` unimportable as on a host without it: its parent is not found."""
+  monkeypatch.setitem(sys.modules, package, None)
+  monkeypatch.delitem(sys.modules, f"{package}.{module}", raising=False)
+
+
 def test_a_missing_plugin_names_the_package_to_install(monkeypatch):
-  real = importlib.util.find_spec
-  monkeypatch.setattr(
-    importlib.util,
-    "find_spec",
-    lambda name, *a: None if name == "jax_plugins.xla_cuda12" else real(name, *a),
-  )
+  _uninstalled(monkeypatch, "jax_plugins", "xla_cuda12")
   with pytest.raises(RuntimeError, match=r"pip install \"jax-cuda12-plugin==\d"):
     gpu_topology.gpu_devices("h100-8")
 
 
 def test_a_missing_ptxas_names_the_package_to_install(monkeypatch):
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # a plugin
-  monkeypatch.setattr(gpu_topology, "ptxas_path", lambda: None)
+  find = gpu_topology._find_module
+  plugin = lambda name: object() if name == "jax_plugins.xla_cuda12" else find(name)
+  monkeypatch.setattr(gpu_topology, "_find_module", plugin)
+  _uninstalled(monkeypatch, "nvidia", "cuda_nvcc")
+  monkeypatch.setattr(gpu_topology.shutil, "which", lambda name: None)
+  assert gpu_topology.ptxas_path() is None
   with pytest.raises(RuntimeError, match="pip install nvidia-cuda-nvcc-cu12"):
     gpu_topology.gpu_devices("h100")
