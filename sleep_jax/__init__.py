@@ -33,6 +33,7 @@ _SUBMODULES = (
   "experiments",
   "rundir",
   "xla_flags",
+  "pretrained",
 )
 
 __all__ = ["build_model", "apply", "stream_init", "stream_feed", "generate", "ops"]
