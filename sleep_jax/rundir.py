@@ -1,7 +1,9 @@
 """The run directory: its file names, the results record, JSON-lines logs, the config.json guard.
 
-A leaf module (standard library only): the trainer writes a run directory through it, and the
-sweeps and reports read run directories through it without loading JAX, orbax or the trainer.
+A leaf module (the standard library and sleep_jax.paths): the trainer writes a run directory
+through it, and the sweeps and reports read run directories through it without loading JAX,
+orbax or the trainer. A run directory may be in cloud storage (`gs://bucket/run`): every file
+goes through sleep_jax.paths, so nothing lands in a local folder named `gs:`.
 
 A run directory (`--workdir`) holds:
   config.json        the full config of the run (written before anything else; the resume guard)
@@ -13,10 +15,10 @@ A run directory (`--workdir`) holds:
   events.out.tfevents.*  TensorBoard scalars
 A sweep directory holds sweep.json (the grid) and one run directory per run.
 
-Every JSON file is replaced atomically (written beside, then renamed), so a process killed at
-any moment leaves either the old file or the new one. JSON-lines logs are appended; a reader
-skips a torn last line and keeps the last line of each step (a resumed run re-logs the steps
-it redoes).
+Every JSON file is replaced atomically (written beside, then renamed; a cloud object is replaced
+whole by the storage), so a process killed at any moment leaves either the old file or the new
+one. JSON-lines logs are appended; a reader skips a torn last line and keeps the last line of
+each step (a resumed run re-logs the steps it redoes).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import tempfile
 from typing import Any
+
+from sleep_jax import paths
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
@@ -45,33 +47,23 @@ class WorkdirError(OSError):
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes `value` to `path` as indented JSON through a temporary file and a rename."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(value, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes `value` to `path` as indented JSON, atomically (sleep_jax.paths.open_atomic)."""
+  with paths.open_atomic(path) as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
 
 
 def read_json(path: str) -> Any:
   """The JSON value in `path`, or None when the file is missing or unreadable."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return None
 
 
 def append_jsonl(path: str, record: dict) -> None:
   """Appends one JSON line (flushed to the OS before returning)."""
-  with open(path, "a") as f:
-    f.write(json.dumps(record, sort_keys=True) + "\n")
+  paths.append_text(path, json.dumps(record, sort_keys=True) + "\n")
 
 
 def read_jsonl(path: str, *, key: str = "step") -> list[dict]:
@@ -79,18 +71,18 @@ def read_jsonl(path: str, *, key: str = "step") -> list[dict]:
 
   A line that does not parse (a process killed while appending) is skipped.
   """
-  by_key = {}
   try:
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict) and key in record:
-          by_key[record[key]] = record
+    text = paths.read_text(path)
   except OSError:
     return []
+  by_key = {}
+  for line in text.splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and key in record:
+      by_key[record[key]] = record
   return [by_key[k] for k in sorted(by_key)]
 
 
@@ -208,11 +200,11 @@ class RunDir:
   path: str
 
   def file(self, name: str) -> str:
-    return os.path.join(self.path, name)
+    return paths.join(self.path, name)
 
   @property
   def checkpoints(self) -> str:
-    return os.path.abspath(self.file(CHECKPOINT_DIR))
+    return paths.absolute(self.file(CHECKPOINT_DIR))
 
   def config(self) -> dict | None:
     return read_json(self.file(CONFIG_FILE))
@@ -249,10 +241,13 @@ class RunDir:
     """
     probe = self.file(".write_probe")
     try:
-      os.makedirs(self.path, exist_ok=True)
-      with open(probe, "w") as f:
-        f.write("ok")
-      os.remove(probe)
+      paths.check_available(self.path)
+    except RuntimeError as e:
+      raise WorkdirError(f"cannot use workdir {self.path!r}: {e}") from e
+    try:
+      paths.makedirs(self.path)
+      paths.write_text(probe, "ok")
+      paths.remove(probe)
     except OSError as e:
       raise WorkdirError(
         f"cannot write to workdir {self.path!r} ({e.strerror or e}). Point "
@@ -300,7 +295,7 @@ class RunDir:
       )
 
   def write_config(self, config: dict) -> None:
-    os.makedirs(self.path, exist_ok=True)
+    paths.makedirs(self.path)
     write_json(self.file(CONFIG_FILE), config)
 
 

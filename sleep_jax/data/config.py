@@ -7,10 +7,10 @@ with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any
 
+from sleep_jax import paths
 from sleep_jax.data import depo
 from sleep_jax.typed_config import dataclass_from_section
 
@@ -116,7 +116,7 @@ class GsmInfiniteTaskConfig:
       )
     if self.family not in ("symbolic", "realistic"):
       raise ValueError(f"task.family={self.family!r}: use 'symbolic' or 'realistic'")
-    if self.tokenizer != "word_level" and not os.path.isfile(self.tokenizer):
+    if self.tokenizer != "word_level" and not paths.exists(self.tokenizer):
       raise ValueError(f"task.tokenizer={self.tokenizer!r} is not a file (a tokenizer.json)")
     if self.target_length is not None and self.target_length >= self.seq_len:
       raise ValueError(

@@ -20,6 +20,7 @@ import tempfile
 
 import numpy as np
 
+from sleep_jax import paths
 from sleep_jax.data import gsm_infinite
 
 PAD, END = "<pad>", "</s>"
@@ -28,9 +29,11 @@ ANSWER_CUE = " Answer:"
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(path: str):
-  """A `tokenizers.Tokenizer` from a tokenizer.json (cached per path)."""
+  """A `tokenizers.Tokenizer` from a tokenizer.json, local or gs:// (cached per path)."""
   from tokenizers import Tokenizer
 
+  if paths.is_remote(path):
+    return Tokenizer.from_str(paths.read_text(path))
   return Tokenizer.from_file(path)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from ml_collections import config_dict
 
+from sleep_jax import paths
 from sleep_jax.experiments.config_files import apply_overrides, flag_value, load_config
 from sleep_jax.experiments.sweeps import Run, expand_runs
 
@@ -21,10 +21,12 @@ class Job:
     name: unique within the sweep: the run's workdir relative to the sweep dir.
     args: flag name -> value, e.g. {"config": "configs/rule110.py:paper", "workdir": ...,
       "config.sleep.passes": "2"}; each becomes `--name=value`.
+    num_steps: the run's last step (results.json at this step = finished).
   """
 
   name: str
   args: dict[str, str]
+  num_steps: int
 
   def command(self) -> list[str]:
     return [*ENTRYPOINT, *(f"--{key}={value}" for key, value in self.args.items())]
@@ -53,7 +55,7 @@ def make_jobs(
         if value is not None
       }
     )
-    jobs.append(Job(name=os.path.relpath(run.workdir, sweep_dir).replace(os.sep, "/"), args=args))
+    jobs.append(Job(paths.relative(run.workdir, sweep_dir), args, run.num_steps))
   return jobs
 
 
@@ -91,7 +93,7 @@ def run_cost(run: Run, sweep_dir: str, flop_rate: float = MEASURED_FLOP_RATE) ->
     seq_len=seq_len,
     batch_size=batch,
   )
-  name = os.path.relpath(run.workdir, sweep_dir).replace(os.sep, "/")
+  name = paths.relative(run.workdir, sweep_dir)
   flops = step_flops * steps
   return JobCost(
     name=name, flops=flops, tokens=float(batch * seq_len * steps), hours=flops / flop_rate / 3600

@@ -6,13 +6,13 @@ Reads every run workdir below the sweep dir (see `load_runs`). Rule 110: exact a
 and depth, accuracy vs N, learning curves, per-depth evaluations. Depo and GSM-Infinite: loss
 and accuracy by arm and hop count k or operation count. The paper's published numbers
 (PAPER.md section 4) sit beside ours, marked "not comparable" where the depth or scale differs. Partial sweeps work: a cell averages the
-finished runs only and says how many of the expected runs that is.
+finished runs only and says how many of the expected runs that is. The sweep dir and --out may
+be gs:// paths (sleep_jax.paths): runs are read from, and the report written to, cloud storage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any
 
@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from sleep_jax import console, rundir
+from sleep_jax import console, paths, rundir
 from sleep_jax.data import rule110
 from sleep_jax.data.depo import EVAL_HOPS as DEPO_HOPS
 from sleep_jax.experiments import report_figures as figures
@@ -74,7 +74,7 @@ def load_runs(sweep_dir: str) -> list[RunRecord]:
     One record per run; a run not started by a sweep (no sweep_run.json) is named "n<passes>".
   """
   records = []
-  for root, dirs, files in os.walk(sweep_dir):
+  for root, dirs, files in paths.walk(sweep_dir):
     dirs[:] = sorted(d for d in dirs if d not in (rundir.CHECKPOINT_DIR, "report_tb"))
     run = rundir.RunDir(root)
     config = run.config() if rundir.CONFIG_FILE in files else None
@@ -339,7 +339,7 @@ def _runs_table(runs: list[RunRecord], sweep_dir: str, metric: str) -> list[str]
     step, wall_s = (r.results.step, r.results.wall_s) if r.results else (0, 0.0)
     rows.append(
       [
-        os.path.relpath(r.workdir, sweep_dir),
+        paths.relative(r.workdir, sweep_dir),
         r.arm,
         str(r.seed),
         str(r.depth),
@@ -359,7 +359,8 @@ def _log_tensorboard(tb_dir: str, figs: dict, runs: list[RunRecord], arms: list[
   """Figures and per-arm summary scalars (x axis: depth for Rule 110, k for Depo)."""
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-  writer = SummaryWriter(tb_dir)
+  staged = paths.StagedDir(tb_dir)  # tensorboardX writes local files; copied to a gs:// sweep
+  writer = SummaryWriter(staged.local)
   for name, fig in figs.items():
     writer.add_figure(f"report/{name}", fig, close=False)
   sliced = SLICED_TASKS.get(task)
@@ -377,6 +378,7 @@ def _log_tensorboard(tb_dir: str, figs: dict, runs: list[RunRecord], arms: list[
         if values:
           writer.add_scalar(f"exact_accuracy_by_depth/{arm}", summarize(values)[0], depth)
   writer.close()
+  staged.close()
 
 
 def _task_of_base(grid: dict | None) -> str:
@@ -398,13 +400,13 @@ def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: boo
     The path of report.md.
   """
   out_dir = out_dir or sweep_dir
-  os.makedirs(out_dir, exist_ok=True)
-  grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
+  paths.makedirs(out_dir)
+  grid = rundir.read_json(paths.join(sweep_dir, rundir.SWEEP_FILE))
   runs = load_runs(sweep_dir)
   arms = _arm_order(grid, runs)
   task = runs[0].task if runs else _task_of_base(grid)
   expected = len(grid["runs"]) if grid else len(runs)
-  name = grid["name"] if grid else os.path.basename(os.path.normpath(sweep_dir))
+  name = grid["name"] if grid else sweep_dir.rstrip("/").rsplit("/", 1)[-1]
   status = (
     f"Task {task}; base config `{grid['base'] if grid else '?'}`; "
     f"{sum(r.finished for r in runs)}/{expected} runs finished, "
@@ -419,16 +421,16 @@ def write_report(sweep_dir: str, out_dir: str | None = None, *, tensorboard: boo
   else:
     lines += _rule110_sections(runs, grid, arms, figs)
   for fig_name, fig in figs.items():
-    fig.savefig(os.path.join(out_dir, f"{fig_name}.png"), dpi=figures.DPI)
+    with paths.open_atomic(paths.join(out_dir, f"{fig_name}.png"), "wb") as f:
+      fig.savefig(f, format="png", dpi=figures.DPI)
     lines += [f"![{fig_name}]({fig_name}.png)", ""]
   lines += _runs_table(runs, sweep_dir, "loss" if task in SLICED_TASKS else "exact_accuracy")
   if tensorboard:
-    _log_tensorboard(os.path.join(sweep_dir, "report_tb"), figs, runs, arms, task)
+    _log_tensorboard(paths.join(sweep_dir, "report_tb"), figs, runs, arms, task)
   for fig in figs.values():
     plt.close(fig)
-  path = os.path.join(out_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  path = paths.join(out_dir, "report.md")
+  paths.write_text(path, "\n".join(lines))
   return path
 
 
@@ -436,7 +438,7 @@ def summary_table(sweep_dir: str) -> str:
   """The sweep's arms side by side, as a console table: finished runs, then mean ± std (over
   seeds) of the main metrics of the finished runs, per depth for Rule 110."""
   runs = load_runs(sweep_dir)
-  grid = rundir.read_json(os.path.join(sweep_dir, rundir.SWEEP_FILE))
+  grid = rundir.read_json(paths.join(sweep_dir, rundir.SWEEP_FILE))
   arms = _arm_order(grid, runs)
   if runs and runs[0].task in SLICED_TASKS:
     sliced = SLICED_TASKS[runs[0].task]

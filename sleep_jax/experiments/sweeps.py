@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from ml_collections import config_dict
 
-from sleep_jax import rundir
+from sleep_jax import paths, rundir
 from sleep_jax.experiments.config_files import apply_overrides, flatten, load_config
 
 logger = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ def expand_runs(
           depth=depth,
           base=sweep_config.base,
           overrides=overrides,
-          workdir=os.path.join(sweep_dir, *parts),
+          workdir=paths.join(sweep_dir, *parts),
         )
         apply_overrides(base, overrides)  # fail now on a bad key, not hours into the sweep
         runs.append(run)
@@ -123,8 +122,8 @@ def expand_runs(
 
 def write_sweep_file(sweep_config: config_dict.ConfigDict, sweep_dir: str, runs: list[Run]) -> str:
   """Writes `<sweep_dir>/sweep.json`: the grid, so a report can count the missing runs."""
-  os.makedirs(sweep_dir, exist_ok=True)
-  path = os.path.join(sweep_dir, rundir.SWEEP_FILE)
+  paths.makedirs(sweep_dir)
+  path = paths.join(sweep_dir, rundir.SWEEP_FILE)
   grid = {
     "name": sweep_config.name,
     "base": sweep_config.base,
@@ -132,7 +131,7 @@ def write_sweep_file(sweep_config: config_dict.ConfigDict, sweep_dir: str, runs:
     "seeds": list(sweep_config.seeds),
     "depths": list(sweep_config.get("depths") or ()),
     "runs": [
-      dict(run.coordinates(), workdir=os.path.relpath(run.workdir, sweep_dir)) for run in runs
+      dict(run.coordinates(), workdir=paths.relative(run.workdir, sweep_dir)) for run in runs
     ],
   }
   rundir.write_json(path, grid)
@@ -141,10 +140,20 @@ def write_sweep_file(sweep_config: config_dict.ConfigDict, sweep_dir: str, runs:
 
 def write_run_file(run: Run) -> str:
   """Writes `<workdir>/sweep_run.json` with the run's coordinates."""
-  os.makedirs(run.workdir, exist_ok=True)
-  path = os.path.join(run.workdir, rundir.SWEEP_RUN_FILE)
+  paths.makedirs(run.workdir)
+  path = paths.join(run.workdir, rundir.SWEEP_RUN_FILE)
   rundir.write_json(path, run.coordinates())
   return path
+
+
+def write_sweep_files(
+  sweep_config: config_dict.ConfigDict, sweep_dir: str, only: str | None = None
+) -> None:
+  """sweep.json (the whole grid) and the sweep_run.json of every run (of arm `only`): what a
+  launcher that hands the runs to other machines writes first, so reports name the arms."""
+  write_sweep_file(sweep_config, sweep_dir, expand_runs(sweep_config, sweep_dir))
+  for run in expand_runs(sweep_config, sweep_dir, only=only):
+    write_run_file(run)
 
 
 def run_sweep(
@@ -175,7 +184,7 @@ def run_sweep(
   base = load_config(sweep_config.base)
   failures = []
   for index, run in enumerate(runs, 1):
-    where = f"[{index}/{len(runs)}] {os.path.relpath(run.workdir, sweep_dir)}"
+    where = f"[{index}/{len(runs)}] {paths.relative(run.workdir, sweep_dir)}"
     if rundir.RunDir(run.workdir).is_finished(run.num_steps):
       logger.info("%s: finished already, skipped", where)
       continue

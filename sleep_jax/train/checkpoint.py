@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import grain
@@ -24,7 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from sleep_jax import rundir
+from sleep_jax import paths, rundir
 from sleep_jax.model.config import EXECUTION_FIELDS, ModelConfig
 from sleep_jax.model.lm import HybridLM, build_model
 from sleep_jax.train.config import ExperimentConfig
@@ -36,6 +35,7 @@ INITIAL_PARAMS_DIR = "params"
 
 
 def make_manager(run: rundir.RunDir, *, max_to_keep: int) -> ocp.CheckpointManager:
+  """The run's checkpoint manager; orbax writes gs:// directories itself (through tensorstore)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(
     epath.Path(run.checkpoints), options=options, item_names=("state", "data")
@@ -127,14 +127,17 @@ def restore_model(workdir: str) -> tuple[HybridLM, ExperimentConfig, int]:
 
 
 def save_initial(directory: str, params: Any, model_config: ModelConfig) -> None:
-  """Writes parameters (a pure dict) and their model config for `config.init_from`."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  """Writes parameters (a pure dict) and their model config for `config.init_from` (a local
+  directory or a gs:// one)."""
+  directory = paths.absolute(directory)
+  paths.makedirs(directory)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, INITIAL_PARAMS_DIR), params, force=True)
+  checkpointer.save(epath.Path(paths.join(directory, INITIAL_PARAMS_DIR)), params, force=True)
   checkpointer.wait_until_finished()
-  with open(os.path.join(directory, INITIAL_MODEL_FILE), "w") as f:
-    json.dump(dataclasses.asdict(model_config), f, indent=2)
+  paths.write_text(
+    paths.join(directory, INITIAL_MODEL_FILE),
+    json.dumps(dataclasses.asdict(model_config), indent=2),
+  )
 
 
 def _check_same_model(saved: ModelConfig, model_config: ModelConfig, source: str) -> None:
@@ -153,13 +156,14 @@ def _check_same_model(saved: ModelConfig, model_config: ModelConfig, source: str
 
 def load_initial(directory: str, model_config: ModelConfig, target: Any) -> Any:
   """The parameters to start a run from, placed like `target` (ShapeDtypeStructs with
-  shardings): a launch/convert.py directory, or an earlier run's newest checkpoint."""
-  model_file = os.path.join(directory, INITIAL_MODEL_FILE)
-  if os.path.isfile(model_file):
-    with open(model_file) as f:
-      _check_same_model(ModelConfig(**json.load(f)), model_config, directory)
-    path = os.path.join(os.path.abspath(directory), INITIAL_PARAMS_DIR)
-    return ocp.StandardCheckpointer().restore(path, target)
+  shardings): a launch/convert.py directory, or an earlier run's newest checkpoint (local or
+  gs://)."""
+  model_file = paths.join(directory, INITIAL_MODEL_FILE)
+  if paths.exists(model_file):
+    saved = ModelConfig(**json.loads(paths.read_text(model_file)))
+    _check_same_model(saved, model_config, directory)
+    path = paths.join(paths.absolute(directory), INITIAL_PARAMS_DIR)
+    return ocp.StandardCheckpointer().restore(epath.Path(path), target)
   if rundir.RunDir(directory).config() is not None:
     model, config, _ = restore_model(directory)
     _check_same_model(config.model, model_config, directory)

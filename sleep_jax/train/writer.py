@@ -2,6 +2,15 @@
 
 Only process 0 of a job writes files; every process holds a `MetricsWriter`, so the loop never
 asks who it is. The console lines go through the "sleep_jax" logger (sleep_jax.console).
+
+TensorBoard events in a cloud run directory (`gs://...`): tensorboardX writes event files into a
+local staging directory (sleep_jax.paths.StagedDir) that is copied into the workdir after every
+evaluation and at close. tensorboardX writes through a background thread that its flush() does
+not wait for, so each copy closes the writer first (which drains it) and the next scalars start a
+new event file (`.1`, `.2`, ... suffixes); TensorBoard reads all the files of a directory as one
+run. Between evaluations the bucket's events lag; the JSON-lines logs, written at every logged
+step, hold every value. (tensorboardX's own gs:// writer would bypass the path library and
+upload its whole file again at every flush.) A local workdir is written in place, as before.
 """
 
 from __future__ import annotations
@@ -9,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sleep_jax import console, rundir
+from sleep_jax import console, paths, rundir
 
 logger = logging.getLogger(__name__)
 
@@ -21,15 +30,32 @@ class MetricsWriter:
     self.run = run
     self.is_writer = is_writer
     self._events = None
-    if is_writer:
+    self._staged = paths.StagedDir(run.path) if is_writer else None
+    self._event_files = 0
+
+  def _event_writer(self):
+    """tensorboardX's writer, opened on first use (again after each copy to a remote workdir)."""
+    if self._events is None and self._staged is not None:
       from tensorboardX import SummaryWriter  # heavy; only the writing process needs it
 
-      self._events = SummaryWriter(run.path)
+      suffix = f".{self._event_files}" if self._event_files else ""
+      self._events = SummaryWriter(self._staged.local, filename_suffix=suffix)
+      self._event_files += 1
+    return self._events
+
+  def _sync_events(self) -> None:
+    """Copies the event files into a remote workdir (nothing to do for a local one)."""
+    if self._staged is None or not self._staged.remote or self._events is None:
+      return
+    events, self._events = self._events, None
+    events.close()  # drains tensorboardX's writing thread into the file
+    self._staged.sync()
 
   def _scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
-    if self._events is not None:
+    events = self._event_writer()
+    if events is not None:
       for name, value in values.items():
-        self._events.add_scalar(f"{prefix}/{name}", value, step)
+        events.add_scalar(f"{prefix}/{name}", value, step)
 
   def banner(self, lines: list[str]) -> None:
     for line in lines:
@@ -65,6 +91,7 @@ class MetricsWriter:
     if self.is_writer:
       rundir.append_jsonl(self.run.file(rundir.EVAL_LOG_FILE), {"step": step, **metrics})
     self._scalars("eval", step, metrics)
+    self._sync_events()
     main = {k: v for k, v in metrics.items() if "/" not in k}  # slices go to the final table
     logger.info("eval at step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in main.items()))
 
@@ -87,16 +114,19 @@ class MetricsWriter:
 
   def close(self) -> None:
     events, self._events = self._events, None
-    if events is None:
-      return
+    staged, self._staged = self._staged, None
     try:
-      events.close()
+      if events is not None:
+        events.close()
     except Exception:
       # tensorboardX retries the same close at exit and prints a traceback there; the error is
       # raised (and reported) here once, so mark its file writers closed.
       for file_writer in (events.all_writers or {}).values():
         file_writer.event_writer._closed = True
       raise
+    finally:
+      if staged is not None:
+        staged.close()  # the last copy of the event files into a remote workdir
 
 
 def config_banner(
