@@ -29,7 +29,7 @@ and reports, over `--steps` timed steps after one compile step:
     host is shared, so this is the steadier number on the CPU when other jobs run), tokens/s
     (batch x tokens per example / step time) and the projected hours for 100k steps (the
     paper's run);
-  * achieved FLOP/s = `sleep_jax.model.flops.train_step_flops` (model matmul FLOPs, forward +
+  * achieved FLOP/s = `sleep_jax.sleep.flops.train_step_flops` (model matmul FLOPs, forward +
     backward, no remat recompute) / median step time; `FLOP ratio` is a row's FLOPs per step
     over the N=1 row's, the step time ratio's target (the issue: N=4/N=1 time within 10% of it);
   * in the same process, timed alternately with the steps so that both see the same load, the
@@ -289,9 +289,9 @@ def measure(
 
   from sleep_jax.data import tasks
   from sleep_jax.model.config import ModelConfig
-  from sleep_jax.model.flops import train_step_flops
   from sleep_jax.model.lm import build_model
   from sleep_jax.sleep.config import SleepConfig
+  from sleep_jax.sleep.flops import train_step_flops
   from sleep_jax.train.optim import make_optimizer, optimizer_labels
   from sleep_jax.train.step import TrainState, train_step
 

@@ -81,8 +81,8 @@ def run_cost(run: Run, sweep_dir: str, flop_rate: float = MEASURED_FLOP_RATE) ->
   """The estimated cost of one run: train_step_flops x num_steps at `flop_rate` FLOP/s."""
   from sleep_jax.data import tasks  # imported here: the dry run alone needs the data modules
   from sleep_jax.model.config import ModelConfig
-  from sleep_jax.model.flops import train_step_flops
   from sleep_jax.sleep.config import SleepConfig
+  from sleep_jax.sleep.flops import train_step_flops
 
   config = apply_overrides(load_config(run.base), run.overrides)
   seq_len = tasks.get_task(config.task).seq_len

@@ -6,7 +6,7 @@ them, over the devices of a named TPU slice (sleep_jax.parallel.topology) or GPU
 Triton and ptxas compilers on this host. This catches sharding, Pallas and shared-memory
 errors and tells whether a config fits a device's memory, before any accelerator time is
 spent. XLA's cost analysis cannot see inside Pallas calls (and returns nothing for GPUs), so
-FLOPs come from the model count (sleep_jax.model.flops).
+FLOPs come from the model count (sleep_jax.sleep.flops).
 
 A GPU row also counts the kernels one step launches (`compiled.kernels_per_step`) and reports
 ptxas' registers and spills for every Triton kernel. XLA:GPU does not refuse a program larger
@@ -24,10 +24,10 @@ from typing import Any
 
 import jax
 
-from sleep_jax.model.flops import train_step_flops
 from sleep_jax.parallel import compiled as compiled_lib
 from sleep_jax.parallel import gpu_topology
 from sleep_jax.parallel import topology as topology_lib
+from sleep_jax.sleep.flops import train_step_flops
 from sleep_jax.train.program import build_program
 
 logger = logging.getLogger(__name__)

@@ -227,8 +227,8 @@ def test_xm_launch_dry_run_needs_no_xmanager(tmp_path):
 
 def test_job_cost_is_the_step_flops_times_the_steps_at_the_measured_rate(tmp_path):
   from sleep_jax.model.config import ModelConfig
-  from sleep_jax.model.flops import train_step_flops
   from sleep_jax.sleep.config import SleepConfig
+  from sleep_jax.sleep.flops import train_step_flops
 
   runs = sweeps.expand_runs(sweep_config("rule110_paper"), str(tmp_path))
   costs = {run.arm: jobs_lib.run_cost(run, str(tmp_path)) for run in runs}

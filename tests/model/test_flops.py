@@ -20,6 +20,7 @@ from sleep_jax.model import flops
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.ops import gated_delta_rule
 from sleep_jax.ops.gated_delta import chunked
+from sleep_jax.sleep import flops as schedule_flops
 from sleep_jax.sleep.config import SleepConfig, training_flops_ratio
 from sleep_jax.sleep.consolidate import sleep_forward
 
@@ -104,8 +105,11 @@ def test_forward_count_matches_xla_with_eviction_none():
   # repeating unit (R = 1), and still has more than one block of a kind.
   model_cfg, seq_len = tiny_config("AGA"), 32
   sleep_cfg = SleepConfig(eviction="none", context_len=16, remat=False)
-  ours = BATCH * flops.forward_flops_per_example(model_cfg, sleep_cfg, seq_len=seq_len)
-  assert flops.train_step_flops(model_cfg, sleep_cfg, seq_len=seq_len, batch_size=BATCH) == 3 * ours
+  ours = BATCH * schedule_flops.forward_flops_per_example(model_cfg, sleep_cfg, seq_len=seq_len)
+  assert (
+    schedule_flops.train_step_flops(model_cfg, sleep_cfg, seq_len=seq_len, batch_size=BATCH)
+    == 3 * ours
+  )
   xla_total, xla_dots = xla_forward_flops(model_cfg, sleep_cfg, seq_len)
   # Every matmul accounted for, exactly.
   assert xla_dots == ours + BATCH * xla_matmul_excess(model_cfg, seq_len)
@@ -125,7 +129,7 @@ def test_train_step_count_matches_xla_gradient():
     .lower(nnx.to_pure_dict(state), jax.ShapeDtypeStruct((BATCH, seq_len), jnp.int32))
     .compile()
   )
-  ours = flops.train_step_flops(model_cfg, sleep_cfg, seq_len=seq_len, batch_size=BATCH)
+  ours = schedule_flops.train_step_flops(model_cfg, sleep_cfg, seq_len=seq_len, batch_size=BATCH)
   # The 32 tokens are one chunk of the gated delta rule, differentiated by plain autodiff:
   # the masked-doubling inverse runs once (its gradient is the closed form) and the decay
   # sums' matmul twice (forward and its transpose), beyond the count we report. Set those
@@ -143,7 +147,9 @@ def test_forward_count_matches_xla_with_hard_eviction():
   # with a G block, which the dead-code count below assumes.
   model_cfg, window, predict = tiny_config("AG"), 16, 8
   sleep_cfg = SleepConfig(passes=1, window=window, eviction="hard", context_len=window, remat=False)
-  ours = BATCH * flops.forward_flops_per_example(model_cfg, sleep_cfg, seq_len=window + predict)
+  ours = BATCH * schedule_flops.forward_flops_per_example(
+    model_cfg, sleep_cfg, seq_len=window + predict
+  )
   xla_total, xla_dots = xla_forward_flops(model_cfg, sleep_cfg, window + predict)
   # The window's features are dropped after its last pass: only the fast state survives. With
   # one pass XLA sees that and drops what comes after the last fast-state write, i.e. the last
@@ -173,15 +179,17 @@ def hard(passes=1, grad_passes=None, window=24, context_len=96):
 
 def test_train_step_flops_are_linear_in_batch_and_three_forward_passes():
   model_cfg = tiny_config()
-  one = flops.train_step_flops(model_cfg, hard(), seq_len=100, batch_size=1)
-  assert flops.train_step_flops(model_cfg, hard(), seq_len=100, batch_size=8) == 8 * one
-  assert one == 3 * flops.forward_flops_per_example(model_cfg, hard(), seq_len=100)
+  one = schedule_flops.train_step_flops(model_cfg, hard(), seq_len=100, batch_size=1)
+  assert schedule_flops.train_step_flops(model_cfg, hard(), seq_len=100, batch_size=8) == 8 * one
+  assert one == 3 * schedule_flops.forward_flops_per_example(model_cfg, hard(), seq_len=100)
 
 
 def test_passes_multiply_the_context_part_only():
   model_cfg = tiny_config()
   per_window = flops.forward_flops_per_chunk(model_cfg, 24)
-  step = lambda passes: flops.train_step_flops(model_cfg, hard(passes), seq_len=100, batch_size=4)
+  step = lambda passes: schedule_flops.train_step_flops(
+    model_cfg, hard(passes), seq_len=100, batch_size=4
+  )
   # Three more passes over each of the 4 windows, forward and backward, for 4 sequences.
   assert step(4) - step(1) == 3 * 4 * 3 * per_window * 4
 
@@ -192,7 +200,9 @@ def test_passes_ratio_matches_training_flops_ratio_when_matmuls_dominate():
   wide = ModelConfig(
     vocab_size=4, pattern="AGAG", d_model=512, num_heads=4, head_dim=32, mlp_dim=2048
   )
-  step = lambda passes: flops.train_step_flops(wide, hard(passes), seq_len=100, batch_size=1)
+  step = lambda passes: schedule_flops.train_step_flops(
+    wide, hard(passes), seq_len=100, batch_size=1
+  )
   expected = training_flops_ratio(4, **RULE110_LIKE)
   assert expected == pytest.approx(3.88)
   assert step(4) / step(1) == pytest.approx(expected, rel=0.01)
@@ -201,8 +211,10 @@ def test_passes_ratio_matches_training_flops_ratio_when_matmuls_dominate():
 def test_frozen_passes_cost_one_forward_not_three():
   model_cfg = tiny_config()
   per_window = flops.forward_flops_per_chunk(model_cfg, 24)
-  full = flops.train_step_flops(model_cfg, hard(4), seq_len=100, batch_size=1)
-  cut = flops.train_step_flops(model_cfg, hard(4, grad_passes=1), seq_len=100, batch_size=1)
+  full = schedule_flops.train_step_flops(model_cfg, hard(4), seq_len=100, batch_size=1)
+  cut = schedule_flops.train_step_flops(
+    model_cfg, hard(4, grad_passes=1), seq_len=100, batch_size=1
+  )
   assert full - cut == 4 * 3 * (3 - 1) * per_window  # 4 windows, 3 frozen passes each
 
 
@@ -243,7 +255,7 @@ def test_chunk_size_is_the_ops_default():
 def test_eviction_none_is_one_pass_with_the_head_over_the_predicted_positions():
   model_cfg = tiny_config()
   none = SleepConfig(eviction="none", context_len=96)
-  assert flops.forward_flops_per_example(model_cfg, none, seq_len=100) == (
+  assert schedule_flops.forward_flops_per_example(model_cfg, none, seq_len=100) == (
     flops.forward_flops_per_chunk(model_cfg, 100) + 2 * 4 * 64 * 32
   )  # head: 4 x d x vocab
 
@@ -254,19 +266,21 @@ def test_every_chunk_of_a_general_schedule_is_counted():
   chunk = lambda t: flops.forward_flops_per_chunk(cfg, t)
   wake = lambda t: chunk(t) + flops.head_flops(cfg, t)
   # 96 context tokens, then predicted chunks of 24, 24 and 4.
-  assert flops.forward_flops_per_example(cfg, hard(passes=n), seq_len=148) == (
+  assert schedule_flops.forward_flops_per_example(cfg, hard(passes=n), seq_len=148) == (
     4 * n * chunk(24) + 2 * wake(24) + wake(4)
   )
   interleaved = SleepConfig(passes=n, window=24, context_len=24, predict_chunks=(1, 3))
-  assert flops.forward_flops_per_example(cfg, interleaved, seq_len=90) == (
+  assert schedule_flops.forward_flops_per_example(cfg, interleaved, seq_len=90) == (
     n * chunk(24) + wake(24) + n * chunk(24) + wake(18)
   )
   lm = SleepConfig(passes=n, window=24, context_len=0, predict_then_sleep=True)
-  assert flops.forward_flops_per_example(cfg, lm, seq_len=48) == 2 * (wake(24) + n * chunk(24))
+  assert schedule_flops.forward_flops_per_example(cfg, lm, seq_len=48) == 2 * (
+    wake(24) + n * chunk(24)
+  )
 
 
 def test_rejects_what_the_schedule_rejects():
   with pytest.raises(ValueError, match="no prediction positions"):
-    flops.train_step_flops(tiny_config(), hard(), seq_len=96, batch_size=1)
+    schedule_flops.train_step_flops(tiny_config(), hard(), seq_len=96, batch_size=1)
   with pytest.raises(ValueError, match="batch_size"):
-    flops.train_step_flops(tiny_config(), hard(), seq_len=100, batch_size=0)
+    schedule_flops.train_step_flops(tiny_config(), hard(), seq_len=100, batch_size=0)
