@@ -2,10 +2,14 @@
 PYTHON ?= python
 SWEEP_DIR ?= runs/first_look
 
-.PHONY: install install-gpu-compile run test test-integration lint format test-all test-tpu-compile test-gpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
+.PHONY: install install-xm install-gpu-compile run test test-integration lint format test-all test-tpu-compile test-gpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
+
+# XManager (launch/xm_launch.py submits with it; its tests build its real objects; CI installs it).
+install-xm:
+	$(PYTHON) -m pip install -e ".[xm]"
 
 # The README's first command: the sleeping hybrid beside the plain one, then a side-by-side table.
 run:

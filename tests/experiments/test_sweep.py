@@ -193,38 +193,6 @@ def test_xmanager_dry_run_jobs_parse_back_to_the_run_configs(tmp_path):
     )
 
 
-def xm_dry_run(tmp_path, *flags_):
-  return subprocess.run(
-    [
-      sys.executable,
-      "launch/xm_launch.py",
-      "--config=configs/sweeps/rule110_gpu.py",
-      "--dry_run",
-      f"--sweep_dir={tmp_path}",
-      *flags_,
-    ],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    timeout=120,
-  )
-
-
-def test_xm_launch_dry_run_needs_no_xmanager(tmp_path):
-  out = xm_dry_run(tmp_path)
-  assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.strip().splitlines()
-  assert "3 jobs on local" in lines
-  commands = [line for line in lines if line.startswith("[local] ")]
-  assert len(commands) == 3 and all("--config.task.depth=8" in line for line in commands)
-  assert "xmanager" not in sys.modules
-  # Then the estimated cost: one row per job, and the total of the rows.
-  rows = [line.split() for line in lines if line.startswith(("n1/", "n2/", "n4/"))]
-  total = lines[-1].split()
-  assert len(rows) == 3 and total[0] == "total"
-  assert float(total[-1]) == pytest.approx(sum(float(r[-1]) for r in rows), abs=0.02)
-
-
 def test_job_cost_is_the_step_flops_times_the_steps_at_the_measured_rate(tmp_path):
   from sleep_jax.model.config import ModelConfig
   from sleep_jax.sleep.config import SleepConfig
@@ -245,45 +213,6 @@ def test_job_cost_is_the_step_flops_times_the_steps_at_the_measured_rate(tmp_pat
   # The measured H100 step took 93.8 ms at N=1 and 350.6 ms at N=4 (docs/results/gpu).
   assert costs["n1"].hours == pytest.approx(100_000 * 0.0938 / 3600, rel=0.01)
   assert costs["n4"].hours / costs["n1"].hours == pytest.approx(3.88, rel=0.01)
-
-
-def test_xm_launch_places_each_job_on_a_cloud_tpu_slice(tmp_path):
-  out = xm_dry_run(tmp_path, "--platform=tpu", "--topology=v5e-16", "--num_slices=2")
-  assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.strip().splitlines()
-  headers = [line for line in lines if line.startswith("# job ")]
-  assert len(headers) == 3
-  assert all("'tpu_topology': 'v5e-16', 'num_slices': 2" in line for line in headers)
-  # One command per slice, run by every TPU VM host of it; jax finds its peers itself.
-  commands = [line for line in lines if line.startswith("[slice-")]
-  assert len(commands) == 6 and not any("JAX_COORDINATOR_ADDRESS" in line for line in commands)
-
-
-def test_xm_launch_joins_multi_host_gpu_processes_through_the_environment(tmp_path):
-  from sleep_jax.parallel import distributed
-
-  out = xm_dry_run(tmp_path, "--platform=gpu", "--num_hosts=2", "--gpus_per_host=8")
-  assert out.returncode == 0, out.stderr[-2000:]
-  commands = [line for line in out.stdout.splitlines() if line.startswith("[host-")]
-  assert len(commands) == 6  # 3 jobs x 2 hosts
-  for process_id, line in enumerate(commands[:2]):
-    env = dict(word.split("=", 1) for word in line.split()[1:4])
-    group = distributed.from_environment(env)
-    assert (group.num_processes, group.process_id) == (2, process_id)
-    assert group.coordinator_address == "host-0:8476"
-    assert line.split()[4:6] == ["python", "launch/main.py"]
-
-
-@pytest.mark.parametrize(
-  "flags_, message",
-  [
-    (("--platform=tpu",), "needs a topology"),
-    (("--platform=tpu", "--topology=v9-8"), "unknown TPU topology"),
-  ],
-)
-def test_xm_launch_rejects_a_bad_placement(tmp_path, flags_, message):
-  out = xm_dry_run(tmp_path, *flags_)
-  assert out.returncode != 0 and message in out.stderr
 
 
 def test_sweep_cli_dry_run_lists_runs(tmp_path):
