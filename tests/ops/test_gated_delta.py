@@ -243,10 +243,14 @@ def test_unit_lower_inverses_match_numpy(size):
   expected = np.linalg.inv(np.eye(size) + strict_lower)
   inverse = jax.jit(_invert_unit_lower)(jnp.asarray(strict_lower, jnp.float32))
   assert_close(inverse, expected, 1e-6, "block inversion (chunked)")
-  substituted = jax.jit(jax.vmap(kernel_math.invert_unit_lower))(
-    jnp.asarray(strict_lower, jnp.float32)
-  )
+  # The kernels never form the inverse: they solve with I + A (and its transpose) on the tiles
+  # it multiplies. Solving against the identity gives the inverse (and its transpose).
+  identity = jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), strict_lower.shape)
+  lower = jnp.asarray(strict_lower, jnp.float32)
+  substituted = jax.jit(jax.vmap(kernel_math.forward_substitute))(lower, identity)
   assert_close(substituted, expected, 1e-6, "forward substitution (kernels)")
+  back_substituted = jax.jit(jax.vmap(kernel_math.back_substitute))(lower, identity)
+  assert_close(back_substituted, np.swapaxes(expected, -1, -2), 1e-6, "back substitution")
 
 
 def test_auto_is_chunked_on_cpu_and_pallas_interprets_the_gpu_kernel():

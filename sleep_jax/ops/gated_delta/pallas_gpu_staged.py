@@ -1,10 +1,7 @@
 """The gated delta rule on GPUs in stages: parallel chunk work in XLA, a thin sequential kernel.
 
-pallas_gpu.py fuses everything into one program per (batch, head, value block) that walks the
-chunks in order, so all the per-chunk work (key Gram matrix, triangular inverse, WY terms,
-intra-chunk scores) runs on only B*H*V/64 programs, one chunk after another. But only the
-hand-off of the [K, V] state between chunks is sequential. This module splits the work the way
-flash-linear-attention does:
+pallas_gpu.py runs the chunks' parallel work in Pallas kernels of its own around its walks. Here
+XLA does it, the way flash-linear-attention splits the work:
 
   1. local terms (XLA, all B*H*N chunks at once): w, u, the decayed queries, the intra-chunk
      scores, the keys decayed to the chunk's end and the chunk's total decay
@@ -21,9 +18,14 @@ then a reverse walk over chunks (the second kernel),
 storing the cotangent of every chunk's outgoing state, and finally the VJP of every chunk's
 (o_c, S_c+1) with respect to its local terms, all chunks at once, pulled back through step 1.
 
-Matmul precision: float32 inputs get HIGHEST everywhere (as chunked.py). bfloat16 inputs get
-the default (TF32 on Hopper, in XLA and in Triton) for the state walk and the local terms; the
-triangular inverse stays HIGHEST.
+The walks hold the state in blocks of key rows and read their tiles where they use them, with
+pallas_gpu's tiles for the shape (`pallas_gpu.tiles_for`, `pallas_gpu.read_tile`): ptxas spills
+nothing (sm_90a, float32 and bfloat16, K = V = 64 and 128).
+
+Matmul precision: float32 inputs get HIGHEST everywhere (as chunked.py), which the walk kernels
+run as TF32x3 when compiled (`pallas_gpu.matmul_precision`). bfloat16 inputs get the default
+(TF32 on Hopper, in XLA and in Triton) for the state walk and the local terms; the triangular
+inverse stays HIGHEST.
 
 The contract (shapes, padding to Triton's power-of-two tiles) is pallas_gpu.py's.
 """
@@ -37,13 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sleep_jax.ops.gated_delta import chunked, kernel_math, pallas_gpu
-
-_BLOCK_V = 64  # state columns per program of the walk kernels
-
-
-def _dot(a, b, precision, contract_a=1, contract_b=0):
-  dims = (((contract_a,), (contract_b,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+from sleep_jax.ops.gated_delta.kernel_math import Matmuls
 
 
 def _chunk_decay_11(decay_ref, rows):
@@ -52,18 +48,43 @@ def _chunk_decay_11(decay_ref, rows):
 
 
 def _walk_forward_kernel(
-  w_ref, u_ref, k_to_end_ref, decay_ref, initial_ref, states_ref, final_ref, *, chunk, precision
+  w_ref,
+  u_ref,
+  k_to_end_ref,
+  decay_ref,
+  initial_ref,
+  states_ref,
+  final_ref,
+  *,
+  chunk,
+  key_block,
+  precision,
 ):
-  num_chunks = states_ref.shape[0]
+  """S_c+1 = decay_c S_c + k_to_end_c^T (u_c - w_c S_c), the state held in blocks of key rows."""
+  mm = Matmuls(precision)
+  key_dim = w_ref.shape[-1]
+  blocks = range(key_dim // key_block)
+  state_rows = lambda j: pl.ds(j * key_block, key_block)
 
-  def step(c, state_kv):
+  def step(c, state_blocks):
     rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-    states_ref[c, :, :] = state_kv
-    corrected_cv = u_ref[rows, :] - _dot(w_ref[rows, :], state_kv, precision)
-    update_kv = _dot(k_to_end_ref[rows, :], corrected_cv, precision, 0, 0)
-    return _chunk_decay_11(decay_ref, rows) * state_kv + update_kv
+    keys = lambda ref, j: pallas_gpu.read_tile(
+      ref, rows, pallas_gpu.block_slice(key_dim, j, key_block)
+    )
+    for j in blocks:
+      states_ref[c, state_rows(j), :] = state_blocks[j]
+    corrected_cv = pallas_gpu.read_tile(u_ref, rows, slice(None)) - sum(
+      mm.nn(keys(w_ref, j), state_blocks[j]) for j in blocks
+    )
+    decay_11 = _chunk_decay_11(decay_ref, rows)
+    return tuple(
+      decay_11 * state_blocks[j] + mm.tn(keys(k_to_end_ref, j), corrected_cv) for j in blocks
+    )
 
-  final_ref[...] = jax.lax.fori_loop(0, num_chunks, step, initial_ref[...])
+  initial = tuple(initial_ref[state_rows(j), :] for j in blocks)
+  final = jax.lax.fori_loop(0, states_ref.shape[0], step, initial)
+  for j in blocks:
+    final_ref[state_rows(j), :] = final[j]
 
 
 def _walk_backward_kernel(
@@ -76,23 +97,41 @@ def _walk_backward_kernel(
   d_initial_ref,
   *,
   chunk,
+  key_block,
   precision,
 ):
+  """dS_c = X_c + decay_c dS_c+1 - w_c^T (k_to_end_c dS_c+1), in blocks of key rows."""
+  mm = Matmuls(precision)
+  key_dim = w_ref.shape[-1]
   num_chunks = d_states_ref.shape[0]
+  blocks = range(key_dim // key_block)
+  state_rows = lambda j: pl.ds(j * key_block, key_block)
 
-  def step(i, d_state_kv):
+  def step(i, d_state_blocks):
     c = num_chunks - 1 - i
     rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-    d_states_ref[c, :, :] = d_state_kv
-    through_keys_cv = _dot(k_to_end_ref[rows, :], d_state_kv, precision)
-    through_w_kv = _dot(w_ref[rows, :], through_keys_cv, precision, 0, 0)
-    return pull_ref[c, :, :] + _chunk_decay_11(decay_ref, rows) * d_state_kv - through_w_kv
+    keys = lambda ref, j: pallas_gpu.read_tile(
+      ref, rows, pallas_gpu.block_slice(key_dim, j, key_block)
+    )
+    for j in blocks:
+      d_states_ref[c, state_rows(j), :] = d_state_blocks[j]
+    through_keys_cv = sum(mm.nn(keys(k_to_end_ref, j), d_state_blocks[j]) for j in blocks)
+    decay_11 = _chunk_decay_11(decay_ref, rows)
+    return tuple(
+      pallas_gpu.read_tile(pull_ref, c, state_rows(j), slice(None))
+      + decay_11 * d_state_blocks[j]
+      - mm.tn(keys(w_ref, j), through_keys_cv)
+      for j in blocks
+    )
 
-  d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, step, d_final_ref[...])
+  d_final = tuple(d_final_ref[state_rows(j), :] for j in blocks)
+  d_initial = jax.lax.fori_loop(0, num_chunks, step, d_final)
+  for j in blocks:
+    d_initial_ref[state_rows(j), :] = d_initial[j]
 
 
 def _walk(kernel, per_chunk_in, tokens_in, state_in, *, chunk, precision, interpret, name):
-  """Runs a walk kernel over grid (B, H, V/block).
+  """Runs a walk kernel over grid (B, H, V/block), with pallas_gpu's tiles for this K and V.
 
   Args:
     per_chunk_in: [B,H,N,K,V] float32 arrays, or () (one [K, block] tile per chunk is read).
@@ -106,7 +145,8 @@ def _walk(kernel, per_chunk_in, tokens_in, state_in, *, chunk, precision, interp
   batch, heads, key_dim, value_dim = state_in.shape
   padded_len = tokens_in[0][0].shape[2]
   num_chunks = padded_len // chunk
-  block_v = min(_BLOCK_V, value_dim)
+  tiles = pallas_gpu.tiles_for(key_dim, value_dim)
+  block_v = min(tiles.block_v, value_dim)
 
   def token_spec(x, is_value):
     if is_value:
@@ -118,7 +158,12 @@ def _walk(kernel, per_chunk_in, tokens_in, state_in, *, chunk, precision, interp
   )
   state = pl.BlockSpec((None, None, key_dim, block_v), lambda b, h, j: (b, h, 0, j))
   return pl.pallas_call(
-    functools.partial(kernel, chunk=chunk, precision=precision),
+    functools.partial(
+      kernel,
+      chunk=chunk,
+      key_block=min(tiles.key_block, key_dim),
+      precision=pallas_gpu.matmul_precision(interpret, precision),
+    ),
     grid=(batch, heads, value_dim // block_v),
     in_specs=[per_chunk] * len(per_chunk_in)
     + [token_spec(x, is_value) for x, is_value in tokens_in]
@@ -128,7 +173,7 @@ def _walk(kernel, per_chunk_in, tokens_in, state_in, *, chunk, precision, interp
       jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
       jax.ShapeDtypeStruct(state_in.shape, jnp.float32),
     ],
-    compiler_params=pallas_gpu.compiler_params(),
+    compiler_params=pallas_gpu.compiler_params(tiles.walk_warps),
     interpret=interpret,
     name=name,
   )(*per_chunk_in, *(x for x, _ in tokens_in), state_in)
