@@ -19,16 +19,24 @@ def _exported_module(platform, num_tokens, chunk_size):
     spec((2, num_tokens, 2), jnp.float32)
   ] * 2
   rule = functools.partial(gated_delta_rule, impl="auto", chunk_size=chunk_size)
-  grad = jax.grad(lambda *a: rule(*a)[0].sum(), argnums=range(5))
-  exported = jax.export.export(jax.jit(grad), platforms=[platform], disabled_checks=_ALLOW_TRITON)
+  # The value too: the one-chunk backward needs no forward residual, so a bare gradient drops
+  # the forward kernel.
+  step = jax.value_and_grad(lambda *a: rule(*a)[0].sum(), argnums=range(5))
+  exported = jax.export.export(jax.jit(step), platforms=[platform], disabled_checks=_ALLOW_TRITON)
   return exported(*inputs).mlir_module()
 
 
 @pytest.mark.parametrize(
   "num_tokens, chunk_size, present, absent",
   [
-    # One chunk (a sleep pass over a 24-token window): the fused kernel, one launch each way.
-    (24, 64, ["gated_delta_forward", "gated_delta_backward"], ["gated_delta_state_walk"]),
+    # One chunk (a sleep pass over a 24-token window): the one-chunk kernels, one program per
+    # head (one launch forward, three backward).
+    (
+      24,
+      64,
+      ["gated_delta_chunk_forward", "gated_delta_chunk_backward_values"],
+      ["gated_delta_state_walk"],
+    ),
     # Several chunks: the staged form's walk kernels.
     (
       70,
@@ -43,7 +51,7 @@ def test_auto_on_gpus_is_fused_for_one_chunk_and_staged_for_more(
 ):
   module = _exported_module("cuda", num_tokens, chunk_size)
   assert all(name in module for name in present) and not any(name in module for name in absent)
-  expected = "pallas" if "gated_delta_forward" in present else "pallas_staged"
+  expected = "pallas" if "gated_delta_chunk_forward" in present else "pallas_staged"
   assert resolve_impl("auto", "cuda", num_tokens=num_tokens, chunk_size=chunk_size) == expected
 
 

@@ -12,6 +12,7 @@ import numbers
 import jax
 
 from sleep_jax.ops import partition
+from sleep_jax.ops.gated_delta import pallas_gpu_chunk
 from sleep_jax.ops.gated_delta.chunked import gated_delta_rule_chunked
 from sleep_jax.ops.gated_delta.pallas_gpu import gated_delta_rule_pallas_gpu
 from sleep_jax.ops.gated_delta.pallas_gpu_staged import gated_delta_rule_pallas_gpu_staged
@@ -38,12 +39,38 @@ def _keyword_contract(rule, **fixed):
   return run
 
 
+def _triton_fused(*, interpret):
+  """The fused GPU kernels: a call of one chunk that one program per head holds runs as one
+  (pallas_gpu_chunk.py: one launch forward, three backward), any other as the chunk-parallel
+  kernels of pallas_gpu.py."""
+
+  def run(q, k, v, g, beta, initial_state, *, scale, chunk_size):
+    num_tokens, key_dim, value_dim = q.shape[1], q.shape[-1], v.shape[-1]
+    if num_tokens <= chunk_size and pallas_gpu_chunk.fits(num_tokens, key_dim, value_dim):
+      return pallas_gpu_chunk.gated_delta_rule_pallas_gpu_chunk(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, interpret=interpret
+      )
+    return gated_delta_rule_pallas_gpu(
+      q,
+      k,
+      v,
+      g,
+      beta,
+      scale=scale,
+      initial_state=initial_state,
+      chunk_size=chunk_size,
+      interpret=interpret,
+    )
+
+  return run
+
+
 _chunked = _keyword_contract(gated_delta_rule_chunked)
-_triton = _keyword_contract(gated_delta_rule_pallas_gpu)
+_triton = _triton_fused(interpret=False)
 _triton_staged = _keyword_contract(gated_delta_rule_pallas_gpu_staged)
 _mosaic = _keyword_contract(gated_delta_rule_pallas_tpu, interpret=False)
 # The GPU kernels in the Pallas interpreter: what "pallas" and "pallas_staged" run off a GPU.
-_triton_interpreted = _keyword_contract(gated_delta_rule_pallas_gpu, interpret=True)
+_triton_interpreted = _triton_fused(interpret=True)
 _triton_staged_interpreted = _keyword_contract(gated_delta_rule_pallas_gpu_staged, interpret=True)
 
 
