@@ -10,8 +10,8 @@ flash-attention kernel with key blocks; `api.causal_attention` leaves them to XL
 
 Layout: q, k, v and the output stay in the model's [B,T,H,D] layout. A program reads the T
 rows of its head as one block, T rounded up to a power of two (Triton's tile rule): the rows
-past T are masked loads, set to zero here before any use, so no pad or transpose kernel runs
-around the call. The forward also writes the softmax's log-normaliser per query [B,H,Tp], from
+past T are masked off, read as zeros and never written (they belong to the next example), so
+no pad or transpose kernel runs around the call. The forward also writes the softmax's log-normaliser per query [B,H,Tp], from
 which the backward recomputes the weights instead of storing them.
 
 Backward, per head (P the weights, dO the output's cotangent):
@@ -53,11 +53,28 @@ def _precision(dtype, interpret: bool):
   return jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
+def _valid_rows(ref, num_tokens: int):
+  return jax.lax.broadcasted_iota(jnp.int32, ref.shape, 0) < num_tokens
+
+
 def _load_rows(ref, num_tokens: int):
-  """A [Tp, D] block with the rows past the sequence (masked loads) set to zero."""
-  x = ref[...]
-  rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  return jnp.where(rows < num_tokens, x, jnp.zeros_like(x))
+  """A head's [Tp, D] block, the rows past T read as zeros. Those rows lie in the next
+  example's rows (or past the array), and Pallas' Triton lowering does not mask a block that
+  overhangs its array: the load's mask does (only where the block overhangs: masks cost
+  registers). The select after it stays even where it selects everything: Triton then keeps a
+  matmul's loaded operand in shared memory instead of hoisting it into registers, without which
+  the 64-row float32 backward spills (pallas_gpu_chunk.py measured the same)."""
+  valid = _valid_rows(ref, num_tokens)
+  x = ref[...] if ref.shape[0] == num_tokens else pltriton.load(ref, mask=valid, other=0)
+  return jnp.where(valid, x, jnp.zeros_like(x))
+
+
+def _store_rows(ref, x, num_tokens: int):
+  """Stores a head's [Tp, D] block, rows past T left alone (they are another example's)."""
+  if ref.shape[0] == num_tokens:
+    ref[...] = x.astype(ref.dtype)
+  else:
+    pltriton.store(ref, x.astype(ref.dtype), mask=_valid_rows(ref, num_tokens))
 
 
 def _causal(shape):
@@ -79,7 +96,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *, scale, num_tokens,
   weights = jnp.exp(scores - peak[:, None])
   total = jnp.sum(weights, axis=1)
   out = _dot(weights.astype(v.dtype), v, 1, 0, precision) / total[:, None]
-  out_ref[...] = out.astype(out_ref.dtype)
+  _store_rows(out_ref, out, num_tokens)
   lse_ref[...] = peak + jnp.log(total)
 
 
@@ -103,12 +120,12 @@ def _backward_kernel(
   )
   scores = _scores(q, k, scale, precision)
   weights = jnp.exp(scores - lse_ref[...][:, None])  # exactly 0 above the diagonal
-  dv_ref[...] = _dot(weights.astype(d_out.dtype), d_out, 0, 0, precision).astype(dv_ref.dtype)
+  _store_rows(dv_ref, _dot(weights.astype(d_out.dtype), d_out, 0, 0, precision), num_tokens)
   d_weights = _dot(d_out, v, 1, 1, precision)
   row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=1)
   d_scores = (weights * (d_weights - row_dot[:, None])).astype(q.dtype)
-  dq_ref[...] = (scale * _dot(d_scores, k, 1, 0, precision)).astype(dq_ref.dtype)
-  dk_ref[...] = (scale * _dot(d_scores, q, 0, 0, precision)).astype(dk_ref.dtype)
+  _store_rows(dq_ref, scale * _dot(d_scores, k, 1, 0, precision), num_tokens)
+  _store_rows(dk_ref, scale * _dot(d_scores, q, 0, 0, precision), num_tokens)
 
 
 def _specs(q, k):
@@ -122,10 +139,12 @@ def _specs(q, k):
   return query, key, lse, rows
 
 
-def _compiler_params(rows: int):
+def _compiler_params(rows: int, backward: bool = False):
   # 64 rows of float32 scores, their gradient and five [64, D] tiles spill with 4 warps' 255
-  # registers a thread (ptxas, sm_90a): 8 warps share them out.
-  return pltriton.CompilerParams(num_warps=8 if rows >= 64 else 4, num_stages=1)
+  # registers a thread (ptxas, sm_90a), and so do the backward's masked loads of 32 rows: 8 warps
+  # share them out.
+  wide = rows >= 64 or (backward and rows >= 32)
+  return pltriton.CompilerParams(num_warps=8 if wide else 4, num_stages=1)
 
 
 def _forward(q, k, v, scale, interpret):
@@ -168,7 +187,7 @@ def _backward(q, k, v, out, lse, d_out, scale, interpret):
     in_specs=[query, key, key, query, lse_spec, query],
     out_specs=[query, query, query],
     out_shape=[per_query_head] * 3,
-    compiler_params=_compiler_params(rows),
+    compiler_params=_compiler_params(rows, backward=True),
     interpret=interpret,
     name="causal_attention_backward",
   )(q, k, v, out, lse, d_out)
