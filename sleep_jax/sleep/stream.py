@@ -14,8 +14,15 @@ it holds a KV buffer of L tokens (hard eviction), plus L-1 remembered tokens und
 eviction; per gated-delta block the fast weights (now and at the window's start) and the
 convolutions' tails; the window's tokens (for the sleep); and the position in the window.
 
-Everything is a pure function of arrays: `stream_feed` is one `lax.scan` over the fed tokens,
-with the sleep under a `lax.cond`, jitted once per (model, config, shape).
+Everything is a pure function of arrays. A block of tokens is fed by whole passes (block
+prefill, `_feed_blocks`): one wake pass over the tokens up to the window's end (attending to the
+window's cache), the sleep, then a `lax.scan` over the whole windows that follow (each one pass
+that gives its logits and is also the sleep's first pass, then N-1 more), then one pass over
+the rest. The split depends on the position, which `stream_feed` reads on the host, so a block
+compiles once per (shape, split). It equals feeding the same tokens one at a time (within
+float32 rounding: the passes use the chunked gated delta rule where one token uses the
+recurrence). A single token (generation) is one `lax.scan` step with the sleep under a
+`lax.cond` (`_feed`), compiled once per shape.
 """
 
 from __future__ import annotations
@@ -31,7 +38,13 @@ from flax import nnx
 from sleep_jax.model.blocks import PassContext
 from sleep_jax.model.lm import ConvState, FastState, HybridLM, KVPairs, zero_conv_state, zero_kv
 from sleep_jax.sleep.config import SleepConfig
-from sleep_jax.sleep.consolidate import Carry, initial_carry, sleep_on_chunk
+from sleep_jax.sleep.consolidate import (
+  Carry,
+  carry_after,
+  chunk_context,
+  initial_carry,
+  sleep_on_chunk,
+)
 
 # One token's gated delta step is the per-token recurrence itself (the chunked forms pad it).
 WAKE_FAST_WEIGHT_IMPL = "reference"
@@ -92,9 +105,12 @@ def stream_init(model: HybridLM, batch_size: int, *, sleep_config) -> StreamStat
   )
 
 
-def _wake(model: HybridLM, state: StreamState, token_b: jax.Array):
-  """One pass over one token per row: its logits [B, vocab] and the advanced state."""
+def _wake(model: HybridLM, state: StreamState, tokens_bt: jax.Array):
+  """One pass over t tokens per row that continue the window (position + t <= L): their
+  features [B, t, D] and the advanced state. Attention sees the window's cached KV (and the
+  remembered tokens under sliding eviction) and the block's own tokens causally."""
   cfg, start = state.sleep_config, state.window_start
+  num_tokens = tokens_bt.shape[1]
   slots = jnp.arange(cfg.window)
   prefix, positions, valid = state.window_kv, slots, slots < state.position
   if start.memory is not None:  # sliding: the previous window's last L-1 tokens come first
@@ -106,14 +122,14 @@ def _wake(model: HybridLM, state: StreamState, token_b: jax.Array):
     positions = jnp.concatenate([jnp.arange(remembered) - remembered, slots])
     valid = jnp.concatenate([start.memory_valid, valid])
   context = PassContext(
-    positions=state.position[None],
+    positions=state.position + jnp.arange(num_tokens),
     prefix_positions=positions,
     prefix_valid=valid,
     width=cfg.window if cfg.eviction == "sliding" else None,
-    fast_weight_impl=WAKE_FAST_WEIGHT_IMPL,
+    fast_weight_impl=WAKE_FAST_WEIGHT_IMPL if num_tokens == 1 else None,
   )
   out = model.run_pass(
-    model.embed(token_b[:, None]), state.fast, conv_state=state.conv, kv_prefix=prefix,
+    model.embed(tokens_bt), state.fast, conv_state=state.conv, kv_prefix=prefix,
     context=context,
   )  # fmt: skip
   write = lambda buffer, new: jax.lax.dynamic_update_slice_in_dim(
@@ -123,10 +139,10 @@ def _wake(model: HybridLM, state: StreamState, token_b: jax.Array):
     fast=out.fast_state,
     conv=out.conv_state,
     window_kv=jax.tree.map(write, state.window_kv, out.kv),
-    window_tokens=write(state.window_tokens, token_b[:, None]),
-    position=state.position + 1,
+    window_tokens=write(state.window_tokens, tokens_bt),
+    position=state.position + num_tokens,
   )
-  return model.logits(out.h)[:, 0], state
+  return out.h, state
 
 
 def _sleep(graphdef, params, state: StreamState) -> StreamState:
@@ -145,14 +161,102 @@ def _feed(graphdef, params, state: StreamState, tokens_bt: jax.Array):
   window = state.sleep_config.window
 
   def step(state, token_b):
-    logits, state = _wake(model, state, token_b)
+    h, state = _wake(model, state, token_b[:, None])
     state = jax.lax.cond(
       state.position == window, functools.partial(_sleep, graphdef, params), lambda s: s, state
     )
-    return state, logits
+    return state, model.logits(h)[:, 0]
 
   state, logits_tbv = jax.lax.scan(step, state, jnp.swapaxes(tokens_bt, 0, 1))
   return jnp.swapaxes(logits_tbv, 0, 1), state
+
+
+def _sleep_shares_the_wake(model: HybridLM) -> bool:
+  """Whether a sleep's first pass over a window is the wake pass over it (no loop range: the
+  loop is the whole stack), so that one pass gives both the window's logits and pass 1."""
+  return len(model.layout) == 1
+
+
+def _window(graphdef, params, state: StreamState, tokens_bl: jax.Array):
+  """A whole window fed at its start (position 0): its features [B, L, D], and the state after
+  its sleep, as feeding its tokens one by one leaves it.
+
+  The wake pass over the whole window and the sleep's first pass start from the same fast
+  weights, tails and memory (the window's start), so without a loop range the first sleep pass
+  is the wake and only N-1 more run: a block costs N passes, as `apply` does on a context.
+  """
+  model = nnx.merge(graphdef, params)
+  if not _sleep_shares_the_wake(model):
+    h, state = _wake(model, state, tokens_bl)
+    return h, _sleep(graphdef, params, state)
+  cfg, start = state.sleep_config, state.window_start
+  context = chunk_context(cfg, start, cfg.window)
+  run = lambda h, fast: model.run_pass(
+    h, fast, conv_state=start.conv, kv_prefix=start.memory, context=context
+  )
+  first = run(model.embed(tokens_bl), start.fast)
+
+  def one_pass(carry, _):
+    out = run(carry[0], carry[1])
+    return (out.h, out.fast_state, out.conv_state, out.kv), None
+
+  (_, fast, conv, kv), _ = jax.lax.scan(
+    one_pass, tuple(first), None, length=cfg.passes - 1, unroll=cfg.unroll
+  )
+  slept = carry_after(cfg, start, fast, conv, kv, cfg.window)
+  return first.h, state.replace(
+    fast=slept.fast,
+    conv=slept.conv if slept.conv is not None else jax.tree.map(jnp.zeros_like, state.conv),
+    window_start=slept,
+    window_kv=jax.tree.map(lambda buffer, new: new.astype(buffer.dtype), state.window_kv, first.kv),
+    window_tokens=tokens_bl.astype(jnp.int32),
+    position=jnp.zeros((), jnp.int32),
+  )
+
+
+def block_plan(position: int, num_tokens: int, window: int) -> tuple[int, bool, int, int]:
+  """How a block of `num_tokens` fed at `position` splits at window ends: (head: tokens that
+  continue the open window, all of them if they do not fill it; whether they fill it; whole
+  windows after them; tail: tokens left in a window that stays open)."""
+  head = 0 if position == 0 else min(num_tokens, window - position)
+  windows, tail = divmod(num_tokens - head, window)
+  return head, position + head == window, windows, tail
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _feed_blocks(graphdef, params, state: StreamState, tokens_bt, plan, all_logits: bool):
+  """`_feed` by whole blocks: a pass over the tokens up to the window's end, the sleep, then
+  each whole window (its pass and sleep, a `lax.scan` over windows), then the rest.
+
+  `plan` is `block_plan(position, t, L)` (static: the position is read on the host). Returns
+  the logits of every token, or of the last only (`all_logits=False`), and the state.
+  """
+  model = nnx.merge(graphdef, params)
+  window = state.sleep_config.window
+  head, fills, windows, tail = plan
+  batch = tokens_bt.shape[0]
+  features = []  # [B, t_i, D] pieces, or their last tokens only
+  keep = (lambda h: h) if all_logits else (lambda h: h[:, -1:])
+  if head:
+    h, state = _wake(model, state, tokens_bt[:, :head])
+    features.append(keep(h))
+    if fills:
+      state = _sleep(graphdef, params, state)
+  if windows:
+    blocks = tokens_bt[:, head : head + windows * window].reshape(batch, windows, window)
+
+    def one_window(state, tokens_bl):
+      h, state = _window(graphdef, params, state, tokens_bl)
+      return state, keep(h)
+
+    state, h_wbld = jax.lax.scan(one_window, state, jnp.swapaxes(blocks, 0, 1))
+    h_wbld = jnp.swapaxes(h_wbld, 0, 1)
+    features.append(h_wbld.reshape(batch, -1, h_wbld.shape[-1]))
+  if tail:
+    h, state = _wake(model, state, tokens_bt[:, tokens_bt.shape[1] - tail :])
+    features.append(keep(h))
+  h = jnp.concatenate(features, axis=1) if all_logits else features[-1][:, -1:]
+  return model.logits(h), state
 
 
 def _check_feed(model: HybridLM, state: StreamState, tokens_bt, sleep_config) -> jax.Array:
@@ -198,7 +302,11 @@ def stream_feed(
   """
   tokens_bt = _check_feed(model, state, tokens_bt, sleep_config)
   graphdef, params = nnx.split(model)
-  return _feed(graphdef, nnx.to_pure_dict(params), state, tokens_bt)
+  params = nnx.to_pure_dict(params)
+  if tokens_bt.shape[1] == 1 or isinstance(state.position, jax.core.Tracer):
+    return _feed(graphdef, params, state, tokens_bt)  # one token, or a position not known here
+  plan = block_plan(int(state.position), tokens_bt.shape[1], state.sleep_config.window)
+  return _feed_blocks(graphdef, params, state, tokens_bt, plan, True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))

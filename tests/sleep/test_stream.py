@@ -1,9 +1,11 @@
 """Streaming wake/sleep inference: the same predictions as `apply`, at a constant state size."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import sleep_jax
 from sleep_jax.sleep import stream
@@ -58,16 +60,60 @@ def test_feeding_context_then_prediction_chunk_returns_applys_logits(
   np.testing.assert_allclose(streamed[:, CONTEXT:], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("eviction", ["hard", "sliding"])
-def test_token_by_token_equals_blocks(model, eviction):
-  sleep = schedule(2, eviction)
-  toks = tokens(length=14, seed=5)
-  whole, whole_state = feed(model, toks, sleep)
-  pieces, piece_state = feed(model, toks, sleep, pieces=[1] * 5 + [6, 3])
-  np.testing.assert_allclose(pieces, whole, rtol=1e-6, atol=1e-6)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), piece_state, whole_state
+@pytest.mark.parametrize(
+  "passes, eviction, conv_state",
+  [
+    (1, "hard", "reset"),
+    pytest.param(3, "hard", "carry", marks=pytest.mark.slow),
+    pytest.param(1, "sliding", "carry", marks=pytest.mark.slow),
+    (3, "sliding", "reset"),
+  ],
+)
+def test_block_prefill_equals_feeding_token_by_token(model, passes, eviction, conv_state):
+  """Blocks that start and end mid-window, fill it exactly, span several windows; logits and
+  every leaf of the state (the caches included) as token-by-token feeding leaves them."""
+  sleep = schedule(passes, eviction, conv_state)
+  toks = tokens(length=21, seed=5)
+  by_token, token_state = feed(model, toks, sleep, pieces=[1] * 21)
+  pieces = [3, 7, 6, 5]  # positions 0 -> 3 -> 2 -> 0 -> 1 (L = 4)
+  by_block, block_state = feed(model, toks, sleep, pieces=pieces)
+  np.testing.assert_allclose(by_block, by_token, rtol=1e-5, atol=1e-5)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  jax.tree.map(close, block_state, token_state)
+  assert int(block_state.position) == 21 % L
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+  """The lengths of every `lax.scan` in a jaxpr, nested ones included."""
+  lengths = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      lengths.append(eqn.params["length"])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, tuple) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          lengths += _scan_lengths(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          lengths += _scan_lengths(sub)
+  return lengths
+
+
+def test_a_block_is_whole_passes_not_a_scan_over_tokens(model):
+  """The block path runs one pass per piece, a scan over whole windows, none over tokens."""
+  assert stream.block_plan(0, 3 * L + 1, L) == (0, False, 3, 1)
+  assert stream.block_plan(3, 1, L) == (1, True, 0, 0)
+  assert stream.block_plan(1, 2, L) == (2, False, 0, 0)
+  assert stream.block_plan(2, 2 * L + 2, L) == (2, True, 2, 0)
+  sleep = schedule(2, "hard")
+  state = sleep_jax.stream_init(model, 2, sleep_config=sleep)
+  graphdef, params = nnx.split(model)
+  args = (graphdef, nnx.to_pure_dict(params), state, tokens(3 * L + 1))
+  blocks = jax.make_jaxpr(stream._feed_blocks, static_argnums=(0, 4, 5))(
+    *args, (0, False, 3, 1), True
   )
+  assert 3 in _scan_lengths(blocks.jaxpr) and 3 * L + 1 not in _scan_lengths(blocks.jaxpr)
+  by_token = jax.make_jaxpr(stream._feed, static_argnums=0)(*args)
+  assert 3 * L + 1 in _scan_lengths(by_token.jaxpr)  # the check sees a scan over tokens
 
 
 def test_wake_is_one_pass_whatever_n_and_sleep_uses_n(model):
@@ -97,14 +143,19 @@ def test_the_state_has_a_fixed_size_however_much_is_fed(model, eviction, kv_toke
 
 
 def test_a_feed_compiles_once_per_shape(model):
-  sleep = schedule(3, "sliding")
+  sleep = schedule(3, "sliding", "reset")
   state = sleep_jax.stream_init(model, 2, sleep_config=sleep)
-  before = stream._feed._cache_size()
-  for seed in range(3):
+  _, state = sleep_jax.stream_feed(model, state, tokens(1, 0), sleep_config=sleep)
+  compiled = stream._feed._cache_size()
+  for seed in range(2):
     _, state = sleep_jax.stream_feed(model, state, tokens(1, seed), sleep_config=sleep)
-  assert stream._feed._cache_size() == before + 1
-  _, state = sleep_jax.stream_feed(model, state, tokens(5, 9), sleep_config=sleep)
-  assert stream._feed._cache_size() == before + 2
+  assert stream._feed._cache_size() == compiled
+  # A block compiles once per split at window ends: at position 3, 4 tokens are 1 (and a
+  # sleep) + 3, which leave position 3 again.
+  before = stream._feed_blocks._cache_size()
+  for seed in range(2):
+    _, state = sleep_jax.stream_feed(model, state, tokens(4, 9 + seed), sleep_config=sleep)
+  assert stream._feed_blocks._cache_size() == before + 1
 
 
 def test_bad_input_is_a_clear_error(model):
