@@ -18,7 +18,9 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
+# Compile-only devices: no backend to start. Before jax loads its plugins: on a host without a
+# GPU the CUDA plugin registers (and offers its topologies) only when JAX_PLATFORMS leaves CUDA out.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from sleep_jax import console  # noqa: E402
 from sleep_jax.experiments import config_files  # noqa: E402
@@ -40,7 +42,6 @@ def main():
   parser.add_argument("--no_slices", action="store_true", help="only the largest-batch search")
   parser.add_argument("--platform", choices=sorted(TOPOLOGIES), default="tpu")
   args = parser.parse_args()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices: no backend to start
   slices, search_topology = TOPOLOGIES[args.platform]
   console.configure()  # the largest-batch search logs each trial
   rows, largest = [], {}

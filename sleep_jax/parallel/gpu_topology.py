@@ -156,11 +156,18 @@ def gpu_devices(name: str) -> list:
     raise RuntimeError(missing)
   from jax.experimental import topologies
 
-  return list(
-    topologies.get_topology_desc(
+  try:
+    description = topologies.get_topology_desc(
       platform="cuda", target_config=target_config(topology.gpu), topology=topology.jax_name
-    ).devices
-  )
+    )
+  except NotImplementedError as error:
+    # On a host without a GPU the plugin checks the CUDA install as it registers, and fails,
+    # unless JAX_PLATFORMS leaves CUDA out; then it offers no topology.
+    raise RuntimeError(
+      "the CUDA plugin did not register: on a host without a GPU, run with JAX_PLATFORMS=cpu "
+      "set before jax starts (launch/aot.py and the bench scripts set it)"
+    ) from error
+  return list(description.devices)
 
 
 def compiler_options() -> dict:

@@ -99,3 +99,13 @@ def test_aot_cli_writes_the_gpu_table_and_json(tmp_path):
     assert key in row
   assert row["triton_kernels"] > 0 and row["fits"] and row["kernels_per_step"] > 0
   assert "| h100-8 | 8 | 1 | 8x1x1 | 128 |" in run.stdout
+
+
+def test_without_jax_platforms_the_error_names_the_variable():
+  # On a host without a GPU the CUDA plugin registers only when JAX_PLATFORMS leaves CUDA out.
+  env = {key: value for key, value in os.environ.items() if key != "JAX_PLATFORMS"}
+  code = "from sleep_jax.parallel import gpu_topology; gpu_topology.gpu_devices('h100')"
+  run = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert run.returncode != 0 and "JAX_PLATFORMS=cpu" in run.stderr, run.stderr[-2000:]
