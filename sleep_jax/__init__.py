@@ -5,7 +5,8 @@ Public entry points (DESIGN.md section 3):
   apply(model, tokens, *, sleep_config) -> logits [B, T, vocab]
   stream_init(model, batch_size, *, sleep_config) -> state
   stream_feed(model, state, tokens, *, sleep_config) -> (logits [B, t, vocab], state)
-  generate(model, prompt_tokens, *, sleep_config, max_new_tokens, temperature, rng) -> tokens
+  generate(model, prompts, *, sleep_config, max_new_tokens, temperature, top_k, top_p,
+           stop_tokens, seed) -> tokens [B, max_new_tokens]
   ops.gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, impl) -> (o, final_state)
 
 Importing the package has no side effects and loads neither JAX nor Flax: the entry points
@@ -21,7 +22,7 @@ _LAZY = {
   "apply": "sleep_jax.sleep.consolidate",
   "stream_init": "sleep_jax.sleep.stream",
   "stream_feed": "sleep_jax.sleep.stream",
-  "generate": "sleep_jax.sleep.stream",
+  "generate": "sleep_jax.sleep.generate",
 }
 _SUBMODULES = (
   "ops",

@@ -59,10 +59,14 @@ class StreamState:
     conv: the convolutions' tails after the tokens fed so far.
     window_start: what the current window's sleep starts from (`consolidate.Carry`: the fast
       weights, the tails under conv_state="carry", the remembered KV under sliding eviction).
-    window_kv: per attention block, (k, v) [B, L, H, Dh] of the window's tokens (wake passes).
+    window_kv: per attention block, (k, v) [B, L, H, Dh] of the window's tokens (wake passes);
+      without eviction (the full-attention decoder), [B, max_len, H, Dh] of every token.
     window_tokens: [B, L] int32, the window's tokens (slept on when it fills).
-    position: int32 scalar, tokens in the current window (0..L-1).
+    position: [B] int32, each row's tokens in its current window (0..L-1): rows may stand at
+      different positions (ragged batches), each sleeping when its own window fills.
     sleep_config: the schedule the state belongs to (static).
+
+  Every leaf has the rows first; `window_start.memory_valid` is [B, L-1].
   """
 
   fast: FastState
@@ -77,31 +81,94 @@ class StreamState:
   def batch_size(self) -> int:
     return self.window_tokens.shape[0]
 
+  @property
+  def slots(self) -> int:
+    """KV slots per attention block: the window L (or max_len without eviction)."""
+    return self.window_tokens.shape[1]
 
-def _check_config(sleep_config) -> SleepConfig:
+
+def stream_init(
+  model: HybridLM, batch_size: int, *, sleep_config, max_len: int | None = None
+) -> StreamState:
+  """A fresh stream: zero fast weights, an empty window, nothing remembered.
+
+  With sleep.eviction="none" the stream is the full-attention KV-cache decoder (the baseline
+  the sleeping model is measured against): nothing is slept on or evicted, and its cache holds
+  `max_len` tokens (required; feeding more is an error). Otherwise `max_len` must be None.
+  """
   cfg = SleepConfig.from_config(sleep_config)
-  if not cfg.evicts:
-    raise ValueError(
-      "streaming needs a bounded attention window: sleep.eviction='none' keeps every token; "
-      "use eviction 'hard' or 'sliding'"
-    )
-  return cfg
-
-
-def stream_init(model: HybridLM, batch_size: int, *, sleep_config) -> StreamState:
-  """A fresh stream: zero fast weights, an empty window, nothing remembered."""
-  cfg = _check_config(sleep_config)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if cfg.evicts and max_len is not None:
+    raise ValueError(
+      f"max_len={max_len} is for the full-attention decoder (eviction='none'): a sleeping "
+      f"stream holds its window of {cfg.window} tokens however long it runs"
+    )
+  if not cfg.evicts and (max_len is None or max_len < 1):
+    raise ValueError(
+      "sleep.eviction='none' keeps every token: give the full-attention decoder's cache size, "
+      f"stream_init(..., max_len=tokens), got max_len={max_len}"
+    )
+  slots = cfg.window if cfg.evicts else max_len
   carry = initial_carry(model.cfg, cfg, batch_size)
+  if carry.memory_valid is not None:
+    carry = carry.replace(
+      memory_valid=jnp.broadcast_to(carry.memory_valid, (batch_size, cfg.window - 1))
+    )
   return StreamState(
     fast=carry.fast,
     conv=zero_conv_state(model.cfg, batch_size),
     window_start=carry,
-    window_kv=zero_kv(model.cfg, batch_size, cfg.window),
-    window_tokens=jnp.zeros((batch_size, cfg.window), jnp.int32),
-    position=jnp.zeros((), jnp.int32),
+    window_kv=zero_kv(model.cfg, batch_size, slots),
+    window_tokens=jnp.zeros((batch_size, slots), jnp.int32),
+    position=jnp.zeros((batch_size,), jnp.int32),
     sleep_config=cfg,
+  )
+
+
+def _batched_leaves(state: StreamState, f) -> StreamState:
+  """`f` applied to every leaf with a batch axis the model sees (all but `position` and
+  `memory_valid`, which the model reads as one position and one [L-1] mask)."""
+  each = lambda tree: jax.tree.map(f, tree)
+  start = state.window_start
+  return state.replace(
+    fast=each(state.fast),
+    conv=each(state.conv),
+    window_start=start.replace(
+      fast=each(start.fast), conv=each(start.conv), memory=each(start.memory)
+    ),
+    window_kv=each(state.window_kv),
+    window_tokens=each(state.window_tokens),
+  )
+
+
+def _over_rows(fn):
+  """`fn(state, *args) -> (out, state)`, written for a batch at one position, mapped over the
+  rows (each its own position and memory mask); `args` and `out` have the rows first."""
+
+  def one_row(row: StreamState, *args):
+    out, row = fn(_batched_leaves(row, lambda x: x[None]), *(a[None] for a in args))
+    return jax.tree.map(lambda x: x[0], out), _batched_leaves(row, lambda x: x[0])
+
+  return jax.vmap(one_row)
+
+
+def _at_one_position(state: StreamState) -> StreamState:
+  """The state of rows that stand at one position with one memory mask, as one batch."""
+  start = state.window_start
+  valid = None if start.memory_valid is None else start.memory_valid[0]
+  return state.replace(position=state.position[0], window_start=start.replace(memory_valid=valid))
+
+
+def _per_row(state: StreamState, batch: int) -> StreamState:
+  """The inverse of `_at_one_position`."""
+  start = state.window_start
+  valid = start.memory_valid
+  if valid is not None:
+    valid = jnp.broadcast_to(valid, (batch, *valid.shape))
+  return state.replace(
+    position=jnp.broadcast_to(state.position, (batch,)),
+    window_start=start.replace(memory_valid=valid),
   )
 
 
@@ -111,7 +178,7 @@ def _wake(model: HybridLM, state: StreamState, tokens_bt: jax.Array):
   remembered tokens under sliding eviction) and the block's own tokens causally."""
   cfg, start = state.sleep_config, state.window_start
   num_tokens = tokens_bt.shape[1]
-  slots = jnp.arange(cfg.window)
+  slots = jnp.arange(state.slots)
   prefix, positions, valid = state.window_kv, slots, slots < state.position
   if start.memory is not None:  # sliding: the previous window's last L-1 tokens come first
     remembered = cfg.window - 1
@@ -151,20 +218,31 @@ def _sleep(graphdef, params, state: StreamState) -> StreamState:
   slept = sleep_on_chunk(graphdef, params, cfg, state.window_start, state.window_tokens)
   conv = slept.conv if slept.conv is not None else jax.tree.map(jnp.zeros_like, state.conv)
   return state.replace(
-    fast=slept.fast, conv=conv, window_start=slept, position=jnp.zeros((), jnp.int32)
+    fast=slept.fast, conv=conv, window_start=slept, position=jnp.zeros_like(state.position)
   )
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _feed(graphdef, params, state: StreamState, tokens_bt: jax.Array):
+  """Feeds tokens one at a time (a `lax.scan`), every row at its own position: one wake pass
+  per token, and the sleep of the rows whose window the token fills (under a `lax.cond`: only
+  tokens that fill some row's window pay for it)."""
   model = nnx.merge(graphdef, params)
-  window = state.sleep_config.window
+  wake = _over_rows(lambda s, token: _wake(model, s, token[:, None]))
+  sleep = _over_rows(lambda s: (None, _sleep(graphdef, params, s)))
+
+  def sleep_full_rows(state):
+    full = state.position == state.slots
+    _, slept = sleep(state)
+    pick = lambda new, old: jnp.where(full.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+    return jax.tree.map(pick, slept, state)
 
   def step(state, token_b):
-    h, state = _wake(model, state, token_b[:, None])
-    state = jax.lax.cond(
-      state.position == window, functools.partial(_sleep, graphdef, params), lambda s: s, state
-    )
+    h, state = wake(state, token_b)
+    if state.sleep_config.evicts:
+      state = jax.lax.cond(
+        jnp.any(state.position == state.slots), sleep_full_rows, lambda s: s, state
+      )
     return state, model.logits(h)[:, 0]
 
   state, logits_tbv = jax.lax.scan(step, state, jnp.swapaxes(tokens_bt, 0, 1))
@@ -210,7 +288,7 @@ def _window(graphdef, params, state: StreamState, tokens_bl: jax.Array):
     window_start=slept,
     window_kv=jax.tree.map(lambda buffer, new: new.astype(buffer.dtype), state.window_kv, first.kv),
     window_tokens=tokens_bl.astype(jnp.int32),
-    position=jnp.zeros((), jnp.int32),
+    position=jnp.zeros_like(state.position),
   )
 
 
@@ -235,6 +313,7 @@ def _feed_blocks(graphdef, params, state: StreamState, tokens_bt, plan, all_logi
   window = state.sleep_config.window
   head, fills, windows, tail = plan
   batch = tokens_bt.shape[0]
+  state = _at_one_position(state)
   features = []  # [B, t_i, D] pieces, or their last tokens only
   keep = (lambda h: h) if all_logits else (lambda h: h[:, -1:])
   if head:
@@ -256,12 +335,12 @@ def _feed_blocks(graphdef, params, state: StreamState, tokens_bt, plan, all_logi
     h, state = _wake(model, state, tokens_bt[:, tokens_bt.shape[1] - tail :])
     features.append(keep(h))
   h = jnp.concatenate(features, axis=1) if all_logits else features[-1][:, -1:]
-  return model.logits(h), state
+  return model.logits(h), _per_row(state, batch)
 
 
 def _check_feed(model: HybridLM, state: StreamState, tokens_bt, sleep_config) -> jax.Array:
   """Clear errors before any compilation."""
-  cfg = _check_config(sleep_config)
+  cfg = SleepConfig.from_config(sleep_config)
   if cfg != state.sleep_config:
     raise ValueError(
       f"the stream state was made for sleep config {state.sleep_config}, but this feed asks "
@@ -277,12 +356,35 @@ def _check_feed(model: HybridLM, state: StreamState, tokens_bt, sleep_config) ->
   tokens_bt = jnp.asarray(tokens_bt)
   if tokens_bt.ndim != 2 or not jnp.issubdtype(tokens_bt.dtype, jnp.integer):
     raise ValueError(f"tokens must be integer [batch, t], got {tokens_bt.dtype} {tokens_bt.shape}")
+  if tokens_bt.shape[1] < 1:
+    raise ValueError("feed at least one token per row, got [batch, 0]")
   if tokens_bt.shape[0] != state.batch_size:
     raise ValueError(
       f"the stream holds {state.batch_size} rows but {tokens_bt.shape[0]} were fed: feed "
       f"[{state.batch_size}, t] tokens or start a stream with batch_size={tokens_bt.shape[0]}"
     )
+  if not cfg.evicts and not isinstance(state.position, jax.core.Tracer):
+    fed = int(np.max(state.position)) + tokens_bt.shape[1]
+    if fed > state.slots:
+      raise ValueError(
+        f"the full-attention decoder holds max_len={state.slots} tokens, and this feed would "
+        f"bring a row to {fed}: start it with a larger max_len"
+      )
   return tokens_bt.astype(jnp.int32)
+
+
+def common_position(state: StreamState) -> int | None:
+  """The position every row stands at (with one memory mask), read on the host; None when the
+  rows stand apart (a ragged batch) or the state is traced."""
+  if isinstance(state.position, jax.core.Tracer):
+    return None
+  positions = np.asarray(state.position)
+  valid = state.window_start.memory_valid
+  if (positions != positions[0]).any():
+    return None
+  if valid is not None and (np.asarray(valid) != np.asarray(valid)[:1]).any():
+    return None
+  return int(positions[0])
 
 
 def stream_feed(
@@ -290,11 +392,15 @@ def stream_feed(
 ) -> tuple[jax.Array, StreamState]:
   """Feeds tokens [B, t] (t >= 1) to a stream; returns their logits and the new state.
 
+  A block (t > 1) of rows at one position runs by whole passes (the module docstring); rows at
+  different positions (a ragged batch, `stack_streams`) are fed token by token, each row
+  sleeping when its own window fills.
+
   Args:
     model: the model the stream runs.
     state: from `stream_init` or an earlier feed (made for the same `sleep_config`).
     tokens_bt: int tokens [B, t] in [0, vocab_size).
-    sleep_config: `config.sleep` (passes N, window L, eviction "hard" or "sliding", conv_state).
+    sleep_config: `config.sleep` (passes N, window L, eviction, conv_state).
 
   Returns:
     float32 logits [B, t, vocab], each from one wake pass over its token; the state after the
@@ -303,61 +409,38 @@ def stream_feed(
   tokens_bt = _check_feed(model, state, tokens_bt, sleep_config)
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)
-  if tokens_bt.shape[1] == 1 or isinstance(state.position, jax.core.Tracer):
-    return _feed(graphdef, params, state, tokens_bt)  # one token, or a position not known here
-  plan = block_plan(int(state.position), tokens_bt.shape[1], state.sleep_config.window)
+  position = None if tokens_bt.shape[1] == 1 else common_position(state)
+  if position is None:  # one token (generation), rows apart, or a traced position
+    return _feed(graphdef, params, state, tokens_bt)
+  cfg, num_tokens = state.sleep_config, tokens_bt.shape[1]
+  plan = block_plan(position, num_tokens, cfg.window) if cfg.evicts else (num_tokens, False, 0, 0)
   return _feed_blocks(graphdef, params, state, tokens_bt, plan, True)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _generate(graphdef, params, state, last_logits, num_tokens, temperature, rng):
-  def pick(logits, key):
-    if temperature == 0:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-
-  def step(carry, key):
-    state, logits = carry
-    token = pick(logits, key)
-    logits, state = _feed(graphdef, params, state, token[:, None])
-    return (state, logits[:, -1]), token
-
-  keys = jax.random.split(rng, num_tokens)
-  (state, _), tokens = jax.lax.scan(step, (state, last_logits), keys)
-  return jnp.swapaxes(tokens, 0, 1), state
-
-
-def generate(
-  model: HybridLM,
-  prompt_tokens,
-  *,
-  sleep_config,
-  max_new_tokens: int,
-  temperature: float = 0.0,
-  rng: jax.Array | None = None,
-) -> jax.Array:
-  """Streams a prompt [B, T] in, then samples `max_new_tokens` tokens [B, max_new_tokens].
-
-  temperature 0 is greedy; above 0 samples from softmax(logits / temperature) and needs `rng`.
-  The model sleeps whenever a window fills, during the prompt and during generation alike.
-  """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if temperature > 0 and rng is None:
-    raise ValueError("sampling with temperature > 0 needs rng=jax.random.key(...)")
-  prompt = np.asarray(prompt_tokens)
-  if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise ValueError(f"prompt_tokens must be [batch, T >= 1], got shape {prompt.shape}")
-  state = stream_init(model, prompt.shape[0], sleep_config=sleep_config)
-  logits, state = stream_feed(model, state, prompt, sleep_config=sleep_config)
+def prefill(
+  model: HybridLM, tokens_bt, *, sleep_config, max_len: int | None = None
+) -> tuple[jax.Array, StreamState]:
+  """A fresh stream fed a prompt [B, T] by whole passes: the last token's logits [B, vocab]
+  (no other logits are computed) and the state. `max_len`: as `stream_init`'s."""
+  tokens = np.asarray(tokens_bt)
+  if tokens.ndim != 2 or tokens.shape[1] < 1:
+    raise ValueError(f"a prompt must be [batch, T >= 1] tokens, got shape {tokens.shape}")
+  state = stream_init(model, tokens.shape[0], sleep_config=sleep_config, max_len=max_len)
+  tokens_bt = _check_feed(model, state, tokens, sleep_config)
+  cfg, num_tokens = state.sleep_config, tokens.shape[1]
+  plan = block_plan(0, num_tokens, cfg.window) if cfg.evicts else (num_tokens, False, 0, 0)
   graphdef, params = nnx.split(model)
-  rng = jax.random.key(0) if rng is None else rng
-  tokens, _ = _generate(
-    graphdef, nnx.to_pure_dict(params), state, logits[:, -1], max_new_tokens, temperature, rng
-  )
-  return tokens
+  logits, state = _feed_blocks(graphdef, nnx.to_pure_dict(params), state, tokens_bt, plan, False)
+  return logits[:, -1], state
+
+
+def stack_streams(states: list[StreamState]) -> StreamState:
+  """One stream of the rows of several (made for the same model and schedule), in order; the
+  rows keep their own positions (a ragged batch)."""
+  configs = {state.sleep_config for state in states}
+  if len(configs) != 1:
+    raise ValueError(f"streams of different sleep configs cannot share a batch: {configs}")
+  return jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=0), *states)
 
 
 def state_bytes(state: StreamState) -> int:

@@ -80,7 +80,7 @@ def test_block_prefill_equals_feeding_token_by_token(model, passes, eviction, co
   np.testing.assert_allclose(by_block, by_token, rtol=1e-5, atol=1e-5)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   jax.tree.map(close, block_state, token_state)
-  assert int(block_state.position) == 21 % L
+  np.testing.assert_array_equal(block_state.position, [21 % L] * 2)
 
 
 def _scan_lengths(jaxpr) -> list[int]:
@@ -134,7 +134,7 @@ def test_the_state_has_a_fixed_size_however_much_is_fed(model, eviction, kv_toke
     _, state = sleep_jax.stream_feed(model, state, tokens(length, seed), sleep_config=sleep)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
     assert stream.state_bytes(state) == size
-  assert int(state.position) == (3 + 9 + 17) % L
+  np.testing.assert_array_equal(state.position, [(3 + 9 + 17) % L] * 2)
   # Per attention block: L buffered tokens (+ L-1 remembered under sliding eviction).
   kv = state.window_kv[0][0].shape[1] + (
     0 if state.window_start.memory is None else state.window_start.memory[0][0].shape[1]
@@ -167,10 +167,16 @@ def test_bad_input_is_a_clear_error(model):
     sleep_jax.stream_feed(model, state, tokens(3, batch=3), sleep_config=sleep)
   with pytest.raises(ValueError, match="start a new stream"):
     sleep_jax.stream_feed(model, state, tokens(3), sleep_config=schedule(passes=2))
-  with pytest.raises(ValueError, match="bounded attention window"):
-    sleep_jax.stream_init(model, 2, sleep_config=schedule() | dict(eviction="none"))
-  with pytest.raises(ValueError, match="needs rng"):
-    sleep_jax.generate(model, tokens(3), sleep_config=sleep, max_new_tokens=2, temperature=1.0)
+  with pytest.raises(ValueError, match="at least one token"):
+    sleep_jax.stream_feed(model, state, tokens(0), sleep_config=sleep)
+  full_attention = dict(passes=1, eviction="none", context_len=0)
+  with pytest.raises(ValueError, match="cache size"):
+    sleep_jax.stream_init(model, 2, sleep_config=full_attention)
+  with pytest.raises(ValueError, match="max_len=5 is for the full-attention decoder"):
+    sleep_jax.stream_init(model, 2, sleep_config=sleep, max_len=5)
+  decoder = sleep_jax.stream_init(model, 2, sleep_config=full_attention, max_len=5)
+  with pytest.raises(ValueError, match="holds max_len=5 tokens.*to 6"):
+    sleep_jax.stream_feed(model, decoder, tokens(6), sleep_config=full_attention)
 
 
 def test_greedy_generation_feeds_back_the_argmax(model):
