@@ -163,6 +163,22 @@ def prefill_rows(
   return jnp.concatenate(logits)[back], state
 
 
+def _start(model, prompt_tokens, sleep_config, max_new_tokens, stop_tokens):
+  """Checks every argument (before anything compiles) and prefills: (stop ids, last logits,
+  state)."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  stop_tokens = tuple(int(t) for t in np.atleast_1d(np.asarray(stop_tokens, np.int64)))
+  vocab = model.cfg.vocab_size
+  if any(not 0 <= t < vocab for t in stop_tokens):
+    raise ValueError(f"stop_tokens {stop_tokens} must lie in the vocabulary [0, {vocab})")
+  rows = _prompt_rows(prompt_tokens, vocab)
+  cfg = SleepConfig.from_config(sleep_config)
+  max_len = None if cfg.evicts else max(map(len, rows)) + max_new_tokens
+  last, state = prefill_rows(model, rows, sleep_config=cfg, max_len=max_len)
+  return stop_tokens, last, state
+
+
 def generate(
   model: HybridLM,
   prompt_tokens,
@@ -192,20 +208,54 @@ def generate(
   Returns:
     int32 [B, max_new_tokens]: the sampled tokens, PAD (-1) after a row's stop token.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   sampling = Sampling(temperature, top_k, top_p)
-  stop_tokens = tuple(int(t) for t in np.atleast_1d(np.asarray(stop_tokens, np.int64)))
-  vocab = model.cfg.vocab_size
-  if any(not 0 <= t < vocab for t in stop_tokens):
-    raise ValueError(f"stop_tokens {stop_tokens} must lie in the vocabulary [0, {vocab})")
-  rows = _prompt_rows(prompt_tokens, vocab)
-  cfg = SleepConfig.from_config(sleep_config)
-  max_len = None if cfg.evicts else max(map(len, rows)) + max_new_tokens
-  last, state = prefill_rows(model, rows, sleep_config=cfg, max_len=max_len)
+  stop_tokens, last, state = _start(model, prompt_tokens, sleep_config, max_new_tokens, stop_tokens)
   graphdef, params = nnx.split(model)
   rng = jax.random.key(seed) if rng is None else rng
   tokens, _ = _decode(
     graphdef, nnx.to_pure_dict(params), state, last, max_new_tokens, sampling, stop_tokens, rng
   )
   return tokens
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _decode_step(graphdef, params, state, logits, sampling, rng, step):
+  token = sample(logits, jax.random.fold_in(rng, step), sampling)
+  logits, state = stream._feed(graphdef, params, state, token[:, None])
+  return token, logits[:, -1], state
+
+
+def generate_stream(
+  model: HybridLM,
+  prompt_tokens,
+  *,
+  sleep_config,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  stop_tokens=(),
+  seed: int = 0,
+  rng: jax.Array | None = None,
+):
+  """`generate` one step at a time, for showing text as it comes: yields each step's tokens,
+  numpy int32 [B] (PAD for rows that have stopped), as soon as they are sampled; stops after
+  `max_new_tokens` steps or when every row has stopped. The same tokens as `generate`
+  (the same keys; one jitted step per token instead of one loop)."""
+  sampling = Sampling(temperature, top_k, top_p)
+  stop_tokens, logits, state = _start(
+    model, prompt_tokens, sleep_config, max_new_tokens, stop_tokens
+  )
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+  rng = jax.random.key(seed) if rng is None else rng
+  active = np.ones(logits.shape[0], bool)
+  for step in range(max_new_tokens):
+    token, logits, state = _decode_step(
+      graphdef, params, state, logits, sampling, rng, jnp.int32(step)
+    )
+    token = np.asarray(token)
+    yield np.where(active, token, PAD).astype(np.int32)
+    active &= ~np.isin(token, stop_tokens)
+    if not active.any():
+      return

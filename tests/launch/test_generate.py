@@ -93,3 +93,69 @@ def test_param_movement_groups_every_parameter_and_bounds_adam_drift(trained):
       # An Adam step moves a coordinate by at most about its learning rate.
       assert 0 < group["drift_efficiency"] <= 1.05, (name, group["drift_efficiency"])
       assert group["predicted_paper_movement"] > 0
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """A launch/convert.py-style directory (model.json + params/) with a word-level
+  tokenizer.json, its model's vocabulary just large enough."""
+  from flax import nnx
+
+  from sleep_jax.data import gsm_task
+  from sleep_jax.model.config import ModelConfig
+  from sleep_jax.train import checkpoint
+
+  directory = str(tmp_path_factory.mktemp("converted"))
+  tokenizer_file = os.path.join(directory, "tokenizer.json")
+  gsm_task.word_level_tokenizer(tokenizer_file)
+  tokenizer = gsm_task.load_tokenizer(tokenizer_file)
+  model_config = ModelConfig(
+    vocab_size=tokenizer.get_vocab_size(), pattern="AGAG", d_model=32, num_heads=2, head_dim=16,
+    mlp_dim=64,
+  )  # fmt: skip
+  model = sleep_jax.build_model(model_config, seed=3)
+  checkpoint.save_initial(directory, nnx.to_pure_dict(nnx.state(model, nnx.Param)), model_config)
+  return directory, model, tokenizer
+
+
+def test_text_in_text_out_from_a_converted_checkpoint(converted):
+  from sleep_jax.data import gsm_task
+
+  directory, model, tokenizer = converted
+  prompt = "assign V1 = 3 . assign V2 = V1 + 4 ."
+  flags = ["--passes=2", "--window=8", "--max_new_tokens=12"]
+  result = generate(f"--workdir={directory}", f"--prompt_text={prompt}", *flags)
+  assert result.returncode == 0, result.stderr
+  assert "converted checkpoint, N=2, L=8, hard eviction" in result.stdout
+  ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+  sleep = dict(passes=2, window=8, eviction="hard", context_len=0)
+  expected = np.asarray(sleep_jax.generate(model, [ids], sleep_config=sleep, max_new_tokens=12))[0]
+  _, end = gsm_task.special_ids(tokenizer)
+  kept = [int(t) for t in expected[: list(expected).index(end) if end in expected else None]]
+  text = tokenizer.decode(kept, skip_special_tokens=True)
+  assert result.stdout.splitlines()[-1].strip() == text.strip()
+  # The same with token ids in and out.
+  ids_run = generate(f"--workdir={directory}", "--prompt=" + ",".join(map(str, ids)), *flags)
+  assert ids_run.returncode == 0, ids_run.stderr
+  printed = re.search(r"generated: ([\d,]+)", ids_run.stdout).group(1).split(",")
+  assert [int(t) for t in printed] == [int(t) for t in expected]
+
+
+def test_text_generation_refuses_what_does_not_fit(converted, tmp_path):
+  directory, _, _ = converted
+  no_window = generate(f"--workdir={directory}", "--prompt_text=assign V1 = 3 .")
+  assert no_window.returncode == 1 and "give --window" in no_window.stderr
+  # A tokenizer with more ids than the model's vocabulary.
+  from flax import nnx
+
+  from sleep_jax.model.config import ModelConfig
+  from sleep_jax.train import checkpoint
+
+  small = ModelConfig(vocab_size=16, pattern="AG", d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
+  model = sleep_jax.build_model(small, seed=0)
+  checkpoint.save_initial(str(tmp_path), nnx.to_pure_dict(nnx.state(model, nnx.Param)), small)
+  mismatch = generate(
+    f"--workdir={tmp_path}", "--window=8", "--prompt_text=assign V1 = 3 .",
+    f"--tokenizer={os.path.join(directory, 'tokenizer.json')}",
+  )  # fmt: skip
+  assert mismatch.returncode == 1 and "not this model's tokenizer" in mismatch.stderr

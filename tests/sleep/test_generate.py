@@ -107,6 +107,16 @@ def test_a_stop_token_ends_its_row_only(model):
     np.testing.assert_array_equal(stopped[row, : end + 1], free[row, : end + 1])
     assert (stopped[row, end + 1 :] == generation.PAD).all()
   assert first(free[1], stop) > first(free[0], stop)  # row 1 went on past row 0's stop
+  # Step by step (for text shown as it comes): the same tokens, and no step after all stop.
+  steps = list(
+    generation.generate_stream(
+      model, prompt, sleep_config=SLEEP, max_new_tokens=8, temperature=1.0, seed=3,
+      stop_tokens=[stop],
+    )
+  )  # fmt: skip
+  ends = [first(free[row], stop) for row in range(2)]
+  assert len(steps) == min(8, max(ends) + 1)
+  np.testing.assert_array_equal(np.stack(steps, 1), stopped[:, : len(steps)])
 
 
 def test_sampling_is_reproducible_from_its_seed_and_stays_in_the_vocabulary(model):
