@@ -2,7 +2,7 @@
 PYTHON ?= python
 SWEEP_DIR ?= runs/first_look
 
-.PHONY: install install-xm install-gpu-compile run test test-integration lint format test-all test-tpu-compile test-gpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
+.PHONY: install install-xm install-gpu-compile run test test-integration test-multiprocess lint format test-all test-tpu-compile test-gpu-compile bench bench-gpu gpu-check aot-table reproduce fuzz
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
@@ -21,6 +21,10 @@ test:
 # End-to-end runs (real processes, the training loop on disk, the 8-device mesh); CI runs them.
 test-integration:
 	$(PYTHON) -m pytest -m integration -n 2 -q
+
+# Two-process jobs on this host beside a CPU-burning process (clean shutdown, SIGTERM, resume).
+test-multiprocess:
+	$(PYTHON) -m pytest -m slow -q tests/launch/test_two_process_shutdown.py
 
 # Lint and format check (ruff, configured in ruff.toml); `make format` rewrites in place.
 lint:

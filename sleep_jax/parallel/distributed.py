@@ -4,7 +4,9 @@
 found wins) the launcher's flags, the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID), or a Cloud TPU VM of a multi-host slice (jax reads the TPU metadata itself).
 A single process needs nothing. On CPU hosts (tests, local multi-process runs) the
-collectives go through gloo.
+collectives go through gloo, whose context over all devices is created while joining
+(`_connect_cpu_collectives`: the processes of a loaded host reach their first training step
+tens of seconds apart, longer than gloo's set-up waits).
 
 Two launchers leave parts of that description to the machines the job lands on:
   * Vertex AI (launch/xm_launch.py, GPU hosts): JAX_COORDINATOR_ADDRESS may be XManager's late
@@ -122,6 +124,34 @@ def _on_multi_host_cloud_tpu(environ=os.environ) -> bool:
   return "," in hosts or bool(environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
+def _connect_cpu_collectives() -> None:
+  """One sum over every device of the job, right after the processes joined (CPU only).
+
+  XLA's CPU collectives build a gloo context for a group of devices at the group's first
+  collective, and every process must get there within 30 s (a fixed wait inside XLA; past it:
+  "Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out"). On a
+  loaded host one process can finish compiling the training step more than 30 s after the
+  other, and the first step failed there in the early one. Just after
+  `jax.distributed.initialize` (which returns in every process together) the context of all
+  devices is built here; later collectives over all devices reuse it and wait as long as
+  their peers need. Collectives over a subset of the devices (a mesh axis that spans
+  processes but not the whole job) still build their own context at their first use.
+
+  Raises:
+    RuntimeError: the sum is wrong (the processes do not see the same devices).
+  """
+  import jax.numpy as jnp
+  import numpy as np
+
+  mesh = jax.make_mesh((jax.device_count(),), ("all",))
+  ones = jax.make_array_from_process_local_data(
+    jax.NamedSharding(mesh, jax.P("all")), np.ones((jax.local_device_count(),), np.int32)
+  )
+  total = jax.jit(jnp.sum, out_shardings=jax.NamedSharding(mesh, jax.P()))(ones)
+  if int(total) != jax.device_count():
+    raise RuntimeError(f"a sum over the job's {jax.device_count()} devices gave {int(total)}")
+
+
 def initialize(group: ProcessGroup | None = None, *, environ=os.environ) -> bool:
   """Joins this process to its multi-process job, if it is one. Call before any jax work.
 
@@ -162,6 +192,8 @@ def initialize(group: ProcessGroup | None = None, *, environ=os.environ) -> bool
       num_processes=merged.num_processes,
       process_id=merged.process_id,
     )
+    if jax.devices()[0].platform == "cpu":
+      _connect_cpu_collectives()
   elif environ.get(ENV_FROM_CLUSTER) == "cluster" or _on_multi_host_cloud_tpu(environ):
     jax.distributed.initialize()  # jax reads the slice's hosts from the TPU metadata
   else:

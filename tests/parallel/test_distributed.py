@@ -1,7 +1,12 @@
-"""The process group of a Vertex AI job: the late-bound coordinator and the rank, from CLUSTER_SPEC."""
+"""Joining a multi-process job: a Vertex AI job's late-bound coordinator and rank, from CLUSTER_SPEC;
+processes on a loaded host that reach their first collective tens of seconds apart."""
 
 import json
+import os
+import subprocess
+import sys
 
+import portpicker
 import pytest
 
 from sleep_jax.parallel import distributed
@@ -97,3 +102,53 @@ def test_a_tpu_vm_job_lets_jax_find_its_cluster(monkeypatch):
   monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
   assert distributed.initialize(environ={"SLEEP_JAX_DISTRIBUTED": "cluster"}) is True
   assert calls == [{}]  # no arguments: jax reads the TPU metadata and MEGASCALE_* itself
+
+
+STAGGERED = """
+import sys, time
+import jax
+import numpy as np
+from sleep_jax.parallel import distributed
+
+assert distributed.initialize()
+if jax.process_index() == 1:
+  time.sleep(float(sys.argv[1]))  # compiling for longer on a loaded host
+mesh = jax.make_mesh((jax.device_count(),), ("data",))
+x = jax.make_array_from_process_local_data(
+  jax.NamedSharding(mesh, jax.P("data")), np.ones((2, 3), np.float32)
+)
+total = jax.jit(lambda a: a.sum(), out_shardings=jax.NamedSharding(mesh, jax.P()))(x)
+print("sum", float(total))
+"""
+
+
+@pytest.mark.integration
+def test_processes_reaching_their_first_collective_40_s_apart_still_meet(tmp_path):
+  """XLA gives gloo 30 s to build a group's context at its first collective; initialize builds
+  the context of all devices while the processes are in step, so later ones may be late."""
+  script = tmp_path / "staggered.py"
+  script.write_text(STAGGERED)
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  port = portpicker.pick_unused_port()
+  keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+  base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
+  processes = []
+  for process_id in range(2):
+    env = dict(
+      base,
+      PYTHONPATH=repo,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(process_id),
+    )
+    with open(tmp_path / f"process{process_id}.log", "w") as log:  # the child keeps its copy
+      command = [sys.executable, str(script), "40"]
+      processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+  for process in processes:
+    process.wait(timeout=300)
+  for process_id, process in enumerate(processes):
+    output = (tmp_path / f"process{process_id}.log").read_text()
+    assert process.returncode == 0, output[-3000:]
+    assert "sum 12.0" in output  # 2 processes x 2 rows x 3 columns of ones
