@@ -2,7 +2,8 @@
 
 XManager builds its container from a directory and Cloud TPU VMs fetch a tarball; both get the
 same files: those git tracks plus the untracked ones it does not ignore (so the virtual
-environment, runs/ and caches stay behind, and uncommitted edits go along).
+environment, runs/ and caches stay behind, and uncommitted edits go along); outside a git
+checkout, the files that are not hidden, run outputs or build outputs.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import shutil
 import subprocess
 import tarfile
 
+# Outside a git checkout: directories never shipped (besides hidden ones such as .venv, .git).
+_NOT_SHIPPED = ("runs", "__pycache__", "build", "dist")
+
 
 def source_files(repo: str) -> list[str]:
-  """The repository's files, relative to `repo`, sorted.
-
-  Raises:
-    RuntimeError: `repo` is not a git checkout (or git is missing), naming the fix.
+  """The repository's files, relative to `repo`, sorted: those git lists (tracked, or untracked
+  and not ignored). Outside a git checkout (a copy without .git, or no git installed), every
+  file except hidden ones and those under runs/, build/, dist/, __pycache__/ and *.egg-info/.
   """
   try:
     out = subprocess.run(
@@ -29,12 +32,19 @@ def source_files(repo: str) -> list[str]:
       capture_output=True,
       check=True,
     ).stdout
-  except (OSError, subprocess.CalledProcessError) as e:
-    raise RuntimeError(
-      f"cannot list the files of {repo} with git ({e}); remote runs ship the files git lists, "
-      "so launch from a git checkout"
-    ) from e
-  names = [name for name in out.decode().split("\0") if name]
+    names = [name for name in out.decode().split("\0") if name]
+  except (OSError, subprocess.CalledProcessError):
+    names = []
+    for directory, dirs, files in os.walk(repo):
+      dirs[:] = sorted(
+        d
+        for d in dirs
+        if not d.startswith(".") and d not in _NOT_SHIPPED and not d.endswith(".egg-info")
+      )
+      relative = os.path.relpath(directory, repo)
+      for name in files:
+        if not name.startswith("."):
+          names.append(os.path.normpath(os.path.join(relative, name)).replace(os.sep, "/"))
   return sorted(name for name in names if os.path.isfile(os.path.join(repo, name)))
 
 

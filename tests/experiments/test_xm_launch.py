@@ -235,10 +235,18 @@ def test_submitting_queued_resources_uploads_the_code_once_and_runs_gcloud(tmp_p
   assert not os.path.exists(tmp_path / "gs:")
 
 
-def test_the_code_snapshot_is_the_files_git_lists_and_is_reproducible():
+def test_the_code_snapshot_is_the_files_git_lists_and_is_reproducible(tmp_path):
   files = snapshot.source_files(REPO)
   assert "sleep_jax/paths.py" in files and "launch/main.py" in files and "setup.cfg" in files
   assert not any(f.startswith((".venv/", "runs/", ".git/")) for f in files)
+  # A copy without .git ships the same kind of files.
+  copy = tmp_path / "copy"
+  for name in ("setup.cfg", "launch/main.py", ".venv/bin/python", "runs/x/config.json"):
+    (copy / name).parent.mkdir(parents=True, exist_ok=True)
+    (copy / name).write_text("x")
+  (copy / "sleep_jax.egg-info").mkdir()
+  (copy / "sleep_jax.egg-info" / "PKG-INFO").write_text("x")
+  assert snapshot.source_files(str(copy)) == ["launch/main.py", "setup.cfg"]
   some = ["setup.cfg", "sleep_jax/paths.py"]
   data = snapshot.tarball(REPO, some)
   assert data == snapshot.tarball(REPO, some) and len(snapshot.revision(data)) == 12
