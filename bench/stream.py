@@ -1,21 +1,29 @@
-"""Streaming inference: per-token wake latency and memory against the context fed, and against N.
+"""Streaming inference: block prefill against `apply`, and per-token decode latency and memory
+against the context fed, for sleep at several N and for a full-attention KV-cache decoder.
 
-    python bench/stream.py                                   # N = 1, 2, 4; 1K..64K tokens
-    python bench/stream.py --passes 1 --contexts 1024 4096 --timed_tokens 50   # a quick look
+    python bench/stream.py                       # prefill at 4K and 64K; decode at 1K..64K
+    python bench/stream.py --passes 1 --contexts 1024 4096 --prefill_contexts 4096 \\
+        --timed_tokens 50 --out_dir /tmp/stream  # a quick look
     python bench/stream.py --eviction sliding --window 256
 
-For each N, one stream (batch 1, random tokens) is fed up to each context length in blocks (one
-jitted `stream_feed` call per block, sleeping whenever a window fills). At each length it times
-`--timed_tokens` single-token feeds that stay inside the window (pure wake: no sleep), and
-reports their median and p99 in milliseconds, the stream state's bytes, the bytes of every live
-JAX array in the process and the process's resident memory. One sleep (N passes over a window,
-then eviction) is timed separately: a feed of the token that fills a window, minus the median
-wake. The model is small (d_model 128, "AGAG", 4 heads of 32, MLP 512, vocabulary 256) with a
-512-token window: an inference setting, not a paper config.
+Prefill: for each N, a batch of `--prefill_batch` random prompts of each `--prefill_contexts`
+length is fed to a fresh stream as one block (`stream_feed`: whole passes, every token's
+logits), and the same tokens run through `apply` with every window but the last slept on and
+the last predicted (the training forward of a sequence that long). Both are timed in the same
+process, alternately, best of `--repeats` after a warm-up; the table gives tokens/s and their
+ratio (target, issue 27: prefill >= 0.5x apply).
 
-Targets (issue 12): wake latency and memory flat in the context (<= 1.1x from the first length
-to the last), wake latency and memory independent of N. Prints a markdown table; writes JSON
-(bench/results/stream.json by default).
+Decode: for each N and for the full-attention decoder (`eviction="none"`, a KV cache of every
+token: `stream_init(..., max_len=context + timed tokens)`), one stream (batch 1, random tokens)
+is fed up to each context length in blocks, then `--timed_tokens` single-token feeds are timed
+(for sleep they stay inside a window: pure wake; one sleep is timed apart as the feed of the
+token that fills a window, minus the median wake). Reported: median and p99 ms per token, the
+stream state's bytes, and the process's resident memory. The model is small (d_model 128,
+"AGAG", 4 heads of 32, MLP 512, vocabulary 256) with a 512-token window: an inference
+setting, not a paper config.
+
+Prints markdown tables; writes stream.json and decode.png (latency and memory against the
+context) to `--out_dir` (docs/results/stream by default).
 """
 
 from __future__ import annotations
@@ -27,16 +35,21 @@ import statistics
 import sys
 import time
 
-import jax
-import numpy as np
-
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH_DIR))  # runnable as a plain script from anywhere
+from sleep_jax import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # before JAX starts its backend
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
 import sleep_jax  # noqa: E402
 from sleep_jax.sleep import stream  # noqa: E402
 
 MODEL = dict(vocab_size=256, pattern="AGAG", d_model=128, num_heads=4, head_dim=32, mlp_dim=512)
-FEED_BLOCK = 512  # tokens per feed call while filling the context (one compiled shape)
+FEED_BLOCK = 512  # tokens per feed call while filling the context
+FULL = "full attention"  # the decoder without eviction
 
 
 def resident_mb() -> float:
@@ -45,8 +58,54 @@ def resident_mb() -> float:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def live_array_mb() -> float:
-  return sum(x.nbytes for x in jax.live_arrays()) / 1e6
+def schedule(passes, args, context_len=0) -> dict:
+  if passes == FULL:
+    return dict(passes=1, eviction="none", context_len=context_len)
+  return dict(passes=passes, window=args.window, eviction=args.eviction, context_len=context_len)
+
+
+def best_seconds(fn, repeats: int) -> float:
+  fn()  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def measure_prefill(model, passes: int, args) -> list[dict]:
+  rows = []
+  for context in args.prefill_contexts:
+    if context % args.window:
+      raise SystemExit(f"--prefill_contexts must be multiples of --window={args.window}")
+    rng = np.random.default_rng(context)
+    tokens = rng.integers(0, MODEL["vocab_size"], (args.prefill_batch, context), dtype=np.int32)
+    forward = schedule(passes, args, context_len=context - args.window)
+    streaming = schedule(passes, args)
+
+    def run_apply(tokens=tokens, forward=forward):
+      return sleep_jax.apply(model, tokens, sleep_config=forward)
+
+    def run_prefill(tokens=tokens, streaming=streaming):
+      state = sleep_jax.stream_init(model, args.prefill_batch, sleep_config=streaming)
+      return sleep_jax.stream_feed(model, state, tokens, sleep_config=streaming)
+
+    apply_s = best_seconds(run_apply, args.repeats)
+    prefill_s = best_seconds(run_prefill, args.repeats)
+    tokens_fed = args.prefill_batch * context
+    rows.append(
+      dict(
+        passes=passes,
+        context=context,
+        batch=args.prefill_batch,
+        apply_tokens_per_s=tokens_fed / apply_s,
+        prefill_tokens_per_s=tokens_fed / prefill_s,
+        prefill_over_apply=apply_s / prefill_s,
+      )
+    )
+    print(f"  prefill N={passes} {context} tokens: {rows[-1]}", flush=True)
+  return rows
 
 
 def timed_feed(model, state, token, sleep) -> tuple[float, object]:
@@ -56,117 +115,161 @@ def timed_feed(model, state, token, sleep) -> tuple[float, object]:
   return 1e3 * (time.perf_counter() - start), state
 
 
-def feed_to(model, state, fed: int, target: int, sleep, rng) -> tuple[object, int]:
-  """Feeds random tokens until `target` tokens have been fed in all.
-
-  Only two shapes are fed (blocks of FEED_BLOCK and single tokens), both compiled before the
-  first measurement, so no compilation lands between two measurements.
-  """
+def feed_to(model, state, fed: int, target: int, sleep, rng, block: int) -> tuple[object, int]:
+  """Feeds random tokens until `target` tokens have been fed in all: first what is left of the
+  open block, then whole blocks (few shapes, so few compilations), then the rest."""
   while fed < target:
-    block = FEED_BLOCK if target - fed >= FEED_BLOCK else 1
-    tokens = rng.integers(0, MODEL["vocab_size"], (1, block), dtype=np.int32)
+    size = min(block - fed % block, target - fed)
+    tokens = rng.integers(0, MODEL["vocab_size"], (1, size), dtype=np.int32)
     _, state = sleep_jax.stream_feed(model, state, tokens, sleep_config=sleep)
-    fed += block
+    fed += size
   jax.block_until_ready(state)
   return state, fed
 
 
-def measure(model, passes: int, args) -> dict:
-  sleep = dict(
-    passes=passes, window=args.window, eviction=args.eviction, context_len=0, conv_state="reset"
+def time_tokens(model, state, sleep, rng, num: int) -> tuple[list[float], object]:
+  one = lambda: rng.integers(0, MODEL["vocab_size"], (1, 1), dtype=np.int32)
+  times = []
+  for _ in range(num):
+    ms, state = timed_feed(model, state, one(), sleep)
+    times.append(ms)
+  return times, state
+
+
+def point(context, wake, state) -> dict:
+  return dict(
+    context=context,
+    wake_median_ms=statistics.median(wake),
+    wake_p99_ms=float(np.percentile(wake, 99)),
+    state_mb=stream.state_bytes(state) / 1e6,
+    resident_mb=resident_mb(),
   )
+
+
+def measure_sleep_decode(model, passes: int, args) -> dict:
+  sleep = schedule(passes, args)
   rng = np.random.default_rng(0)
   state = sleep_jax.stream_init(model, 1, sleep_config=sleep)
-  one = lambda: rng.integers(0, MODEL["vocab_size"], (1, 1), dtype=np.int32)
-  # Compile both feed shapes and run one sleep on a throwaway copy of the stream (the first
+  # Warm up every feed shape and one sleep on a throwaway copy of the stream (the first
   # execution of the sleep branch costs far more than later ones).
-  warm, fed = feed_to(model, state, 0, FEED_BLOCK, sleep, rng)
-  warm, _ = feed_to(model, warm, fed, fed + args.window - 1, sleep, rng)
-  timed_feed(model, warm, one(), sleep)
+  warm, fed = feed_to(model, state, 0, FEED_BLOCK + args.window - 1, sleep, rng, FEED_BLOCK)
+  time_tokens(model, warm, sleep, rng, 2)
   fed, points = 0, []
   for context in args.contexts:
-    state, fed = feed_to(model, state, fed, context, sleep, rng)
-    if int(state.position) + args.timed_tokens >= args.window:
+    state, fed = feed_to(model, state, fed, context, sleep, rng, FEED_BLOCK)
+    if int(state.position[0]) + args.timed_tokens >= args.window:
       raise ValueError("--timed_tokens must fit in what is left of the window")
-    wake = []
-    for _ in range(args.timed_tokens):
-      ms, state = timed_feed(model, state, one(), sleep)
-      wake.append(ms)
+    wake, state = time_tokens(model, state, sleep, rng, args.timed_tokens)
     fed += args.timed_tokens
-    points.append(
-      dict(
-        context=context,
-        wake_median_ms=statistics.median(wake),
-        wake_p99_ms=float(np.percentile(wake, 99)),
-        state_mb=stream.state_bytes(state) / 1e6,
-        live_arrays_mb=live_array_mb(),
-        resident_mb=resident_mb(),
-      )
-    )
-    print(f"  N={passes} context {context}: {points[-1]}", flush=True)
-  # One sleep: fill the window to one token short, then time the token that fills it.
+    points.append(point(context, wake, state))
+    print(f"  decode N={passes} context {context}: {points[-1]}", flush=True)
   sleeps = []
-  for _ in range(args.sleep_repeats):
-    state, fed = feed_to(model, state, fed, fed + args.window - 1 - int(state.position), sleep, rng)
-    ms, state = timed_feed(model, state, one(), sleep)
+  for _ in range(args.sleep_repeats):  # fill the window to one short, time the token that fills it
+    to_fill = args.window - 1 - int(state.position[0])
+    state, fed = feed_to(model, state, fed, fed + to_fill, sleep, rng, args.window)
+    ms, state = time_tokens(model, state, sleep, rng, 1)
     fed += 1
-    assert int(state.position) == 0
-    sleeps.append(ms)
+    assert int(state.position[0]) == 0
+    sleeps.append(ms[0])
   wake_median = statistics.median(p["wake_median_ms"] for p in points)
-  return dict(
-    passes=passes,
-    points=points,
-    sleep_ms=statistics.median(sleeps) - wake_median,
-    wake_flat_ratio=points[-1]["wake_median_ms"] / points[0]["wake_median_ms"],
-    resident_flat_ratio=points[-1]["resident_mb"] / points[0]["resident_mb"],
-  )
+  return dict(passes=passes, points=points, sleep_ms=statistics.median(sleeps) - wake_median)
 
 
-def print_table(rows: list[dict], args) -> None:
-  print(f"\n{args.eviction} eviction, window L={args.window}, batch 1, {jax.devices()[0]}")
-  print("| N | context | wake median ms | wake p99 ms | state MB | live arrays MB | RSS MB |")
-  print("|---:|---:|---:|---:|---:|---:|---:|")
-  for row in rows:
-    for p in row["points"]:
-      print(
-        f"| {row['passes']} | {p['context']:,} | {p['wake_median_ms']:.2f} | "
-        f"{p['wake_p99_ms']:.2f} | {p['state_mb']:.2f} | {p['live_arrays_mb']:.1f} | "
-        f"{p['resident_mb']:.0f} |"
-      )
-  print("\n| N | one sleep ms | wake last/first context | RSS last/first context |")
-  print("|---:|---:|---:|---:|")
-  for row in rows:
+def measure_full_attention_decode(model, args) -> dict:
+  sleep = schedule(FULL, args)
+  rng = np.random.default_rng(0)
+  points = []
+  for context in args.contexts:
+    state = sleep_jax.stream_init(
+      model, 1, sleep_config=sleep, max_len=context + args.timed_tokens + 2
+    )
+    state, _ = feed_to(model, state, 0, context, sleep, rng, FEED_BLOCK)
+    time_tokens(model, state, sleep, rng, 2)  # compile the one-token feed for this cache size
+    wake, state = time_tokens(model, state, sleep, rng, args.timed_tokens)
+    points.append(point(context, wake, state))
+    print(f"  decode {FULL} context {context}: {points[-1]}", flush=True)
+    del state
+  return dict(passes=FULL, points=points, sleep_ms=None)
+
+
+def print_tables(prefill: list[dict], decode: list[dict], args) -> None:
+  device = jax.devices()[0]
+  print(f"\n{args.eviction} eviction, window L={args.window}, {device}")
+  print(f"\nPrefill, batch {args.prefill_batch} (block `stream_feed` vs `apply`, same tokens):\n")
+  print("| N | tokens | apply tokens/s | prefill tokens/s | prefill / apply |")
+  print("|---:|---:|---:|---:|---:|")
+  for row in prefill:
     print(
-      f"| {row['passes']} | {row['sleep_ms']:.1f} | {row['wake_flat_ratio']:.2f} | "
-      f"{row['resident_flat_ratio']:.2f} |"
+      f"| {row['passes']} | {row['context']:,} | {row['apply_tokens_per_s']:,.0f} | "
+      f"{row['prefill_tokens_per_s']:,.0f} | {row['prefill_over_apply']:.2f} |"
     )
-  base = rows[0]["points"]
-  for row in rows[1:]:
-    ratio = statistics.median(
-      p["wake_median_ms"] / b["wake_median_ms"] for p, b in zip(row["points"], base)
+  contexts = " / ".join(f"{c // 1024}K" for c in args.contexts)
+  print(f"\nDecode, batch 1, ms per token and memory at {contexts} tokens of context:\n")
+  print("| decoder | median ms | p99 ms | state MB | resident MB | one sleep ms |")
+  print("|---|---|---|---|---|---:|")
+  for row in decode:
+    name = row["passes"] if row["passes"] == FULL else f"sleep N={row['passes']}"
+    join = lambda key, fmt, row=row: " / ".join(fmt.format(p[key]) for p in row["points"])
+    sleep_ms = "-" if row["sleep_ms"] is None else f"{row['sleep_ms']:.0f}"
+    print(
+      f"| {name} | {join('wake_median_ms', '{:.2f}')} | {join('wake_p99_ms', '{:.2f}')} | "
+      f"{join('state_mb', '{:.2f}')} | {join('resident_mb', '{:.0f}')} | {sleep_ms} |"
     )
-    print(f"wake latency N={row['passes']} / N={rows[0]['passes']}: {ratio:.2f}")
+
+
+def plot(decode: list[dict], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  figure, (latency, memory) = plt.subplots(1, 2, figsize=(10, 4))
+  for row in decode:
+    label = row["passes"] if row["passes"] == FULL else f"sleep N={row['passes']}"
+    contexts = [p["context"] for p in row["points"]]
+    latency.plot(contexts, [p["wake_median_ms"] for p in row["points"]], "o-", label=label)
+    memory.plot(contexts, [p["state_mb"] for p in row["points"]], "o-", label=label)
+  for axis, title in ((latency, "median ms per generated token"), (memory, "stream state MB")):
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("tokens of context")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+  memory.set_yscale("log")
+  latency.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
 
 
 def main():
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4])
+  parser.add_argument("--passes", type=int, nargs="+", default=[1, 4])
   parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+  parser.add_argument("--prefill_contexts", type=int, nargs="+", default=[4096, 65536])
+  parser.add_argument("--prefill_batch", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--window", type=int, default=512)
   parser.add_argument("--eviction", choices=["hard", "sliding"], default="hard")
   parser.add_argument("--timed_tokens", type=int, default=200)
   parser.add_argument("--sleep_repeats", type=int, default=5)
-  parser.add_argument("--json", default=os.path.join(BENCH_DIR, "results", "stream.json"))
+  parser.add_argument("--no_full_attention", action="store_true", help="skip the KV decoder")
+  parser.add_argument(
+    "--out_dir", default=os.path.join(BENCH_DIR, "..", "docs", "results", "stream")
+  )
   args = parser.parse_args()
   if sorted(args.contexts) != args.contexts:
     raise SystemExit("--contexts must increase")
   model = sleep_jax.build_model(MODEL, seed=0)
-  rows = [measure(model, passes, args) for passes in args.passes]
-  print_table(rows, args)
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
+  prefill = [row for passes in args.passes for row in measure_prefill(model, passes, args)]
+  decode = [measure_sleep_decode(model, passes, args) for passes in args.passes]
+  if not args.no_full_attention:
+    decode.append(measure_full_attention_decode(model, args))
+  print_tables(prefill, decode, args)
+  os.makedirs(args.out_dir, exist_ok=True)
+  json_path = os.path.join(args.out_dir, "stream.json")
+  with open(json_path, "w") as f:
     json.dump(
       dict(
         device=str(jax.devices()[0]),
@@ -174,12 +277,15 @@ def main():
         model=MODEL,
         window=args.window,
         eviction=args.eviction,
-        rows=rows,
+        prefill_batch=args.prefill_batch,
+        prefill=prefill,
+        decode=decode,
       ),
       f,
       indent=2,
     )
-  print(f"wrote {args.json}")
+  plot(decode, os.path.join(args.out_dir, "decode.png"))
+  print(f"wrote {json_path} and decode.png")
 
 
 if __name__ == "__main__":
