@@ -97,6 +97,16 @@ def compile_lowerable(jitted, *args, devices, dump_to: str | None = None):
     return jitted.lower(*args).compile(compiler_options=options or None)
 
 
+def compile_with_triton_report(jitted, *args, devices) -> tuple[Any, dict[str, dict]]:
+  """Compiles for compile-only GPU `devices`; returns the executable and ptxas' report
+  (registers, spills, shared memory) of every Triton kernel it calls, by kernel name."""
+  with tempfile.TemporaryDirectory() as dump_dir:
+    executable = compile_lowerable(jitted, *args, devices=devices, dump_to=dump_dir)
+    names = compiled_lib.triton_kernel_names(executable.as_text())
+    report = compiled_lib.ptxas_report(dump_dir, names, ptxas=gpu_topology.ptxas_path())
+    return executable, report
+
+
 def memory_bytes_per_device(device) -> int:
   """HBM of a TPU chip or memory of a GPU."""
   if device.platform == "gpu":

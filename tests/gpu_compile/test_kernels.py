@@ -38,23 +38,19 @@ def _abstract_inputs(device, dtype, width):
   )
 
 
-def compile_and_report(gpu, impl, dtype, width, tmp_path):
-  """(compiled program's text, ptxas' report of its Triton kernels) for a kernel's gradient."""
+def compile_and_report(gpu, impl, dtype, width):
+  """(executable, ptxas' report of its Triton kernels) for a kernel's gradient."""
 
   def loss(q, k, v, g, beta, state):
     out, final = gated_delta_rule(q, k, v, g, beta, initial_state=state, impl=impl)
     return out.astype(jnp.float32).sum() + final.sum()
 
   devices = gpu_topology.gpu_devices(gpu)
-  program = aot.compile_lowerable(
+  return aot.compile_with_triton_report(
     jax.jit(jax.value_and_grad(loss, argnums=range(6))),
     *_abstract_inputs(devices[0], dtype, width),
     devices=devices,
-    dump_to=str(tmp_path),
   )
-  text = program.as_text()
-  names = compiled.triton_kernel_names(text)
-  return text, compiled.ptxas_report(str(tmp_path), names, ptxas=gpu_topology.ptxas_path())
 
 
 CASES = [
@@ -72,9 +68,9 @@ CASES = [
   CASES,
   ids=[f"{g}-{i}-{jnp.dtype(d).name}-K=V={w}" for g, i, d, w in CASES],
 )
-def test_kernels_compile_within_shared_memory_and_spill_nothing(gpu, impl, dtype, width, tmp_path):
-  text, report = compile_and_report(gpu, impl, dtype, width, tmp_path)
-  assert compiled.pallas_calls(text) >= 2, "a forward and a backward Triton kernel"
+def test_kernels_compile_within_shared_memory_and_spill_nothing(gpu, impl, dtype, width):
+  executable, report = compile_and_report(gpu, impl, dtype, width)
+  assert compiled.pallas_calls(executable.as_text()) >= 2, "a forward and a backward Triton kernel"
   assert report, "ptxas reported no Triton kernel"
   for name, row in report.items():
     assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (name, row)
@@ -95,23 +91,20 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize(
   "shape", ATTENTION_CASES, ids=[f"{c[:5]}-{jnp.dtype(c[5]).name}" for c in ATTENTION_CASES]
 )
-def test_attention_kernels_compile_and_spill_nothing(shape, tmp_path):
+def test_attention_kernels_compile_and_spill_nothing(shape):
   batch, tokens, heads, kv_heads, width, dtype = shape
   devices = gpu_topology.gpu_devices("h100")
   sharding = jax.sharding.SingleDeviceSharding(devices[0])
   spec = lambda h: jax.ShapeDtypeStruct((batch, tokens, h, width), dtype, sharding=sharding)
   loss = lambda q, k, v: causal_attention(q, k, v, impl="pallas").astype(jnp.float32).sum()
-  program = aot.compile_lowerable(
+  _, report = aot.compile_with_triton_report(
     jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
     spec(heads),
     spec(kv_heads),
     spec(kv_heads),
     devices=devices,
-    dump_to=str(tmp_path),
   )
-  names = compiled.triton_kernel_names(program.as_text())
-  assert names == ["causal_attention_backward", "causal_attention_forward"]
-  report = compiled.ptxas_report(str(tmp_path), names, ptxas=gpu_topology.ptxas_path())
+  assert sorted(report) == ["causal_attention_backward", "causal_attention_forward"]
   for name, row in report.items():
     assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (name, row)
     assert row["shared_memory_bytes"] <= SHARED_MEMORY_LIMIT, (name, row)
