@@ -23,10 +23,10 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from sleep_jax.ops.partition import TENSOR_AXIS, as_axes  # the per-shard kernels' convention
+from sleep_jax.ops.partition import PROJECT_AXES, TENSOR_AXIS, as_axes  # the ops' convention
 from sleep_jax.parallel.config import MESH_AXES, ParallelConfig
 
-assert MESH_AXES[-1] == TENSOR_AXIS  # heads go where the fused kernels expect them
+assert MESH_AXES == PROJECT_AXES and MESH_AXES[-1] == TENSOR_AXIS  # the ops know these names
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits parameters
 
 
@@ -93,6 +93,14 @@ def batch_shards(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Examples split over data x fsdp; the sequence axis is whole on every device."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def op_split(rules: Iterable[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
+  """How the fused ops split their inputs under these rules (`ops.partition.split_axes`
+  keywords): the batch over data x fsdp, the heads as the "heads" rule splits the projections
+  that make them (so a rule other than the default moves the kernels' split with it)."""
+  heads = dict((name, target) for name, target in rules).get("heads")
+  return {"batch_axes": BATCH_AXES, "head_axes": as_axes(heads)}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -7,11 +7,13 @@ parameter shapes come from `jax.eval_shape`, and the state is an abstract tree c
 shardings (the restore target too).
 
 The steps must be traced and called under `with jax.set_mesh(program.mesh)` (the `in_mesh`
-wrappers do it), so that the fused kernels run per shard (sleep_jax.ops.partition).
+wrappers do it, with the split `config.parallel.rules` give the heads in context), so that the
+fused kernels run per shard (sleep_jax.ops.partition).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -26,6 +28,7 @@ from flax import nnx
 from sleep_jax.data import tasks
 from sleep_jax.model.config import ModelConfig
 from sleep_jax.model.lm import build_model
+from sleep_jax.ops import partition
 from sleep_jax.ops.attention import api as attention_api
 from sleep_jax.ops.gated_delta.api import resolve_impl
 from sleep_jax.parallel import mesh as mesh_lib
@@ -152,16 +155,24 @@ def _fresh_state(model_cfg: ModelConfig, seed: int, optimizer) -> TrainState:
   return _start_state(nnx.to_pure_dict(nnx.state(build_model(model_cfg, seed=seed))), optimizer)
 
 
-def in_mesh(mesh: jax.sharding.Mesh, jitted: Callable) -> Callable:
-  """`jitted`, traced and run with `mesh` in context (`.lower` too, for AOT compilation)."""
+def in_mesh(mesh: jax.sharding.Mesh, jitted: Callable, op_split: dict | None = None) -> Callable:
+  """`jitted`, traced and run with `mesh` in context (`.lower` too, for AOT compilation), and
+  with the fused ops' split in context (`mesh_lib.op_split` of the run's rules)."""
+
+  def in_context():
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    if op_split is not None:
+      stack.enter_context(partition.split_axes(**op_split))
+    return stack
 
   @functools.wraps(jitted)
   def call(*args):
-    with jax.set_mesh(mesh):
+    with in_context():
       return jitted(*args)
 
   def lower(*args):
-    with jax.set_mesh(mesh):
+    with in_context():
       return jitted.lower(*args)
 
   call.lower = lower
@@ -236,6 +247,6 @@ def build_program(config, devices: Sequence[Any] | None = None) -> Program:
     optimizer=optimizer,
     abstract_state=abstract_state,
     batch_sharding=batch_sharding,
-    train_step=in_mesh(mesh, train_step),
-    eval_step=in_mesh(mesh, eval_step),
+    train_step=in_mesh(mesh, train_step, mesh_lib.op_split(config.parallel.rules)),
+    eval_step=in_mesh(mesh, eval_step, mesh_lib.op_split(config.parallel.rules)),
   )

@@ -123,6 +123,26 @@ def test_sharded_over_batch_and_heads_it_runs_per_shard_with_no_collective():
     assert collective not in hlo, collective
 
 
+def test_heads_split_over_an_axis_of_another_name_run_per_shard_when_named():
+  mesh = jax.make_mesh((4, 2), ("batch", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  q, k, v, _ = make_inputs(4, 24, 4, 2, 16)
+  sharding = NamedSharding(mesh, P("batch", None, "model", None))
+  loss = lambda q, k, v: causal_attention(
+    q, k, v, impl="xla", batch_axes="batch", head_axes="model"
+  ).sum()
+  with jax.set_mesh(mesh):
+    jitted = jax.jit(jax.value_and_grad(loss, (0, 1, 2)), in_shardings=(sharding,) * 3)
+    hlo = jitted.lower(q, k, v).compile().as_text()
+    got = jitted(q, k, v)
+  want = jax.value_and_grad(lambda q, k, v: causal_attention(q, k, v, impl="xla").sum(), (0, 1, 2))(
+    q, k, v
+  )
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert max_error(a, b) < 1e-5
+  for collective in ("all-gather", "all-to-all", "collective-permute"):
+    assert collective not in hlo, collective
+
+
 @pytest.mark.parametrize(
   "shapes, impl, message",
   [

@@ -7,6 +7,7 @@ the same function exports Triton kernels for CUDA from this CPU host.
 """
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -145,3 +146,43 @@ def test_auto_exports_per_shard_triton_kernels_for_cuda_from_a_cpu_host():
 def test_auto_lowers_to_plain_xla_for_the_cpu():
   hlo = jax.jit(loss_and_grads("auto")).lower(*make_inputs()).compile().as_text()
   assert "triton" not in hlo and "tpu_custom_call" not in hlo
+
+
+def collectives_in(fn, inputs, mesh, batch_axes, head_axes) -> list[str]:
+  with jax.set_mesh(mesh):
+    jitted = jax.jit(fn, in_shardings=input_shardings(mesh, batch_axes, head_axes))
+    hlo = jitted.lower(*inputs).compile().as_text()
+  return [c for c in COLLECTIVES if c in hlo]
+
+
+def test_a_mesh_axis_the_project_does_not_name_warns_once_and_naming_it_removes_the_collectives(
+  monkeypatch,
+):
+  # Heads split over "model", as many codebases name that axis: the convention takes "model"
+  # for a batch axis, so XLA moves the inputs around the kernel. Said once, with the fix.
+  monkeypatch.setattr(partition, "_WARNED_MESHES", set())
+  mesh = auto_mesh((2, 4), ("data", "model"))
+  inputs = make_inputs(batch=8, heads=4)
+  with pytest.warns(UserWarning, match=r"\('model',\).*head_axes=") as caught:
+    moved = collectives_in(loss_and_grads("chunked"), inputs, mesh, ("data",), ("model",))
+  assert len(caught) == 1 and moved
+  with jax.set_mesh(mesh), warnings.catch_warnings():
+    warnings.simplefilter("error")  # the same mesh again: no second warning
+    partition.batch_and_head_axes(inputs[0])
+  named = loss_and_grads("chunked", batch_axes="data", head_axes="model")
+  assert collectives_in(named, inputs, mesh, ("data",), ("model",)) == []
+
+
+def test_the_split_in_context_is_used_where_the_caller_names_none(monkeypatch):
+  monkeypatch.setattr(partition, "_WARNED_MESHES", set())
+  mesh = auto_mesh((2, 4), ("data", "model"))
+  inputs = make_inputs(batch=8, heads=4)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with partition.split_axes(batch_axes="data", head_axes="model"):
+      with jax.set_mesh(mesh):
+        assert partition.batch_and_head_axes(inputs[0]) == (("data",), ("model",))
+      moved = collectives_in(loss_and_grads("chunked"), inputs, mesh, ("data",), ("model",))
+  assert moved == []
+  with jax.set_mesh(mesh), pytest.warns(UserWarning):  # outside it, the convention again
+    assert partition.batch_and_head_axes(inputs[0]) == (("data", "model"), ())

@@ -8,8 +8,11 @@ import pytest
 
 from configs import rule110 as rule110_configs
 from sleep_jax.data import tasks
+from sleep_jax.ops import partition
 from sleep_jax.parallel import distributed, topology
 from sleep_jax.parallel import mesh as mesh_lib
+from sleep_jax.parallel.config import DEFAULT_RULES
+from sleep_jax.train import program as program_lib
 
 
 @pytest.mark.parametrize(
@@ -153,3 +156,26 @@ def test_aot_cli_rejects_an_unknown_topology_before_compiling():
     timeout=120,
   )
   assert out.returncode != 0 and "power-of-two number of chips" in out.stderr
+
+
+@pytest.mark.parametrize("heads_rule, head_axes", [("tensor", ("tensor",)), (None, ())])
+def test_the_steps_run_the_fused_ops_split_as_the_rules_split_the_heads(
+  monkeypatch, heads_rule, head_axes
+):
+  # The rules, not the ops' mesh convention, say where the heads are: with heads replicated
+  # (mapped to None) the kernels must not split them over "tensor" (outputs would be gathered).
+  splits = []
+  real = partition.batch_and_head_axes
+  monkeypatch.setattr(
+    partition, "batch_and_head_axes", lambda x, **axes: splits.append(real(x, **axes)) or splits[-1]
+  )
+  config = rule110_configs.get_config("tiny")
+  config.parallel.mesh = {"data": 2, "fsdp": 1, "tensor": 2}
+  config.parallel.rules = tuple(
+    (name, heads_rule if name in ("heads", "gate_heads") else target)
+    for name, target in DEFAULT_RULES
+  )
+  built = program_lib.build_program(config, jax.devices()[:4])
+  built.train_step.lower(built.abstract_state, built.abstract_batch(config.train.batch_size))
+  assert splits and set(splits) == {(("data",), head_axes)}
+  assert mesh_lib.op_split(config.parallel.rules)["head_axes"] == head_axes

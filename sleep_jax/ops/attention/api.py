@@ -94,7 +94,7 @@ def _validate(q, k, v, impl):
     )
 
 
-def causal_attention(q, k, v, *, scale=None, impl="auto"):
+def causal_attention(q, k, v, *, scale=None, impl="auto", batch_axes=None, head_axes=None):
   """softmax(scale q k^T) v where every query sees the keys at or before its position.
 
   Args:
@@ -105,6 +105,10 @@ def causal_attention(q, k, v, *, scale=None, impl="auto"):
       "pallas" (the fused Triton kernels: T <= MAX_TOKENS; interpreted off a GPU), or "auto"
       (on CUDA GPUs "pallas" where it fits, else "xla"). Chosen for the platform being lowered
       for, not the host's default backend.
+    batch_axes, head_axes: under a mesh, the mesh axes the batch and (key) head dimensions are
+      split over; each device attends over its own block, with no collective. None: the split
+      in context, the inputs' Explicit sharding, else the project's convention
+      (sleep_jax.ops.partition).
 
   Returns:
     [B,T,H,D] in q's dtype. Differentiable in q, k and v.
@@ -115,7 +119,9 @@ def causal_attention(q, k, v, *, scale=None, impl="auto"):
   run = lambda q, k, v: (attend(q, k, v),)  # one output, as a tuple for the sharding wrapper
   # Under a mesh each device attends over its own examples and heads (k's heads: a split of the
   # key heads splits the query heads with them).
-  batch_axes, head_axes = partition.batch_and_head_axes(k)
+  batch_axes, head_axes = partition.batch_and_head_axes(
+    k, batch_axes=batch_axes, head_axes=head_axes
+  )
   run = partition.shard_over_batch_and_heads(
     run,
     in_layouts=("bthd", "bthd", "bthd"),
