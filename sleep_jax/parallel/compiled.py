@@ -124,21 +124,54 @@ def kernels_per_step(hlo_text: str) -> KernelCount:
 
 
 _NAMED_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+_ARRAY_SHAPE = re.compile(r"^(pred|[a-z]+(\d+)\w*)\[([\d,]*)\]$")
+
+
+def _launching_computations(hlo_text: str) -> set[str]:
+  """The computations whose instructions are kernels: the entry, loop bodies, called
+  computations and conditional branches (not fused computations: their instructions are parts
+  of one fusion kernel, not kernels of their own)."""
+  computations, entry = _computations(hlo_text)
+  found: set[str] = set()
+
+  def visit(name: str) -> None:
+    if name in found:
+      return
+    found.add(name)
+    for opcode, rest in computations[name]:
+      if opcode == "while":
+        visit(_called(rest, "body"))
+      elif opcode == "call":
+        visit(_called(rest, "to_apply"))
+      elif opcode == "conditional":
+        branches = re.search(r"branch_computations=\{([^}]*)\}", rest).group(1)
+        for branch in branches.split(","):
+          visit(branch.strip().lstrip("%"))
+
+  visit(entry)
+  return found
 
 
 def copies_of_arrays(hlo_text: str) -> list[str]:
-  """The copy instructions of the module that move an array (not a scalar) for any reason but
-  one: handing a cuBLAS matmul the buffer it accumulates into (its `C + A B` epilogue, which
-  XLA gives a copy when the addend is read again). Layout changes, loop-carried values and
-  stacked outputs all show here; the returned strings are "name: shape"."""
+  """The copy kernels of the module that move an array (not a scalar) for any reason but one:
+  handing a cuBLAS matmul the buffer it accumulates into (its `C + A B` epilogue, which XLA
+  gives a copy when the addend is read again). Layout changes, loop-carried values and stacked
+  outputs all show here; a copy inside a fused computation does not (it is one of the fusion's
+  outputs, written by that kernel). The returned strings are "name: shape"."""
+  launching = _launching_computations(hlo_text)
   users: dict[str, list[str]] = collections.defaultdict(list)
   copies: dict[str, str] = {}
+  current = None
   for line in hlo_text.splitlines():
+    computation = _COMPUTATION.match(line)
+    if computation:
+      current = computation.group(2)
+      continue
     match = _NAMED_INSTRUCTION.match(line)
     if not match:
       continue
     name, shape, opcode, rest = match.groups()
-    if opcode == "copy" and not re.fullmatch(r"\w+\[\]", shape):
+    if opcode == "copy" and current in launching and not re.fullmatch(r"\w+\[\]", shape):
       copies[name] = shape.split("{")[0]
     for operand in re.findall(r"%([\w.\-]+)", rest.split("),", 1)[0]):
       users[operand].append(line)
@@ -148,6 +181,19 @@ def copies_of_arrays(hlo_text: str) -> list[str]:
     for name, shape in copies.items()
     if not (users[name] and all(epilogue(line) for line in users[name]))
   ]
+
+
+def array_bytes(shape: str) -> int:
+  """Bytes of an array shape as HLO writes it ("f32[6,256]", "bf16[2,4,8]", "f8e4m3fn[4]", "pred[3]")."""
+  match = _ARRAY_SHAPE.match(shape)
+  if not match:
+    raise ValueError(f"not an HLO array shape: {shape!r}")
+  _, bits, dims = match.groups()
+  bits = int(bits) if bits else 8  # pred: a byte
+  elements = 1
+  for dim in filter(None, dims.split(",")):
+    elements *= int(dim)
+  return elements * bits // 8
 
 
 def pallas_calls(hlo_text: str) -> int:

@@ -129,10 +129,25 @@ def test_ptxas_report_reads_spills_registers_and_the_launch_shared_memory(tmp_pa
   }
 
 
-def test_copies_of_arrays_leave_out_scalars_and_the_matmul_accumulator_copies():
+def test_copies_of_arrays_leave_out_scalars_fused_copies_and_the_matmul_accumulator_copies():
   hlo = textwrap.dedent(
     """\
     HloModule m
+
+    %fused_zeros (p: f32[]) -> (f32[4,4], f32[4,4]) {
+      %p = f32[] parameter(0)
+      %zeros = f32[4,4]{1,0} broadcast(%p), dimensions={}
+      %twin = f32[4,4]{1,0} copy(%zeros)
+      ROOT %both = (f32[4,4]{1,0}, f32[4,4]{1,0}) tuple(%zeros, %twin)
+    }
+
+    %body (c: (s32[], f32[2,2])) -> (s32[], f32[2,2]) {
+      %c = (s32[], f32[2,2]{1,0}) parameter(0)
+      %i = s32[] get-tuple-element(%c), index=0
+      %carried = f32[2,2]{1,0} get-tuple-element(%c), index=1
+      %plumbing = f32[2,2]{1,0} copy(%carried)
+      ROOT %next = (s32[], f32[2,2]{1,0}) tuple(%i, %plumbing)
+    }
 
     ENTRY %main (x: f32[8,8], n: s32[]) -> f32[8,8] {
       %x = f32[8,8]{1,0} parameter(0)
@@ -143,8 +158,17 @@ def test_copies_of_arrays_leave_out_scalars_and_the_matmul_accumulator_copies():
 "__cublas$lt$matmul", output_to_operand_aliasing={{0}: (2, {})}
       %y = f32[8,8]{1,0} get-tuple-element(%mm), index=0
       %moved = f32[8,8]{0,1} copy(%y)
+      %z = (f32[4,4]{1,0}, f32[4,4]{1,0}) fusion(%counter), kind=kLoop, calls=%fused_zeros
+      %w = (s32[], f32[2,2]{1,0}) while(%init), condition=%cond, body=%body
       ROOT %out = f32[8,8]{1,0} add(%moved, %x)
     }
     """
   )
-  assert compiled.copies_of_arrays(hlo) == ["moved: f32[8,8]"]
+  assert compiled.copies_of_arrays(hlo) == ["plumbing: f32[2,2]", "moved: f32[8,8]"]
+
+
+@pytest.mark.parametrize(
+  "shape, size", [("f32[6,256]", 6144), ("bf16[2,4,8]", 128), ("pred[3]", 3), ("s32[]", 4)]
+)
+def test_array_bytes_reads_hlo_shapes(shape, size):
+  assert compiled.array_bytes(shape) == size
