@@ -10,6 +10,7 @@ import dataclasses
 from sleep_jax.typed_config import dataclass_from_section
 
 EVICTIONS = ("hard", "sliding", "none")
+HALTS = ("never", "converge", "learned")
 CONV_STATES = ("reset", "carry")
 
 
@@ -62,6 +63,15 @@ class SleepConfig:
       saved activations or copies per iteration): the paper's Rule 110 step 2,214 -> 1,394
       kernels with remat off (bench/train_step.py). The program, and its compile time, grow
       with chunks x passes.
+    halt: when a row stops sleeping on a window. "never": every window gets `passes` passes
+      (the paper). "converge": after pass n a row stops once r_n < halt_tol, r_n the largest,
+      over gated-delta blocks, of ||S_n - S_(n-1)||_F / max(||S_(n-1)||_F, 1e-12); `passes` is
+      then the most a window may get, and every window gets at least one. Rows halt
+      independently; a halted row keeps its state. "learned": reserved for a halting unit
+      trained with `ponder_cost` (not implemented yet: refused).
+    halt_tol: the relative state change below which halt="converge" stops a row (0: never
+      stops; inf: stops after the first pass).
+    ponder_cost: weight of the expected number of passes in the loss under halt="learned".
   """
 
   passes: int = 1
@@ -74,6 +84,9 @@ class SleepConfig:
   grad_passes: int | None = None
   remat: bool = True
   unroll: bool = False
+  halt: str = "never"
+  halt_tol: float = 0.0
+  ponder_cost: float = 0.0
 
   def __post_init__(self):
     if self.predict_chunks is not None:  # config files give lists
@@ -86,6 +99,21 @@ class SleepConfig:
       raise ValueError(f"unknown sleep.eviction={self.eviction!r}; use one of {EVICTIONS}")
     if self.conv_state not in CONV_STATES:
       raise ValueError(f"unknown sleep.conv_state={self.conv_state!r}; use one of {CONV_STATES}")
+    if self.halt not in HALTS:
+      raise ValueError(f"unknown sleep.halt={self.halt!r}; use one of {HALTS}")
+    if not self.halt_tol >= 0:  # also refuses NaN
+      raise ValueError(f"sleep.halt_tol must be >= 0, got {self.halt_tol}")
+    if not self.ponder_cost >= 0:
+      raise ValueError(f"sleep.ponder_cost must be >= 0, got {self.ponder_cost}")
+    if self.halt == "learned":
+      raise ValueError(
+        "sleep.halt='learned' (a trained halting unit) is not implemented yet; "
+        "use sleep.halt='never' or 'converge'"
+      )
+    if self.halt == "converge" and self.grad_passes is not None:
+      raise ValueError(
+        "sleep.halt='converge' runs every pass with gradients: leave sleep.grad_passes=None"
+      )
     if self.eviction == "none":
       if self.passes != 1:
         raise ValueError(

@@ -116,30 +116,57 @@ def _segment_pass(
   )
 
 
-def _run_passes(pass_fn, h, fast_state, num_passes: int, keep_last: bool, unroll: bool):
-  """(h, S, last) after `num_passes` passes, as a `lax.scan` over passes (unrolled with
+def relative_change(old: FastState, new: FastState) -> jax.Array:
+  """r [B]: the largest, over gated-delta blocks, of ||new - old||_F / max(||old||_F, 1e-12)."""
+  frob = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim))))
+  ratios = [frob(n - o) / jnp.maximum(frob(o), 1e-12) for o, n in zip(old, new, strict=True)]
+  return functools.reduce(jnp.maximum, ratios)
+
+
+def _keep_halted(active: jax.Array, new, old):
+  """`new` in the rows still sleeping, `old` in the halted ones (batch leads every leaf).
+
+  A select, not a blend: a halted row's value and gradient are bitwise its old ones, and an
+  active row's are bitwise the pass's."""
+  pick = lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree.map(pick, new, old)
+
+
+def _run_passes(
+  pass_fn, h, fast_state, num_passes: int, keep_last: bool, unroll: bool, active=None, tol=None
+):
+  """(h, S, last, active) after `num_passes` passes, as a `lax.scan` over passes (unrolled with
   `unroll`, `SleepConfig.unroll`).
 
   With `keep_last`, `last` is the last pass's (conv tails, attention KV), riding in the scan's
   carry so that only the last pass's survives; otherwise None.
+
+  With `tol` (halt="converge"), `active` [B] says which rows still sleep: a pass changes only
+  those, and a row whose relative state change (`relative_change`) falls below `tol` stops.
+  Every pass still runs (masked), so gradients are those of the passes each row took.
   """
   if num_passes == 0:
-    return h, fast_state, None
+    return h, fast_state, None, active
 
   def one_pass(carry, _):
-    h, fast_state, _ = carry
+    h, fast_state, last, active = carry
     out = pass_fn(h, fast_state)
-    return (out.h, out.fast_state, (out.conv_state, out.kv) if keep_last else None), None
+    new = (out.h, out.fast_state, (out.conv_state, out.kv) if keep_last else None)
+    if tol is None:
+      return (*new, active), None
+    # A row that halted earlier has r = 0 here (its state is kept), so it stays halted.
+    still = active & (relative_change(fast_state, out.fast_state) >= tol)
+    return (*_keep_halted(active, new, (h, fast_state, last)), still), None
 
   last = None
   if keep_last:
     shapes = jax.eval_shape(pass_fn, h, fast_state)
     zeros = lambda x: jnp.zeros(x.shape, x.dtype)
     last = jax.tree.map(zeros, (shapes.conv_state, shapes.kv))
-  (h, fast_state, last), _ = jax.lax.scan(
-    one_pass, (h, fast_state, last), None, length=num_passes, unroll=unroll
+  (h, fast_state, last, active), _ = jax.lax.scan(
+    one_pass, (h, fast_state, last, active), None, length=num_passes, unroll=unroll
   )
-  return h, fast_state, last
+  return h, fast_state, last, active
 
 
 def sleep_on_chunk(
@@ -171,11 +198,16 @@ def sleep_on_chunk(
       outputs.append(run(h, state))
       h, state = outputs[-1].h, outputs[-1].fast_state
       continue
-    h, state, _ = _run_passes(run, h, state, cfg.frozen_passes, False, cfg.unroll)
+    # halt="converge": every row sleeps until its state settles (the first pass always runs).
+    tol = cfg.halt_tol if cfg.halt == "converge" else None
+    active = jnp.ones((chunk_bl.shape[0],), bool) if tol is not None else None
+    h, state, _, active = _run_passes(
+      run, h, state, cfg.frozen_passes, False, cfg.unroll, active, tol
+    )
     if cfg.frozen_passes:
       h, state = jax.lax.stop_gradient((h, state))
-    h, state, last = _run_passes(
-      run, h, state, cfg.passes - cfg.frozen_passes, keep_last, cfg.unroll
+    h, state, last, _ = _run_passes(
+      run, h, state, cfg.passes - cfg.frozen_passes, keep_last, cfg.unroll, active, tol
     )
     if keep_last:
       outputs.append(PassOutput(h, state, *last))

@@ -264,10 +264,12 @@ def _window(graphdef, params, state: StreamState, tokens_bl: jax.Array):
   is the wake and only N-1 more run: a block costs N passes, as `apply` does on a context.
   """
   model = nnx.merge(graphdef, params)
-  if not _sleep_shares_the_wake(model):
+  cfg, start = state.sleep_config, state.window_start
+  # An adaptive sleep (halt != "never") decides per pass from the state change, so it runs
+  # through `sleep_on_chunk`, the same rule as `apply`, at the cost of one pass per window.
+  if not _sleep_shares_the_wake(model) or cfg.halt != "never":
     h, state = _wake(model, state, tokens_bl)
     return h, _sleep(graphdef, params, state)
-  cfg, start = state.sleep_config, state.window_start
   context = chunk_context(cfg, start, cfg.window)
   run = lambda h, fast: model.run_pass(
     h, fast, conv_state=start.conv, kv_prefix=start.memory, context=context

@@ -1,0 +1,113 @@
+"""Adaptive sleep, halt="converge": a row stops sleeping on a window once its fast state settles.
+
+The toy layout of test_sleep.py: 3 sleep chunks of 4 tokens, then a 3-token prediction chunk.
+At random initialisation a pass changes the state by a relative 0.3 or more, so tol=1.0 halts
+rows at different passes on different windows (checked below), and the tests use it for that.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sleep_jax
+from sleep_jax.sleep.config import SleepConfig
+from sleep_jax.sleep.consolidate import relative_change, sleep_forward
+
+WINDOW, CONTEXT, PREDICT, VOCAB = 4, 12, 3, 7
+CPU_FORM = dict(fast_weight_impl="chunked", attention_impl="xla")
+MIXED_TOL = 1.0  # halts some rows on some windows, not all (test_mixed_tol_halts_mid_way)
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = dict(vocab_size=VOCAB, pattern="AGAG", d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
+  return sleep_jax.build_model(cfg | CPU_FORM, seed=0)
+
+
+def schedule(passes, **overrides):
+  return dict(passes=passes, window=WINDOW, eviction="hard", context_len=CONTEXT) | overrides
+
+
+def tokens(seed=0, batch=3):
+  return np.random.default_rng(seed).integers(0, VOCAB, (batch, CONTEXT + PREDICT), np.int32)
+
+
+def predictions(model, toks, **sleep):
+  return np.asarray(sleep_jax.apply(model, toks, sleep_config=schedule(**sleep)))[:, CONTEXT:]
+
+
+def loss_and_grads(model, toks, **sleep):
+  graphdef, state = nnx.split(model)
+  cfg = SleepConfig.from_config(schedule(**sleep))
+
+  def loss(params):
+    logits, _ = sleep_forward(graphdef, params, jnp.asarray(toks), cfg)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(state))
+
+
+def test_relative_change_is_the_largest_blockwise_frobenius_ratio():
+  old = (jnp.array([[[[3.0, 4.0]]], [[[0.0, 0.0]]]]), jnp.ones((2, 1, 1, 2)))
+  new = (jnp.array([[[[3.0, 5.0]]], [[[1e-13, 0.0]]]]), jnp.full((2, 1, 1, 2), 1.5))
+  # row 0: block 0 gives 1/5, block 1 gives 0.5 * sqrt(2) / sqrt(2); row 1: 1e-13 / 1e-12.
+  np.testing.assert_allclose(relative_change(old, new), [0.5, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("passes", [1, pytest.param(2, marks=pytest.mark.slow), 4])
+def test_converge_with_zero_tolerance_is_fixed_n_bit_for_bit(model, passes):
+  toks = tokens(passes)
+  never = loss_and_grads(model, toks, passes=passes)
+  converge = loss_and_grads(model, toks, passes=passes, halt="converge", halt_tol=0.0)
+  for a, b in zip(jax.tree.leaves(never), jax.tree.leaves(converge), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_converge_with_infinite_tolerance_is_one_pass(model):
+  toks = tokens(7)
+  np.testing.assert_array_equal(
+    predictions(model, toks, passes=4, halt="converge", halt_tol=np.inf),
+    predictions(model, toks, passes=1),
+  )
+
+
+def test_mixed_tol_halts_mid_way(model):
+  toks = tokens(8)
+  adaptive = predictions(model, toks, passes=4, halt="converge", halt_tol=MIXED_TOL)
+  for n in (1, 2, 3, 4):
+    assert np.max(np.abs(adaptive - predictions(model, toks, passes=n))) > 1e-3, n
+
+
+def test_rows_halt_independently_each_as_it_would_alone(model):
+  toks = tokens(9)
+  batched = predictions(model, toks, passes=4, halt="converge", halt_tol=MIXED_TOL)
+  for row in range(toks.shape[0]):
+    alone = predictions(model, toks[row : row + 1], passes=4, halt="converge", halt_tol=MIXED_TOL)
+    np.testing.assert_allclose(batched[row : row + 1], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_streaming_sleeps_by_the_same_rule_as_apply(model):
+  toks = tokens(10, batch=2)
+  sleep = schedule(3, halt="converge", halt_tol=MIXED_TOL)
+  state = sleep_jax.stream_init(model, 2, sleep_config=sleep)
+  streamed, _ = sleep_jax.stream_feed(model, state, toks, sleep_config=sleep)
+  expected = predictions(model, toks, passes=3, halt="converge", halt_tol=MIXED_TOL)
+  np.testing.assert_allclose(np.asarray(streamed)[:, CONTEXT:], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "overrides, field",
+  [
+    (dict(halt="sometimes"), "sleep.halt"),
+    (dict(halt="converge", halt_tol=-0.1), "sleep.halt_tol"),
+    (dict(halt="converge", halt_tol=float("nan")), "sleep.halt_tol"),
+    (dict(ponder_cost=-1.0), "sleep.ponder_cost"),
+    (dict(halt="learned", ponder_cost=0.01), "sleep.halt"),
+    (dict(halt="converge", grad_passes=1), "sleep.grad_passes"),
+  ],
+)
+def test_bad_halting_settings_name_the_field(overrides, field):
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    SleepConfig.from_config(schedule(2, **overrides))
