@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import sleep_jax
+from sleep_jax.model.lm import zero_fast_state
 from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.sleep.consolidate import relative_change, sleep_forward
 
@@ -111,3 +112,44 @@ def test_streaming_sleeps_by_the_same_rule_as_apply(model):
 def test_bad_halting_settings_name_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     SleepConfig.from_config(schedule(2, **overrides))
+
+
+def reference_predictions(model, toks, passes, tol):
+  """The rule as written, one row at a time in Python: passes until the state settles.
+
+  Returns the prediction logits [B, P, vocab] and the passes each row took per window [B, W]."""
+  logits, used = [], []
+  stack_pass = nnx.jit(lambda model, h, state: model.stack_pass(h, state))
+  for row in toks:
+    state = zero_fast_state(model.cfg, 1)
+    row_used = []
+    for start in range(0, CONTEXT, WINDOW):
+      h = model.embed(row[None, start : start + WINDOW])
+      taken = 0
+      while taken < passes:
+        h, new = stack_pass(model, h, state)
+        taken += 1
+        change = max(
+          float(jnp.linalg.norm(b - a) / max(float(jnp.linalg.norm(a)), 1e-12))
+          for a, b in zip(state, new, strict=True)
+        )
+        state = new
+        if change < tol:
+          break
+      row_used.append(taken)
+    h, _ = stack_pass(model, model.embed(row[None, CONTEXT:]), state)
+    logits.append(np.asarray(model.logits(h))[0])
+    used.append(row_used)
+  return np.stack(logits), np.array(used)
+
+
+def test_converge_equals_the_rule_written_out_row_by_row(model):
+  toks = tokens(11)
+  expected, used = reference_predictions(model, toks, 4, MIXED_TOL)
+  assert len(np.unique(used)) > 1  # windows halt at different passes: the masks are exercised
+  np.testing.assert_allclose(
+    predictions(model, toks, passes=4, halt="converge", halt_tol=MIXED_TOL),
+    expected,
+    rtol=1e-5,
+    atol=1e-5,
+  )
