@@ -153,3 +153,28 @@ def test_converge_equals_the_rule_written_out_row_by_row(model):
     rtol=1e-5,
     atol=1e-5,
   )
+
+
+@pytest.mark.slow  # three compiles and a gradient: ~8 s
+def test_gradients_through_the_halting_masks_match_finite_differences(model):
+  """Between mask flips the loss is smooth: its directional derivative is the gradient's."""
+  toks = tokens(12)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  cfg = SleepConfig.from_config(schedule(4, halt="converge", halt_tol=MIXED_TOL))
+
+  @jax.jit
+  def loss(params):
+    logits, _ = sleep_forward(graphdef, params, jnp.asarray(toks), cfg)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  direction = treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  along = lambda eps: jax.tree.map(lambda p, d: p + eps * d, params, direction)
+  grad = jax.grad(loss)(params)
+  analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+  central = lambda eps: (loss(along(eps)) - loss(along(-eps))) / (2 * eps)
+  # Two step sizes agreeing says no mask flipped inside the interval.
+  np.testing.assert_allclose(central(1e-4), central(5e-5), rtol=1e-2)
+  np.testing.assert_allclose(central(1e-4), analytic, rtol=1e-2)
