@@ -169,8 +169,36 @@ def _run_passes(
   return h, fast_state, last, active
 
 
+def _run_passes_until_halted(pass_fn, h, fast_state, num_passes: int, keep_last: bool, tol):
+  """`_run_passes` under halt="converge" for inference: a `lax.while_loop` that ends once every
+  row has halted, so the passes no row takes are not run (not reverse-differentiable).
+
+  The passes it runs are the scan's, masked the same way, and the ones it skips would change
+  nothing, so the values are the scan's."""
+  shapes = jax.eval_shape(pass_fn, h, fast_state)
+  zeros = lambda x: jnp.zeros(x.shape, x.dtype)
+  last = jax.tree.map(zeros, (shapes.conv_state, shapes.kv)) if keep_last else None
+  active = jnp.ones((h.shape[0],), bool)
+
+  def body(carry):
+    n, h, fast_state, last, active = carry
+    out = pass_fn(h, fast_state)
+    new = (out.h, out.fast_state, (out.conv_state, out.kv) if keep_last else None)
+    still = active & (relative_change(fast_state, out.fast_state) >= tol)
+    return (n + 1, *_keep_halted(active, new, (h, fast_state, last)), still)
+
+  cond = lambda carry: (carry[0] < num_passes) & jnp.any(carry[4])
+  _, h, fast_state, last, _ = jax.lax.while_loop(cond, body, (0, h, fast_state, last, active))
+  return h, fast_state, last
+
+
 def sleep_on_chunk(
-  graphdef: nnx.GraphDef, params: Params, cfg: SleepConfig, carry: Carry, chunk_bl: jax.Array
+  graphdef: nnx.GraphDef,
+  params: Params,
+  cfg: SleepConfig,
+  carry: Carry,
+  chunk_bl: jax.Array,
+  early_stop: bool = False,
 ) -> Carry:
   """N passes over one chunk from the incoming carry; returns the next carry.
 
@@ -178,7 +206,8 @@ def sleep_on_chunk(
   a prelude before it and a coda after it run once. Every pass sees the same memory and
   convolution tails (those the previous chunk left); the last pass's tails and KV become the
   next chunk's. grad_passes=k runs the first N-k passes forward only: cutting the gradient at
-  the carry also cuts the path back to the prelude and to earlier chunks.
+  the carry also cuts the path back to the prelude and to earlier chunks. With `early_stop`
+  (inference only: no gradients) and halt="converge", the passes stop once every row halted.
   """
   model: HybridLM = nnx.merge(graphdef, params)
   context = chunk_context(cfg, carry, chunk_bl.shape[1])
@@ -200,6 +229,11 @@ def sleep_on_chunk(
       continue
     # halt="converge": every row sleeps until its state settles (the first pass always runs).
     tol = cfg.halt_tol if cfg.halt == "converge" else None
+    if tol is not None and early_stop:  # grad_passes is None under converge (SleepConfig)
+      h, state, last = _run_passes_until_halted(run, h, state, cfg.passes, keep_last, tol)
+      if keep_last:
+        outputs.append(PassOutput(h, state, *last))
+      continue
     active = jnp.ones((chunk_bl.shape[0],), bool) if tol is not None else None
     h, state, _, active = _run_passes(
       run, h, state, cfg.frozen_passes, False, cfg.unroll, active, tol
@@ -257,6 +291,7 @@ def sleep_forward(
   tokens_bt: jax.Array,
   cfg: SleepConfig,
   fast_state: FastState | None = None,
+  early_stop: bool = False,
 ) -> tuple[jax.Array, FastState]:
   """Runs the chunk schedule: sleeps on the chunks without loss, predicts those with loss.
 
@@ -266,6 +301,8 @@ def sleep_forward(
     tokens_bt: int tokens [B, T] (T checked against `cfg.chunks`).
     cfg: the sleep configuration (schedule, passes N, window L, eviction, grad_passes, remat).
     fast_state: incoming fast weights (default zeros: a fresh sequence).
+    early_stop: inference only (not differentiable): under halt="converge", stop a window's
+      passes once every row halted (`sleep_on_chunk`).
 
   Returns:
     logits [B, P, vocab] (float32) of the predicted positions (`cfg.predicted_spans`, in
@@ -281,7 +318,7 @@ def sleep_forward(
     h, fast_state = model.stack_pass(model.embed(tokens_bt), carry.fast)
     return model.logits(h[:, cfg.context_len :]), fast_state
 
-  sleep = functools.partial(sleep_on_chunk, graphdef, params, cfg)
+  sleep = functools.partial(sleep_on_chunk, graphdef, params, cfg, early_stop=early_stop)
   logits = []
   for group in _groups(chunks):
     first, last = group[0], group[-1]
@@ -298,7 +335,7 @@ def sleep_forward(
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def _full_logits(graphdef, params, tokens_bt, cfg: SleepConfig):
-  predicted, _ = sleep_forward(graphdef, params, tokens_bt, cfg)
+  predicted, _ = sleep_forward(graphdef, params, tokens_bt, cfg, early_stop=True)
   batch, seq_len = tokens_bt.shape
   logits = jnp.zeros((batch, seq_len, predicted.shape[-1]), jnp.float32)
   offset = 0

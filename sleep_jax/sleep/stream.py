@@ -215,7 +215,9 @@ def _wake(model: HybridLM, state: StreamState, tokens_bt: jax.Array):
 def _sleep(graphdef, params, state: StreamState) -> StreamState:
   """Consolidates the full window (N passes from its starting state) and evicts it."""
   cfg = state.sleep_config
-  slept = sleep_on_chunk(graphdef, params, cfg, state.window_start, state.window_tokens)
+  slept = sleep_on_chunk(
+    graphdef, params, cfg, state.window_start, state.window_tokens, early_stop=True
+  )
   conv = slept.conv if slept.conv is not None else jax.tree.map(jnp.zeros_like, state.conv)
   return state.replace(
     fast=slept.fast, conv=conv, window_start=slept, position=jnp.zeros_like(state.position)

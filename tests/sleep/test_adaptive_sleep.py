@@ -178,3 +178,20 @@ def test_gradients_through_the_halting_masks_match_finite_differences(model):
   # Two step sizes agreeing says no mask flipped inside the interval.
   np.testing.assert_allclose(central(1e-4), central(5e-5), rtol=1e-2)
   np.testing.assert_allclose(central(1e-4), analytic, rtol=1e-2)
+
+
+def test_inference_stops_the_passes_once_every_row_halted_with_the_masked_scans_values(model):
+  toks = tokens(13)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  cfg = SleepConfig.from_config(schedule(4, halt="converge", halt_tol=MIXED_TOL))
+  forward = lambda early_stop: sleep_forward(
+    graphdef, params, jnp.asarray(toks), cfg, None, early_stop
+  )
+  trained, _ = jax.jit(lambda: forward(False))()
+  inferred, _ = jax.jit(lambda: forward(True))()
+  np.testing.assert_array_equal(inferred, trained)
+  primitives = lambda early_stop: str(jax.make_jaxpr(lambda: forward(early_stop))())
+  # The while loop's condition reads whether any row still sleeps; training scans all N.
+  assert "while" in primitives(True) and "reduce_or" in primitives(True)
+  assert "while" not in primitives(False)
