@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -103,7 +104,7 @@ def check_pngs(directory, names):
 
 def test_rule110_report_tables_figures_and_tensorboard(rule110_sweep):
   path = report.write_report(rule110_sweep)
-  text = open(path).read()
+  text = pathlib.Path(path).read_text()
   # exact accuracy in %: mean ± sample std (finished/expected)
   assert "| n1 | 25.0 ± 7.1 (2/3) | ~10% |" in text
   assert "| n2 | 60.0 ± 14.1 (2/3) | ~20% |" in text
