@@ -26,23 +26,33 @@ class Rule110TaskConfig:
   Attributes:
     name: "rule110".
     depth: t, Rule 110 steps between the strings and their labels.
+    depths: when non-empty, every training example (and the main held-out set's) draws its own
+      t uniformly from these distinct depths, and `depth` is unused: one model for several
+      depths, so that an adaptive sleeper can spend more passes where t is larger.
     eval_depths: also evaluate on held-out sets at these depths ("depth{t}/..." metrics).
   """
 
   name: str = "rule110"
   depth: int = 32
+  depths: tuple[int, ...] = ()
   eval_depths: tuple[int, ...] = ()
 
   def __post_init__(self):
+    object.__setattr__(self, "depths", _ints(self.depths))
     object.__setattr__(self, "eval_depths", _ints(self.eval_depths))
-    for t in (self.depth, *self.eval_depths):
-      if t < 0:
-        raise ValueError(f"task.depth and task.eval_depths (Rule 110 steps) must be >= 0, got {t}")
+    for field in ("depth", "depths", "eval_depths"):
+      values = getattr(self, field)
+      if any(t < 0 for t in (values if isinstance(values, tuple) else (values,))):
+        raise ValueError(f"task.{field} (Rule 110 steps) must be >= 0, got {values}")
+    if len(set(self.depths)) != len(self.depths):
+      raise ValueError(
+        f"task.depths must be distinct (each drawn equally often), got {self.depths}"
+      )
 
   @property
   def training_settings(self) -> dict[str, Any]:
     """What defines the training task (for results.json); evaluation-only fields excluded."""
-    return {"depth": self.depth}
+    return {"depths": list(self.depths)} if self.depths else {"depth": self.depth}
 
 
 @dataclasses.dataclass(frozen=True)

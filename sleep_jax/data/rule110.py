@@ -36,11 +36,32 @@ def step(cells: np.ndarray) -> np.ndarray:
 
 def rollout(cells: np.ndarray, depth: int) -> np.ndarray:
   """The cells after `depth` steps of Rule 110 (depth 0 returns the input)."""
-  if depth < 0:
-    raise ValueError(f"rule110 depth must be >= 0, got {depth}")
+  _check_depth(depth)
   for _ in range(depth):
     cells = step(cells)
   return np.asarray(cells)
+
+
+def _check_depth(depth: int) -> None:
+  if depth < 0:
+    raise ValueError(f"rule110 depth must be >= 0, got {depth}")
+
+
+def _draw_strings(rng: np.random.Generator, num: int) -> np.ndarray:
+  return rng.integers(0, 2, size=(num, NUM_STRINGS, STRING_LEN), dtype=np.int32)
+
+
+def _examples(strings: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+  """The token layout of the module docstring: strings [num, 4, 24] and labels [num, 4]."""
+  num = len(strings)
+  tokens = np.empty((num, SEQ_LEN), np.int32)
+  tokens[:, :CONTEXT_LEN] = strings.reshape(num, CONTEXT_LEN)
+  tokens[:, CONTEXT_LEN:] = QUERY_TOKENS
+  targets = np.zeros((num, SEQ_LEN), np.int32)
+  targets[:, CONTEXT_LEN:] = labels
+  loss_mask = np.zeros((num, SEQ_LEN), np.float32)
+  loss_mask[:, CONTEXT_LEN:] = 1.0
+  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
 
 
 def generate(rng: np.random.Generator, num: int, depth: int) -> dict[str, np.ndarray]:
@@ -54,18 +75,65 @@ def generate(rng: np.random.Generator, num: int, depth: int) -> dict[str, np.nda
   Returns:
     dict of numpy arrays [num, 100]: "tokens" int32, "targets" int32, "loss_mask" float32.
   """
-  if depth < 0:
-    raise ValueError(f"rule110 depth must be >= 0, got {depth}")
-  strings = rng.integers(0, 2, size=(num, NUM_STRINGS, STRING_LEN), dtype=np.int32)
-  labels = rollout(strings, depth)[..., 0]  # [num, 4]
-  tokens = np.empty((num, SEQ_LEN), np.int32)
-  tokens[:, :CONTEXT_LEN] = strings.reshape(num, CONTEXT_LEN)
-  tokens[:, CONTEXT_LEN:] = QUERY_TOKENS
-  targets = np.zeros((num, SEQ_LEN), np.int32)
-  targets[:, CONTEXT_LEN:] = labels
-  loss_mask = np.zeros((num, SEQ_LEN), np.float32)
-  loss_mask[:, CONTEXT_LEN:] = 1.0
-  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
+  _check_depth(depth)
+  strings = _draw_strings(rng, num)
+  return _examples(strings, rollout(strings, depth)[..., 0])
+
+
+def labels_at_depths(strings: np.ndarray, depths: np.ndarray) -> np.ndarray:
+  """Cell 0 of each example's strings after that example's own number of steps.
+
+  One rollout of the whole block up to the deepest depth, keeping each row's labels at the
+  step it asked for: max(depths) vectorised steps, not one rollout per example.
+
+  Args:
+    strings: [num, 4, 24] cells.
+    depths: [num] steps per example (>= 0).
+
+  Returns:
+    [num, 4] labels.
+  """
+  depths = np.asarray(depths)
+  labels = strings[..., 0].copy()  # depth 0
+  cells = strings
+  for t in range(1, int(depths.max(initial=0)) + 1):
+    cells = step(cells)
+    at_t = depths == t
+    labels[at_t] = cells[at_t, :, 0]
+  return labels
+
+
+def sample_mixed(
+  rng: np.random.Generator, num: int, depths: tuple[int, ...]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """`num` examples, each at a depth drawn uniformly from `depths`, and the depth each drew.
+
+  The strings are drawn as `generate` draws them, then every example's depth by one more call
+  of `rng`; with a single depth the examples are `generate`'s.
+
+  Args:
+    rng: the random generator (the only source of randomness).
+    num: number of examples.
+    depths: the distinct depths t (>= 0) to draw from.
+
+  Returns:
+    (the examples as `generate` returns them, int32 [num] the depth of each).
+  """
+  depths = tuple(int(t) for t in depths)
+  if not depths or len(set(depths)) != len(depths):
+    raise ValueError(f"rule110 mixed depths must be distinct and non-empty, got {depths}")
+  for t in depths:
+    _check_depth(t)
+  strings = _draw_strings(rng, num)
+  drawn = np.asarray(depths, np.int32)[rng.integers(0, len(depths), size=num)]
+  return _examples(strings, labels_at_depths(strings, drawn)), drawn
+
+
+def generate_mixed(
+  rng: np.random.Generator, num: int, depths: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+  """`sample_mixed`'s examples alone: the task's generator when `task.depths` is set."""
+  return sample_mixed(rng, num, depths)[0]
 
 
 def majority_exact_accuracy(labels: np.ndarray) -> float:
@@ -82,7 +150,14 @@ def majority_exact_accuracy(labels: np.ndarray) -> float:
 
 
 @functools.cache  # a report asks for a depth's floor in its tables and again in its figures
-def majority_baseline(depth: int, num: int = 50_000, seed: int = 0) -> float:
-  """`majority_exact_accuracy` at depth t, on `num` fresh examples (50k: +-0.15% at 10%)."""
-  labels = generate(np.random.default_rng([seed, depth]), num, depth)["targets"][:, CONTEXT_LEN:]
-  return majority_exact_accuracy(labels)
+def majority_baseline(depth: int | tuple[int, ...], num: int = 50_000, seed: int = 0) -> float:
+  """`majority_exact_accuracy` at depth t, on `num` fresh examples (50k: +-0.15% at 10%).
+
+  A tuple of depths is a mixed-depth set (`generate_mixed`), the floor of a run trained on
+  `task.depths`: one constant answer for every depth, so it may lie below each depth's own.
+  """
+  if isinstance(depth, tuple):
+    examples = generate_mixed(np.random.default_rng([seed, len(depth), *depth]), num, depth)
+  else:
+    examples = generate(np.random.default_rng([seed, depth]), num, depth)
+  return majority_exact_accuracy(examples["targets"][:, CONTEXT_LEN:])

@@ -96,7 +96,11 @@ def _rule110(cfg: Rule110TaskConfig) -> Task:
     seq_len=rule110.SEQ_LEN,
     context_len=rule110.CONTEXT_LEN,
     vocab_size=rule110.VOCAB_SIZE,
-    generate=functools.partial(rule110.generate, depth=cfg.depth),
+    generate=(
+      functools.partial(rule110.generate_mixed, depths=cfg.depths)
+      if cfg.depths
+      else functools.partial(rule110.generate, depth=cfg.depth)
+    ),
     eval_slices=slices,
   )
 

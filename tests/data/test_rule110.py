@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from sleep_jax.data import config as config_lib
 from sleep_jax.data import rule110, tasks
 
 
@@ -135,3 +136,80 @@ def test_the_majority_baseline_is_the_best_constant_answer_by_direct_count():
   assert rule110.majority_exact_accuracy(labels) == max(counts) / len(labels)
   # Unbalanced labels put the floor well above guessing (1/16) at t=32 (the issue measured 10%).
   assert 0.09 < rule110.majority_baseline(32, num=20_000) < 0.11
+
+
+def test_mixed_depths_label_each_example_at_the_depth_it_drew():
+  examples, drawn = rule110.sample_mixed(np.random.default_rng(11), 256, (0, 2, 4))
+  strings = examples["tokens"][:, :96].reshape(256, 4, 24)
+  for t in (0, 2, 4):
+    rows = drawn == t
+    np.testing.assert_array_equal(
+      examples["targets"][rows, 96:], rule110.rollout(strings[rows], t)[..., 0]
+    )
+  # Deeper labels differ from shallower ones, so the check above could fail on a wrong depth.
+  assert not np.array_equal(rule110.rollout(strings, 4)[..., 0], strings[..., 0])
+  np.testing.assert_array_equal(examples["tokens"][:, 96:], np.tile([2, 3, 4, 5], (256, 1)))
+  np.testing.assert_array_equal(examples["loss_mask"][:, 96:], 1.0)
+
+
+def test_mixed_depths_are_drawn_uniformly_and_reproducibly():
+  _, drawn = rule110.sample_mixed(np.random.default_rng(12), 6_000, (1, 3, 7))
+  counts = {t: int(np.sum(drawn == t)) for t in (1, 3, 7)}
+  assert set(np.unique(drawn)) == {1, 3, 7}
+  # 2,000 expected each; the binomial std is ~37, so +-200 fails only on a real bias.
+  assert all(abs(n - 2_000) < 200 for n in counts.values()), counts
+  a = rule110.generate_mixed(np.random.default_rng(13), 64, (0, 2, 4))
+  b = rule110.generate_mixed(np.random.default_rng(13), 64, (0, 2, 4))
+  c = rule110.generate_mixed(np.random.default_rng(14), 64, (0, 2, 4))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(a["tokens"], c["tokens"])
+
+
+def test_one_mixed_depth_is_the_single_depth_generator():
+  mixed = rule110.generate_mixed(np.random.default_rng(15), 32, (3,))
+  single = rule110.generate(np.random.default_rng(15), 32, 3)
+  for key in single:
+    np.testing.assert_array_equal(mixed[key], single[key])
+
+
+def test_task_depths_mix_training_and_heldout_data_but_not_the_slices():
+  task = tasks.get_task({"name": "rule110", "depth": 9, "depths": (0, 4), "eval_depths": (0, 4)})
+  batch = tasks.train_dataset(task, seed=0, batch_size=64)[0]
+  strings = batch["tokens"][:, :96].reshape(64, 4, 24)
+  labels = batch["targets"][:, 96:]
+  at_0 = np.all(labels == strings[..., 0], axis=1)
+  at_4 = np.all(labels == rule110.rollout(strings, 4)[..., 0], axis=1)
+  assert np.all(at_0 | at_4)  # every example is at one of the depths, none at task.depth=9
+  assert at_0[~at_4].any() and at_4[~at_0].any()  # and both depths occur in one batch
+  heldout = tasks.heldout_set(task, seed=0, num=64)
+  strings = heldout["tokens"][:, :96].reshape(64, 4, 24)
+  labels = heldout["targets"][:, 96:]
+  assert not np.all(labels == strings[..., 0], axis=1).all()
+  assert not np.all(labels == rule110.rollout(strings, 4)[..., 0], axis=1).all()
+  slice4 = tasks.heldout_slices(task, seed=0, num=16)["depth4"]
+  strings = slice4["tokens"][:, :96].reshape(16, 4, 24)
+  np.testing.assert_array_equal(slice4["targets"][:, 96:], rule110.rollout(strings, 4)[..., 0])
+
+
+def test_task_depths_settings_and_bad_values():
+  typed = config_lib.task_config({"name": "rule110", "depth": 2, "depths": [0, 2, 4]})
+  assert typed.depths == (0, 2, 4) and typed.training_settings == {"depths": [0, 2, 4]}
+  assert config_lib.task_config({"name": "rule110", "depth": 2}).training_settings == {"depth": 2}
+  with pytest.raises(ValueError, match=r"task\.depths .* must be >= 0"):
+    tasks.get_task({"name": "rule110", "depths": (2, -1)})
+  with pytest.raises(ValueError, match=r"task\.depths must be distinct"):
+    tasks.get_task({"name": "rule110", "depths": (2, 2)})
+  with pytest.raises(ValueError, match="distinct and non-empty"):
+    rule110.sample_mixed(np.random.default_rng(0), 4, ())
+
+
+def test_the_mixed_majority_baseline_is_one_constant_answer_for_all_depths():
+  labels = rule110.generate_mixed(np.random.default_rng([0, 2, 0, 4]), 50_000, (0, 4))["targets"][
+    :, rule110.CONTEXT_LEN :
+  ]
+  assert rule110.majority_baseline((0, 4)) == rule110.majority_exact_accuracy(labels)
+  # One answer for both depths scores the mean of its per-depth scores, so at most the mean of
+  # the per-depth floors (within the sampling noise of the three 50k sets).
+  mean_floor = (rule110.majority_baseline(0) + rule110.majority_baseline(4)) / 2
+  assert rule110.majority_baseline((0, 4)) <= mean_floor + 0.005
