@@ -1,0 +1,97 @@
+"""Adaptive sleep on mixed-depth Rule 110: does a model sleep longer where the task is deeper?
+
+Every run trains on examples whose depth t is drawn uniformly from {0, 2, 4} per example
+(task.depths) and is evaluated on a held-out set at each of those depths (task.eval_depths:
+"depth{t}/exact_accuracy", and under adaptive halting "depth{t}/passes_mean" and
+"depth{t}/passes_hist/{n}"). The fixed-N arms trace accuracy against passes; the adaptive arms
+are points on the same axes, at the passes they chose.
+
+Arms (same data, steps and evaluation; the model and batch of rule110_cpu):
+  n1, n2, n3, n4        the paper's rule: every window gets N passes (sleep.halt "never").
+                        n1 is the plain hybrid.
+  converge_a, _b        sleep.halt "converge", at most 4 passes: a row stops sleeping on a
+                        window once its fast state's relative change falls below halt_tol
+                        (CONVERGE_TOLS[0], CONVERGE_TOLS[1]: a stricter and a looser tolerance).
+  learned_a, _b         sleep.halt "learned", at most 4 passes: a trained halting unit, with
+                        the expected passes in the loss weighted by ponder_cost
+                        (PONDER_COSTS[0], PONDER_COSTS[1]: cheap and dearer passes).
+                        Refused by SleepConfig until halt="learned" lands; skip them with
+                        --only before then.
+
+Cost: 24 runs (8 arms x 3 seeds) of 160 steps. Every halting arm trains all 4 passes (masked),
+so it costs an n4 step: measured at this size on an idle 2-core machine, N=1 ~0.27 s/step and
+N=4 ~1.2 s/step, so one seed of all arms is about 160 x 7.7 s = 21 minutes, about 62 minutes
+for three, plus ~25 s of compilation per run and two evaluations: about 75 minutes in all.
+Two processes of one core each take about as long as one of two cores; split the arms into
+two lists of equal cost so that both finish together:
+
+  python launch/sweep.py --config=configs/sweeps/rule110_adaptive.py \
+      --sweep_dir=runs/sweeps/rule110_adaptive [--only=ARM]
+  for a in n1 n4 converge_a learned_a; do python launch/sweep.py \
+      --config=configs/sweeps/rule110_adaptive.py --sweep_dir=runs/sweeps/rule110_adaptive \
+      --only=$a; done &
+  for a in n2 n3 converge_b learned_b; do python launch/sweep.py \
+      --config=configs/sweeps/rule110_adaptive.py --sweep_dir=runs/sweeps/rule110_adaptive \
+      --only=$a; done &
+  wait; python -m sleep_jax.experiments.report runs/sweeps/rule110_adaptive
+
+The report adds, because some runs halt adaptively: exact accuracy and passes used per depth
+and arm, accuracy against passes used (fixed N joined, adaptive arms as points), and each
+adaptive arm's histogram of passes.
+"""
+
+from ml_collections import config_dict
+
+from sleep_jax.experiments.sweeps import arm
+
+DEPTHS = (0, 2, 4)
+MAX_PASSES = 4
+CONVERGE_TOLS = (0.05, 0.2)  # sleep.halt_tol of converge_a, converge_b (to be tuned)
+PONDER_COSTS = (0.001, 0.01)  # sleep.ponder_cost of learned_a, learned_b (to be tuned)
+
+
+def halting_arms() -> tuple[dict, ...]:
+  """The adaptive arms: at most MAX_PASSES passes, halting by convergence or by a learnt unit."""
+  converge = (
+    arm(
+      f"converge_{tag}",
+      {"sleep.passes": MAX_PASSES, "sleep.halt": "converge", "sleep.halt_tol": tol},
+    )
+    for tag, tol in zip("ab", CONVERGE_TOLS, strict=True)
+  )
+  learned = (
+    arm(
+      f"learned_{tag}",
+      {"sleep.passes": MAX_PASSES, "sleep.halt": "learned", "sleep.ponder_cost": cost},
+    )
+    for tag, cost in zip("ab", PONDER_COSTS, strict=True)
+  )
+  return (*converge, *learned)
+
+
+def get_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.name = "rule110_adaptive"
+  c.base = "configs/rule110.py:cpu"
+  c.seeds = (0, 1, 2)
+  c.depths = ()  # no depth axis: every run trains on the mix of DEPTHS (task.depths)
+  c.num_steps = 160  # every arm: equal training steps, so only the passes differ
+  # rule110_cpu's small model and batch; two evaluations (an evaluation at N=4 of the 512 + 3 x
+  # 256 held-out examples costs roughly 13 training steps, forward only at batch 256).
+  c.overrides = config_dict.ConfigDict(
+    {
+      "model": {"d_model": 64, "num_heads": 2, "head_dim": 32, "mlp_dim": 128},
+      "train": {"batch_size": 32, "warmup_steps": 16},
+      "task": {"depths": DEPTHS, "eval_depths": DEPTHS},
+      "eval": {
+        "every_steps": 80,
+        "num_examples": 512,
+        "num_slice_examples": 256,
+        "batch_size": 256,
+      },
+      "checkpoint": {"every_steps": 80},
+    }
+  )
+  fixed = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in range(1, MAX_PASSES + 1))
+  c.arms = (*fixed, *halting_arms())
+  return c
