@@ -50,7 +50,7 @@ class RunRecord:
   workdir: str
   arm: str
   seed: int
-  depth: int | None
+  depth: figures.Depth
   task: str
   passes: int
   num_steps: int | None
@@ -62,6 +62,11 @@ class RunRecord:
   @property
   def finished(self) -> bool:
     return self.results is not None and self.results.step == self.num_steps
+
+  @property
+  def halt(self) -> str:
+    """sleep.halt: "never" (every window gets N passes), "converge" or "learned" (adaptive)."""
+    return self.config.get("sleep", {}).get("halt", "never")
 
 
 def load_runs(sweep_dir: str) -> list[RunRecord]:
@@ -82,13 +87,16 @@ def load_runs(sweep_dir: str) -> list[RunRecord]:
       continue
     coords = rundir.read_json(run.file(rundir.SWEEP_RUN_FILE)) or {}
     task = config["task"]
+    depth = None
+    if task["name"] == "rule110":  # a mixed-depth run (task.depths) groups as the tuple
+      depth = tuple(int(t) for t in task["depths"]) if task.get("depths") else task.get("depth")
     passes = int(config["sleep"]["passes"])
     records.append(
       RunRecord(
         workdir=root,
         arm=coords.get("arm", f"n{passes}"),
         seed=int(config["seed"]),
-        depth=task.get("depth") if task["name"] == "rule110" else None,
+        depth=depth,
         task=task["name"],
         passes=passes,
         num_steps=int(config["train"]["num_steps"]),
@@ -113,9 +121,9 @@ def _arm_order(grid: dict | None, runs: list[RunRecord]) -> list[str]:
   return sorted({r.arm for r in runs}, key=key)
 
 
-def _expected(grid: dict | None, runs: list[RunRecord], arm: str, depth: int | None) -> int:
-  if grid:
-    return sum(1 for r in grid["runs"] if r["arm"] == arm and r.get("depth") == depth)
+def _expected(grid: dict | None, runs: list[RunRecord], arm: str, depth: figures.Depth) -> int:
+  if grid:  # a grid without a depth axis runs every arm at one depth (or mix): any matches
+    return sum(1 for r in grid["runs"] if r["arm"] == arm and r.get("depth", depth) == depth)
   return sum(1 for r in runs if r.arm == arm and r.depth == depth)
 
 
@@ -154,9 +162,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
   ]
 
 
-def _paper_scale_gaps(config: dict, depth: int | None) -> list[str]:
+def _paper_scale_gaps(config: dict, depth: figures.Depth) -> list[str]:
   """Why a Rule 110 run is not comparable with the paper's Fig. 2 (empty: comparable)."""
-  gaps = [] if depth == 32 else [f"depth {depth} (paper: 32)"]
+  gaps = [] if depth == 32 else [f"depth {figures.depth_text(depth)} (paper: 32)"]
   model, train = config.get("model", {}), config.get("train", {})
   tokens = train.get("num_steps", 0) * train.get("batch_size", 0) * 100
   if (
@@ -173,11 +181,12 @@ def _paper_scale_gaps(config: dict, depth: int | None) -> list[str]:
 
 def _rule110_sections(runs, grid, arms, figs) -> list[str]:
   depths = sorted(
-    {r.depth for r in runs if r.depth is not None} | set((grid or {}).get("depths", ()))
+    {r.depth for r in runs if r.depth is not None} | set((grid or {}).get("depths", ())),
+    key=figures.depth_order,
   )
   depths = depths or [None]
   lines = ["## Exact accuracy (%), mean ± std over seeds (finished/expected runs)", ""]
-  header = ["arm", *(f"t={d}" for d in depths), "paper, t=32 (Fig. 2)"]
+  header = ["arm", *(figures.depth_label(d) for d in depths), "paper, t=32 (Fig. 2)"]
   rows = []
   for arm in arms:
     match = re.fullmatch(r"n(\d+)", arm)  # the plain N-pass arms; baselines have no paper number
@@ -207,7 +216,7 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
   lines += _table(header, rows)
   lines += ["## Eval loss, mean ± std over seeds", ""]
   lines += _table(
-    ["arm", *(f"t={d}" for d in depths)],
+    ["arm", *(figures.depth_label(d) for d in depths)],
     [
       [
         arm,
@@ -239,23 +248,183 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
     ]
     gaps = _paper_scale_gaps(configs[0], d) if configs else ["no config.json"]
     verdict = "comparable" if not gaps else "not comparable: " + "; ".join(gaps)
-    lines.append(f"- t={d}: {verdict}.")
+    lines.append(f"- {figures.depth_label(d)}: {verdict}.")
   lines.append("")
+  if any(r.halt != "never" for r in runs):
+    lines += _adaptive_sections(runs, grid, arms, figs)
 
   lines += ["## Figures", ""]
   figs["accuracy_vs_passes"] = figures.accuracy_vs_passes(runs, arms, depths, _values, majority)
   for d in depths:
-    suffix = "" if d is None else f"_depth{d}"
+    suffix, label = figures.depth_suffix(d), figures.depth_label(d)
     group = [r for r in runs if r.depth == d]
     figs[f"train_loss{suffix}"] = figures.learning_curves(
-      group, arms, "loss", f"train loss, t={d}", log="train_log"
+      group, arms, "loss", f"train loss, {label}", log="train_log"
     )
     if any(len(r.eval_log) > 1 for r in group):
       figs[f"eval_exact_accuracy{suffix}"] = figures.learning_curves(
-        group, arms, "exact_accuracy", f"eval exact accuracy, t={d}", log="eval_log"
+        group, arms, "exact_accuracy", f"eval exact accuracy, {label}", log="eval_log"
       )
     if any(k.startswith("depth") for r in group if r.results for k in r.results.eval):
-      figs[f"per_depth_eval{suffix}"] = figures.per_depth_eval(group, arms, f"trained at t={d}")
+      figs[f"per_depth_eval{suffix}"] = figures.per_depth_eval(group, arms, f"trained at {label}")
+  return lines
+
+
+# --- Adaptive sleep (sleep.halt != "never"): accuracy and passes used, per evaluated depth. ---
+
+
+def _evaluated_depths(runs: list[RunRecord]) -> list[int]:
+  """The depths t of the evaluation slices any finished run reports ("depth{t}/...")."""
+  pattern = re.compile(r"^depth(\d+)/exact_accuracy$")
+  return sorted(
+    {
+      int(m.group(1))
+      for r in runs
+      if r.finished
+      for key in r.results.eval
+      if (m := pattern.match(key))
+    }
+  )
+
+
+def passes_used(run: RunRecord, prefix: str = "") -> float | None:
+  """Mean passes per slept window on an evaluation set ("" the main set, "depth4/" a slice).
+
+  Fixed-N runs (halt "never") report no passes metrics: every window got `sleep.passes`. An
+  adaptive run without the metric (an older run, a slice it did not evaluate) gives None.
+  """
+  if run.halt == "never":
+    return float(run.passes)
+  return run.results.eval.get(f"{prefix}passes_mean") if run.results else None
+
+
+def _paired(runs: list[RunRecord], arm: str, depth, prefix: str) -> tuple[list, list]:
+  """Per finished seed of `arm`: (passes used, exact accuracy) on one set, where both exist."""
+  pairs = [
+    (passes_used(r, prefix), r.results.eval.get(f"{prefix}exact_accuracy"))
+    for r in runs
+    if r.arm == arm and r.depth == depth and r.finished
+  ]
+  pairs = [(p, a) for p, a in pairs if p is not None and a is not None]
+  return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+def _passes_cell(run_group: list[RunRecord], expected: int, prefix: str) -> str:
+  """Passes used on one set: "4 (fixed)" for fixed-N arms, else mean ± std over seeds."""
+  done = [r for r in run_group if r.finished]
+  if done and all(r.halt == "never" for r in done):
+    return f"{done[0].passes} (fixed)"
+  values = [v for r in done if (v := passes_used(r, prefix)) is not None]
+  if not values:
+    return f"- (0/{expected})"
+  mean, std, n = summarize(values)
+  return f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 else "") + f" ({n}/{expected})"
+
+
+def _deeper_minus_shallower(run_group: list[RunRecord], low: int, high: int) -> str:
+  """Passes at the deepest slice minus the shallowest, paired within each seed's run."""
+  diffs = []
+  for r in run_group:
+    if r.finished and r.halt != "never":
+      a, b = passes_used(r, f"depth{high}/"), passes_used(r, f"depth{low}/")
+      if a is not None and b is not None:
+        diffs.append(a - b)
+  if not diffs:
+    return "-"
+  mean, std, n = summarize(diffs)
+  return f"{mean:+.2f}" + (f" ± {std:.2f}" if n > 1 else "") + f" ({n})"
+
+
+def _max_passes(runs: list[RunRecord]) -> int:
+  return max((r.passes for r in runs if r.halt != "never"), default=0)
+
+
+def _adaptive_sections(runs, grid, arms, figs) -> list[str]:
+  """Does the model sleep longer where the task is deeper, and what do the passes buy?"""
+  depths = sorted({r.depth for r in runs}, key=figures.depth_order)
+  evaluated = _evaluated_depths(runs)
+  adaptive = [a for a in arms if any(r.arm == a and r.halt != "never" for r in runs)]
+  max_passes = _max_passes(runs)
+  sets = [("main set", ""), *((f"t={t}", f"depth{t}/") for t in evaluated)]
+  lines = []
+  for d in depths:
+    group = [r for r in runs if r.depth == d]
+    trained = f"trained at {figures.depth_label(d)}"
+    lines += [f"## Adaptive sleep ({trained}): exact accuracy (%) per evaluated depth", ""]
+    lines += [
+      "Mean ± std over seeds (finished/expected runs); the main set mixes the training depths.",
+      "",
+    ]
+    lines += _table(
+      ["arm", "halt", *(name for name, _ in sets)],
+      [
+        [
+          arm,
+          next((r.halt for r in group if r.arm == arm), "-"),
+          *(
+            _cell(
+              _values(group, f"{p}exact_accuracy", arm=arm), _expected(grid, runs, arm, d), True
+            )
+            for _, p in sets
+          ),
+        ]
+        for arm in arms
+      ],
+    )
+    lines += [f"## Adaptive sleep ({trained}): passes used per window, per evaluated depth", ""]
+    lines += [
+      "Does the model sleep longer where the task is deeper? Mean passes per slept window, mean ± "
+      "std over seeds; fixed-N arms use N everywhere. The last column is the passes at the "
+      "deepest slice minus the shallowest, paired within each run (mean ± std (runs)).",
+      "",
+    ]
+    extremes = (evaluated[0], evaluated[-1]) if len(evaluated) > 1 else None
+    lines += _table(
+      [
+        "arm",
+        *(name for name, _ in sets),
+        f"t={extremes[1]} − t={extremes[0]}" if extremes else "deeper − shallower",
+      ],
+      [
+        [
+          arm,
+          *(
+            _passes_cell([r for r in group if r.arm == arm], _expected(grid, runs, arm, d), p)
+            for _, p in sets
+          ),
+          _deeper_minus_shallower([r for r in group if r.arm == arm], *extremes)
+          if extremes
+          else "-",
+        ]
+        for arm in arms
+      ],
+    )
+    lines += [f"## Adaptive sleep ({trained}): how many passes the windows took (%)", ""]
+    lines += [
+      "Share of slept windows that took exactly n passes, mean over seeds; rows per adaptive "
+      "arm and evaluation set.",
+      "",
+    ]
+    rows = []
+    for arm in adaptive:
+      for name, p in sets:
+        shares = [_values(group, f"{p}passes_hist/{n}", arm=arm) for n in range(1, max_passes + 1)]
+        if any(shares):
+          rows.append([arm, name, *(f"{100 * np.mean(v):.1f}" if v else "-" for v in shares)])
+    lines += _table(["arm", "set", *(f"n={n}" for n in range(1, max_passes + 1))], rows)
+    suffix = figures.depth_suffix(d)
+    for name, p in sets:
+      points = {arm: _paired(group, arm, d, p) for arm in arms}
+      fixed = {arm for arm in arms if all(r.halt == "never" for r in group if r.arm == arm)}
+      key = "pareto" + suffix + ("" if not p else "_" + p.rstrip("/"))
+      figs[key] = figures.accuracy_vs_passes_used(
+        points, fixed, f"exact accuracy vs passes used ({name}; {trained})"
+      )
+    hist = {
+      arm: [_values(group, f"passes_hist/{n}", arm=arm) for n in range(1, max_passes + 1)]
+      for arm in adaptive
+    }
+    figs[f"passes_hist{suffix}"] = figures.passes_histogram(hist, f"passes per window ({trained})")
   return lines
 
 
@@ -334,7 +503,7 @@ def _sliced_sections(runs, grid, arms, figs, sliced: Sliced) -> list[str]:
 
 def _runs_table(runs: list[RunRecord], sweep_dir: str, metric: str) -> list[str]:
   rows = []
-  for r in sorted(runs, key=lambda r: (r.arm, r.depth or 0, r.seed)):
+  for r in sorted(runs, key=lambda r: (r.arm, figures.depth_order(r.depth), r.seed)):
     value = r.results.eval.get(metric) if r.results else None
     step, wall_s = (r.results.step, r.results.wall_s) if r.results else (0, 0.0)
     rows.append(
@@ -342,7 +511,7 @@ def _runs_table(runs: list[RunRecord], sweep_dir: str, metric: str) -> list[str]
         paths.relative(r.workdir, sweep_dir),
         r.arm,
         str(r.seed),
-        str(r.depth),
+        figures.depth_text(r.depth),
         f"{step}/{r.num_steps}",
         "-" if value is None else f"{value:.4f}",
         f"{wall_s / 60:.1f}",
@@ -373,7 +542,8 @@ def _log_tensorboard(tb_dir: str, figs: dict, runs: list[RunRecord], arms: list[
           if values:
             writer.add_scalar(f"{sliced.prefix}_{metric}/{arm}", summarize(values)[0], k)
     else:
-      for depth in sorted({r.depth for r in runs if r.arm == arm and r.depth is not None}):
+      single = {r.depth for r in runs if r.arm == arm and isinstance(r.depth, int)}
+      for depth in sorted(single):  # a depth is the x axis: mixed-depth runs have none
         values = _values(runs, "exact_accuracy", arm=arm, depth=depth)
         if values:
           writer.add_scalar(f"exact_accuracy_by_depth/{arm}", summarize(values)[0], depth)
@@ -457,13 +627,13 @@ def summary_table(sweep_dir: str) -> str:
       ("acc %", "accuracy", True),
       ("loss", "loss", False),
     ]
-    depths = sorted({r.depth for r in runs}, key=lambda d: -1 if d is None else d)
+    depths = sorted({r.depth for r in runs}, key=figures.depth_order)
     groups = [(arm, d) for d in depths for arm in arms]
   rows = []
   for arm, depth in groups:
     where = {"arm": arm} if depth is None else {"arm": arm, "depth": depth}
     done = [r for r in runs if r.finished and all(getattr(r, k) == v for k, v in where.items())]
-    row = [arm if depth is None else f"{arm} (t={depth})", str(len(done))]
+    row = [arm if depth is None else f"{arm} ({figures.depth_label(depth)})", str(len(done))]
     for _, key, percent in columns:
       values = _values(runs, key, **where)
       if not values:

@@ -22,6 +22,35 @@ DPI = 100
 FIGSIZE = (6, 4)  # inches: 600x400 px at DPI
 
 
+Depth = int | tuple[int, ...] | None  # a run's training depth: t, a mix of t (task.depths), none
+
+
+def depth_text(depth: Depth) -> str:
+  """ "4", "{0,2,4}" for a mixed-depth run, "None" for a run with no depth."""
+  if isinstance(depth, tuple):
+    return "{" + ",".join(str(t) for t in depth) + "}"
+  return str(depth)
+
+
+def depth_label(depth: Depth) -> str:
+  """ "t=4", or "t∈{0,2,4}" for a run trained on a mix of depths."""
+  return ("t∈" if isinstance(depth, tuple) else "t=") + depth_text(depth)
+
+
+def depth_suffix(depth: Depth) -> str:
+  """A file-name suffix: "_depth4", "_depths0-2-4", "" for no depth."""
+  if isinstance(depth, tuple):
+    return "_depths" + "-".join(str(t) for t in depth)
+  return "" if depth is None else f"_depth{depth}"
+
+
+def depth_order(depth: Depth) -> tuple:
+  """A sort key over the three kinds: no depth, then single depths, then mixes."""
+  if depth is None:
+    return (0,)
+  return (2, *depth) if isinstance(depth, tuple) else (1, depth)
+
+
 def _passes_of(arm: str) -> int | None:
   """N for the plain N-pass arms ("n4" -> 4); None for baselines (compute-matched, ...)."""
   match = re.fullmatch(r"n(\d+)", arm)
@@ -65,8 +94,8 @@ def accuracy_vs_passes(runs, arms, depths, values_fn, majority=None):
   """Rule 110: exact accuracy vs N, one line per depth; baselines as labelled markers; the
   majority-label floor of each depth ({depth: accuracy}) as a dotted line."""
   fig, ax = _new("Rule 110: exact accuracy vs passes N", "passes N", "exact accuracy")
-  for depth, floor in sorted((majority or {}).items()):
-    ax.axhline(floor, color="gray", ls=":", lw=1, label=f"majority label, t={depth}")
+  for depth, floor in sorted((majority or {}).items(), key=lambda item: depth_order(item[0])):
+    ax.axhline(floor, color="gray", ls=":", lw=1, label=f"majority label, {depth_label(depth)}")
   markers = iter("s^Dv<>PX*")
   for depth in depths:
     points = [
@@ -82,7 +111,7 @@ def accuracy_vs_passes(runs, arms, depths, values_fn, majority=None):
         yerr=[s for _, (_, s) in points],
         marker="o",
         capsize=3,
-        label=f"t={depth}",
+        label=depth_label(depth),
       )
       color = line[0].get_color()
     else:
@@ -100,10 +129,63 @@ def accuracy_vs_passes(runs, arms, depths, values_fn, majority=None):
           ls="none",
           capsize=3,
           color=color,
-          label=f"{arm}, t={depth}",
+          label=f"{arm}, {depth_label(depth)}",
         )
   ax.set_ylim(0, 1.02)
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # N is a count
+  return _finish(fig, ax)
+
+
+def accuracy_vs_passes_used(points, fixed, title):
+  """Adaptive sleep: exact accuracy against mean passes used per window, the accuracy bought
+  per pass. `points`: arm -> (passes used, exact accuracy), one value per seed; arms in `fixed`
+  (every window N passes) are joined by a line in order of N, the adaptive arms are separate
+  markers; error bars are one std over seeds on both axes."""
+  fig, ax = _new(title, "passes used per window (mean)", "exact accuracy")
+  line = sorted(
+    (_mean_std(p), _mean_std(a)) for arm, (p, a) in points.items() if arm in fixed and p
+  )
+  if line:
+    ax.errorbar(
+      [p for (p, _), _ in line],
+      [a for _, (a, _) in line],
+      xerr=[s for (_, s), _ in line],
+      yerr=[s for _, (_, s) in line],
+      marker="o",
+      color="gray",
+      capsize=3,
+      label="fixed N",
+    )
+  markers = iter("s^Dv<>PX*")
+  for arm, (p, a) in points.items():
+    if arm not in fixed and p:
+      (pm, ps), (am, as_) = _mean_std(p), _mean_std(a)
+      ax.errorbar(
+        [pm],
+        [am],
+        xerr=[ps],
+        yerr=[as_],
+        marker=next(markers, "o"),
+        ls="none",
+        capsize=3,
+        label=arm,
+      )
+  ax.set_ylim(0, 1.02)
+  return _finish(fig, ax)
+
+
+def passes_histogram(hist, title):
+  """Adaptive sleep: the share of slept windows that took n passes, grouped bars per arm.
+  `hist`: arm -> [values over seeds of the share at n = 1, 2, ...]; bars are the seed means."""
+  fig, ax = _new(title, "passes n", "share of windows")
+  arms = [arm for arm, shares in hist.items() if any(shares)]
+  width = 0.8 / max(len(arms), 1)
+  for i, arm in enumerate(arms):
+    ns = np.arange(1, len(hist[arm]) + 1)
+    means = [_mean_std(v)[0] if v else 0.0 for v in hist[arm]]
+    ax.bar(ns + (i - (len(arms) - 1) / 2) * width, means, width=width, label=arm)
+  ax.set_ylim(0, 1.02)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   return _finish(fig, ax)
 
 
