@@ -254,7 +254,11 @@ def _rule110_sections(runs, grid, arms, figs) -> list[str]:
     lines += _adaptive_sections(runs, grid, arms, figs)
 
   lines += ["## Figures", ""]
-  figs["accuracy_vs_passes"] = figures.accuracy_vs_passes(runs, arms, depths, _values, majority)
+  # Adaptive arms sit on the figures of passes used (above), not at their most passes N.
+  fixed_n = [r for r in runs if r.halt == "never"]
+  figs["accuracy_vs_passes"] = figures.accuracy_vs_passes(
+    fixed_n, [a for a in arms if any(r.arm == a for r in fixed_n)], depths, _values, majority
+  )
   for d in depths:
     suffix, label = figures.depth_suffix(d), figures.depth_label(d)
     group = [r for r in runs if r.depth == d]
@@ -339,92 +343,140 @@ def _max_passes(runs: list[RunRecord]) -> int:
   return max((r.passes for r in runs if r.halt != "never"), default=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Group:
+  """The runs trained at one depth (or mix) and what the adaptive tables need to know of them.
+
+  Attributes:
+    runs: every run of the sweep (for the expected counts).
+    group: the runs trained at `depth`.
+    grid: sweep.json, or None.
+    arms: the arm order.
+    depth: the training depth, or mix of depths.
+    sets: (column name, metric key prefix) of the main held-out set and each depth slice.
+  """
+
+  runs: list[RunRecord]
+  group: list[RunRecord]
+  grid: dict | None
+  arms: list[str]
+  depth: figures.Depth
+  sets: list[tuple[str, str]]
+
+  def of(self, arm: str) -> list[RunRecord]:
+    return [r for r in self.group if r.arm == arm]
+
+  def expected(self, arm: str) -> int:
+    return _expected(self.grid, self.runs, arm, self.depth)
+
+  @property
+  def adaptive(self) -> list[str]:
+    return [a for a in self.arms if any(r.halt != "never" for r in self.of(a))]
+
+  @property
+  def trained(self) -> str:
+    return f"trained at {figures.depth_label(self.depth)}"
+
+
+def _adaptive_accuracy(g: _Group) -> list[str]:
+  """Exact accuracy per evaluated depth and arm, with each set's majority-label floor."""
+  floors = [
+    rule110.majority_baseline(int(p[len("depth") : -1]) if p else g.depth) for _, p in g.sets
+  ]
+  rows = [
+    [
+      arm,
+      next((r.halt for r in g.of(arm)), "-"),
+      *(
+        _cell(_values(g.group, f"{p}exact_accuracy", arm=arm), g.expected(arm), True)
+        for _, p in g.sets
+      ),
+    ]
+    for arm in g.arms
+  ]
+  rows.append(["majority label (best constant answer)", "-", *(f"{100 * f:.1f}" for f in floors)])
+  return [
+    f"## Adaptive sleep ({g.trained}): exact accuracy (%) per evaluated depth",
+    "",
+    "Mean ± std over seeds (finished/expected runs); the main set is drawn as the training data.",
+    "",
+    *_table(["arm", "halt", *(name for name, _ in g.sets)], rows),
+  ]
+
+
+def _adaptive_passes(g: _Group, evaluated: list[int]) -> list[str]:
+  """Passes used per evaluated depth and arm: does the model sleep longer where t is larger?"""
+  extremes = (evaluated[0], evaluated[-1]) if len(evaluated) > 1 else None
+  last = f"t={extremes[1]} − t={extremes[0]}" if extremes else "deeper − shallower"
+  rows = [
+    [
+      arm,
+      *(_passes_cell(g.of(arm), g.expected(arm), p) for _, p in g.sets),
+      _deeper_minus_shallower(g.of(arm), *extremes) if extremes else "-",
+    ]
+    for arm in g.arms
+  ]
+  return [
+    f"## Adaptive sleep ({g.trained}): passes used per window, per evaluated depth",
+    "",
+    "Does the model sleep longer where the task is deeper? Mean passes per slept window, mean ± "
+    "std over seeds; fixed-N arms use N everywhere. The last column is the passes at the "
+    "deepest slice minus the shallowest, paired within each run (mean ± std (runs)).",
+    "",
+    *_table(["arm", *(name for name, _ in g.sets), last], rows),
+  ]
+
+
+def _passes_shares(g: _Group, arm: str, prefix: str, max_passes: int) -> list[list[float]]:
+  """Per n = 1..max_passes, the finished seeds' shares of windows that took n passes."""
+  return [_values(g.group, f"{prefix}passes_hist/{n}", arm=arm) for n in range(1, max_passes + 1)]
+
+
+def _adaptive_histograms(g: _Group, max_passes: int) -> list[str]:
+  rows = []
+  for arm in g.adaptive:
+    for name, p in g.sets:
+      shares = _passes_shares(g, arm, p, max_passes)
+      if any(shares):
+        rows.append([arm, name, *(f"{100 * np.mean(v):.1f}" if v else "-" for v in shares)])
+  return [
+    f"## Adaptive sleep ({g.trained}): how many passes the windows took (%)",
+    "",
+    "Share of slept windows that took exactly n passes, mean over seeds; rows per adaptive "
+    "arm and evaluation set.",
+    "",
+    *_table(["arm", "set", *(f"n={n}" for n in range(1, max_passes + 1))], rows),
+  ]
+
+
+def _adaptive_figures(g: _Group, max_passes: int, figs: dict) -> None:
+  """Accuracy against passes used on every set; each adaptive arm's histograms by set."""
+  suffix = figures.depth_suffix(g.depth)
+  fixed = {arm for arm in g.arms if all(r.halt == "never" for r in g.of(arm))}
+  for name, p in g.sets:
+    points = {arm: _paired(g.group, arm, g.depth, p) for arm in g.arms}
+    figs["pareto" + suffix + (f"_{p.rstrip('/')}" if p else "")] = figures.accuracy_vs_passes_used(
+      points, fixed, f"exact accuracy vs passes used ({name}; {g.trained})"
+    )
+  slices = [(name, p) for name, p in g.sets if p] or g.sets  # by depth where there are slices
+  for arm in g.adaptive:
+    figs[f"passes_hist_{arm}{suffix}"] = figures.passes_histogram(
+      {name: _passes_shares(g, arm, p, max_passes) for name, p in slices},
+      f"{arm}: passes per window by evaluated set ({g.trained})",
+    )
+
+
 def _adaptive_sections(runs, grid, arms, figs) -> list[str]:
   """Does the model sleep longer where the task is deeper, and what do the passes buy?"""
-  depths = sorted({r.depth for r in runs}, key=figures.depth_order)
   evaluated = _evaluated_depths(runs)
-  adaptive = [a for a in arms if any(r.arm == a and r.halt != "never" for r in runs)]
-  max_passes = _max_passes(runs)
   sets = [("main set", ""), *((f"t={t}", f"depth{t}/") for t in evaluated)]
+  max_passes = _max_passes(runs)
   lines = []
-  for d in depths:
-    group = [r for r in runs if r.depth == d]
-    trained = f"trained at {figures.depth_label(d)}"
-    lines += [f"## Adaptive sleep ({trained}): exact accuracy (%) per evaluated depth", ""]
-    lines += [
-      "Mean ± std over seeds (finished/expected runs); the main set mixes the training depths.",
-      "",
-    ]
-    lines += _table(
-      ["arm", "halt", *(name for name, _ in sets)],
-      [
-        [
-          arm,
-          next((r.halt for r in group if r.arm == arm), "-"),
-          *(
-            _cell(
-              _values(group, f"{p}exact_accuracy", arm=arm), _expected(grid, runs, arm, d), True
-            )
-            for _, p in sets
-          ),
-        ]
-        for arm in arms
-      ],
-    )
-    lines += [f"## Adaptive sleep ({trained}): passes used per window, per evaluated depth", ""]
-    lines += [
-      "Does the model sleep longer where the task is deeper? Mean passes per slept window, mean ± "
-      "std over seeds; fixed-N arms use N everywhere. The last column is the passes at the "
-      "deepest slice minus the shallowest, paired within each run (mean ± std (runs)).",
-      "",
-    ]
-    extremes = (evaluated[0], evaluated[-1]) if len(evaluated) > 1 else None
-    lines += _table(
-      [
-        "arm",
-        *(name for name, _ in sets),
-        f"t={extremes[1]} − t={extremes[0]}" if extremes else "deeper − shallower",
-      ],
-      [
-        [
-          arm,
-          *(
-            _passes_cell([r for r in group if r.arm == arm], _expected(grid, runs, arm, d), p)
-            for _, p in sets
-          ),
-          _deeper_minus_shallower([r for r in group if r.arm == arm], *extremes)
-          if extremes
-          else "-",
-        ]
-        for arm in arms
-      ],
-    )
-    lines += [f"## Adaptive sleep ({trained}): how many passes the windows took (%)", ""]
-    lines += [
-      "Share of slept windows that took exactly n passes, mean over seeds; rows per adaptive "
-      "arm and evaluation set.",
-      "",
-    ]
-    rows = []
-    for arm in adaptive:
-      for name, p in sets:
-        shares = [_values(group, f"{p}passes_hist/{n}", arm=arm) for n in range(1, max_passes + 1)]
-        if any(shares):
-          rows.append([arm, name, *(f"{100 * np.mean(v):.1f}" if v else "-" for v in shares)])
-    lines += _table(["arm", "set", *(f"n={n}" for n in range(1, max_passes + 1))], rows)
-    suffix = figures.depth_suffix(d)
-    for name, p in sets:
-      points = {arm: _paired(group, arm, d, p) for arm in arms}
-      fixed = {arm for arm in arms if all(r.halt == "never" for r in group if r.arm == arm)}
-      key = "pareto" + suffix + ("" if not p else "_" + p.rstrip("/"))
-      figs[key] = figures.accuracy_vs_passes_used(
-        points, fixed, f"exact accuracy vs passes used ({name}; {trained})"
-      )
-    hist = {
-      arm: [_values(group, f"passes_hist/{n}", arm=arm) for n in range(1, max_passes + 1)]
-      for arm in adaptive
-    }
-    figs[f"passes_hist{suffix}"] = figures.passes_histogram(hist, f"passes per window ({trained})")
+  for d in sorted({r.depth for r in runs}, key=figures.depth_order):
+    g = _Group(runs, [r for r in runs if r.depth == d], grid, arms, d, sets)
+    lines += _adaptive_accuracy(g) + _adaptive_passes(g, evaluated)
+    lines += _adaptive_histograms(g, max_passes)
+    _adaptive_figures(g, max_passes, figs)
   return lines
 
 

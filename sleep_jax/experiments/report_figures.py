@@ -174,16 +174,17 @@ def accuracy_vs_passes_used(points, fixed, title):
   return _finish(fig, ax)
 
 
-def passes_histogram(hist, title):
-  """Adaptive sleep: the share of slept windows that took n passes, grouped bars per arm.
-  `hist`: arm -> [values over seeds of the share at n = 1, 2, ...]; bars are the seed means."""
+def passes_histogram(series, title):
+  """Adaptive sleep: the share of slept windows that took n passes, as grouped bars.
+  `series`: name (an evaluation set) -> per n = 1, 2, ... the values over seeds of the share at
+  n; the bars are the seed means."""
   fig, ax = _new(title, "passes n", "share of windows")
-  arms = [arm for arm, shares in hist.items() if any(shares)]
-  width = 0.8 / max(len(arms), 1)
-  for i, arm in enumerate(arms):
-    ns = np.arange(1, len(hist[arm]) + 1)
-    means = [_mean_std(v)[0] if v else 0.0 for v in hist[arm]]
-    ax.bar(ns + (i - (len(arms) - 1) / 2) * width, means, width=width, label=arm)
+  names = [name for name, shares in series.items() if any(shares)]
+  width = 0.8 / max(len(names), 1)
+  for i, name in enumerate(names):
+    ns = np.arange(1, len(series[name]) + 1)
+    means = [_mean_std(v)[0] if v else 0.0 for v in series[name]]
+    ax.bar(ns + (i - (len(names) - 1) / 2) * width, means, width=width, label=name)
   ax.set_ylim(0, 1.02)
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   return _finish(fig, ax)

@@ -8,6 +8,7 @@ import matplotlib.image
 import pytest
 
 from sleep_jax import rundir
+from sleep_jax.data import rule110
 from sleep_jax.experiments import report
 
 DEPTHS = (0, 2, 4)
@@ -129,11 +130,20 @@ def test_adaptive_report_tables_per_depth_from_the_fake_numbers(adaptive_sweep):
   assert "| converge_a | main set | 37.5 | 12.5 | 12.5 | 37.5 |" in text
   assert "| converge_a | t=4 | 37.5 | 12.5 | 12.5 | 37.5 |" in text
   assert "| n1 | main set |" not in text  # fixed arms have no histogram
+  assert "passes_hist_n4" not in text
+  # The floors beside (a): the mix's own, then each depth's.
+  floors = [rule110.majority_baseline(d) for d in (DEPTHS, *DEPTHS)]
+  assert (
+    "| majority label (best constant answer) | - | "
+    + " | ".join(f"{100 * f:.1f}" for f in floors)
+    + " |"
+    in text
+  )
   # (c) the Pareto figures (main set and each slice) and the histogram figure exist
   figures = [
     "pareto_depths0-2-4",
     *(f"pareto_depths0-2-4_depth{t}" for t in DEPTHS),
-    "passes_hist_depths0-2-4",
+    "passes_hist_converge_a_depths0-2-4",
     "accuracy_vs_passes",
     "train_loss_depths0-2-4",
   ]
