@@ -3,7 +3,9 @@
   python -m sleep_jax.experiments.report runs/sweeps/rule110_cpu [--out docs/results/rule110_cpu]
 
 Reads every run workdir below the sweep dir (see `load_runs`). Rule 110: exact accuracy by arm
-and depth, accuracy vs N, learning curves, per-depth evaluations. Depo and GSM-Infinite: loss
+and depth (a run trained on mixed depths, task.depths, is one group "t∈{0,2,4}"), accuracy vs N,
+learning curves, per-depth evaluations; when any run halts adaptively (sleep.halt), accuracy and
+passes used per evaluated depth, accuracy against passes used, and the passes histograms. Depo and GSM-Infinite: loss
 and accuracy by arm and hop count k or operation count. The paper's published numbers
 (PAPER.md section 4) sit beside ours, marked "not comparable" where the depth or scale differs. Partial sweeps work: a cell averages the
 finished runs only and says how many of the expected runs that is. The sweep dir and --out may
