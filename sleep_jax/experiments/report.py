@@ -78,7 +78,8 @@ def load_runs(sweep_dir: str) -> list[RunRecord]:
     sweep_dir: the sweep directory (launch/sweep.py's --sweep_dir).
 
   Returns:
-    One record per run; a run not started by a sweep (no sweep_run.json) is named "n<passes>".
+    One record per run; a run not started by a sweep (no sweep_run.json) is named "n<passes>",
+    or "n<passes>_<halt>" when it halts adaptively (N is then the most passes).
   """
   records = []
   for root, dirs, files in paths.walk(sweep_dir):
@@ -93,10 +94,11 @@ def load_runs(sweep_dir: str) -> list[RunRecord]:
     if task["name"] == "rule110":  # a mixed-depth run (task.depths) groups as the tuple
       depth = tuple(int(t) for t in task["depths"]) if task.get("depths") else task.get("depth")
     passes = int(config["sleep"]["passes"])
+    halt = config["sleep"].get("halt", "never")
     records.append(
       RunRecord(
         workdir=root,
-        arm=coords.get("arm", f"n{passes}"),
+        arm=coords.get("arm", f"n{passes}" if halt == "never" else f"n{passes}_{halt}"),
         seed=int(config["seed"]),
         depth=depth,
         task=task["name"],

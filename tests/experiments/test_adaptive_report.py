@@ -14,8 +14,9 @@ from sleep_jax.experiments import report
 DEPTHS = (0, 2, 4)
 
 
-def write_run(sweep_dir, arm, seed, *, passes, halt="never", metrics, step=10):
-  """A finished (or, with step < 10, interrupted) mixed-depth Rule 110 run."""
+def write_run(sweep_dir, arm, seed, *, passes, halt="never", metrics, step=10, in_sweep=True):
+  """A finished (or, with step < 10, interrupted) mixed-depth Rule 110 run; `in_sweep=False`
+  leaves out sweep_run.json, as for a run of launch/main.py."""
   workdir = os.path.join(sweep_dir, arm, f"seed{seed}")
   os.makedirs(workdir)
   config = {
@@ -40,11 +41,10 @@ def write_run(sweep_dir, arm, seed, *, passes, halt="never", metrics, step=10):
     eval=metrics,
   )
   coords = {"sweep": "adaptive", "arm": arm, "seed": seed}
-  for name, data in (
-    (rundir.SWEEP_RUN_FILE, coords),
-    (rundir.CONFIG_FILE, config),
-    (rundir.RESULTS_FILE, results.to_json()),
-  ):
+  files = {rundir.CONFIG_FILE: config, rundir.RESULTS_FILE: results.to_json()}
+  if in_sweep:
+    files[rundir.SWEEP_RUN_FILE] = coords
+  for name, data in files.items():
     pathlib.Path(workdir, name).write_text(json.dumps(data))
   log = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, step + 1))
   pathlib.Path(workdir, rundir.TRAIN_LOG_FILE).write_text(log)
@@ -170,3 +170,14 @@ def test_a_sweep_without_adaptive_arms_has_no_adaptive_sections(tmp_path):
   text = pathlib.Path(report.write_report(sweep_dir, tensorboard=False)).read_text()
   assert "| n1 | 20.0 (1/1) | ~10% |" in text and "Adaptive sleep" not in text
   assert "## Runs" in text and "| n1/seed0 | n1 | 0 | {0,2,4} | 10/10 | 0.2000 |" in text
+
+
+def test_runs_outside_a_sweep_are_named_by_passes_and_halting_rule(tmp_path):
+  sweep_dir = str(tmp_path / "loose")
+  metrics = accuracy_metrics(0.2, (0.5, 0.2, 0.1))
+  write_run(sweep_dir, "a", 0, passes=4, metrics=metrics, in_sweep=False)
+  passes = passes_metrics(2.0, (1.0, 2.0, 3.0), (0.5, 0.0, 0.0, 0.5))
+  write_run(sweep_dir, "b", 0, passes=4, halt="converge", metrics=metrics | passes, in_sweep=False)
+  assert sorted(r.arm for r in report.load_runs(sweep_dir)) == ["n4", "n4_converge"]
+  text = pathlib.Path(report.write_report(sweep_dir, tensorboard=False)).read_text()
+  assert "| n4 | 4 (fixed) |" in text and "| n4_converge | 2.00 (1/1) |" in text
