@@ -57,9 +57,10 @@ def sleep(*, window: int, context_len: int) -> config_dict.ConfigDict:
   # Loops over chunks and passes as straight-line code: far fewer GPU kernel launches, a longer
   # compile (sleep_jax/sleep/config.py).
   c.unroll = False
-  # Adaptive sleep (beyond the paper): "never" (every window gets `passes`), or "converge" (a
-  # row stops on a window once its fast state's relative change falls below halt_tol; passes
-  # is then the most). "learned" (with ponder_cost) is reserved (sleep_jax/sleep/config.py).
+  # Adaptive sleep (beyond the paper): "never" (every window gets `passes`), "converge" (a row
+  # stops on a window once its fast state's relative change falls below halt_tol) or "learned"
+  # (a halting unit trained with ponder_cost: adaptive computation time; the model gets the
+  # unit). Under either, `passes` is the most a window gets (sleep_jax/sleep/config.py).
   c.halt = "never"
   c.halt_tol = 0.0
   c.ponder_cost = 0.0

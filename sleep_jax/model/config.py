@@ -96,6 +96,9 @@ class ModelConfig:
   # time flat in depth); fewer repetitions run unrolled, which is a third fewer kernel
   # launches and faster on the CPU for the paper's two-repetition stacks (bench/train_step.py).
   scan_min_repeats: int = 3
+  # A halting unit (sleep.halt="learned"): one linear read-out of a sleep pass's features that
+  # gives each row its probability of stopping after that pass (sleep_jax.sleep.consolidate).
+  halting_unit: bool = False
 
   def __post_init__(self):
     unknown = sorted(set(self.pattern.upper()) - set(BLOCK_KINDS))

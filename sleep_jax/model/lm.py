@@ -188,6 +188,19 @@ class HybridLM(nnx.Module):
     for segment in self.layout:
       setattr(self, segment.attribute, stacked_blocks(cfg, segment.unit, segment.repeats, rngs))
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.halting = (
+      Dense(
+        cfg.d_model,
+        1,
+        logical_axes=("embed", None),
+        optimizer=ADAMW,
+        rngs=rngs,
+        init_scale=0.0,
+        use_bias=True,
+      )
+      if cfg.halting_unit
+      else None
+    )
     self.head = (
       None
       if cfg.tie_embeddings
@@ -195,6 +208,18 @@ class HybridLM(nnx.Module):
         cfg.d_model, cfg.vocab_size, logical_axes=("embed", "vocab"), optimizer=ADAMW, rngs=rngs
       )
     )
+
+  def halting_logit(self, h_btd: jax.Array) -> jax.Array:
+    """The halting unit's logit [B] for features [B,T,D] after a sleep pass (halting_unit).
+
+    It reads the pass's mean feature over the window, scaled to unit RMS (the residual stream's
+    size grows with depth and passes; the unit should see its direction). Zero-initialised: a
+    fresh unit gives every row the same logit, 0."""
+    if self.halting is None:
+      raise ValueError("this model has no halting unit: build it with model.halting_unit=True")
+    pooled = jnp.mean(h_btd.astype(jnp.float32), axis=1)
+    pooled = pooled * jax.lax.rsqrt(jnp.mean(jnp.square(pooled), axis=-1, keepdims=True) + 1e-6)
+    return self.halting(pooled)[:, 0]
 
   def embed(self, tokens_bt: jax.Array) -> jax.Array:
     """Token ids [B,T] -> the residual stream [B,T,D], float32 whatever the compute dtype (the

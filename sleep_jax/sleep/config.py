@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from sleep_jax.model.config import FAST_WEIGHT_KINDS, mixer_kind
 from sleep_jax.typed_config import dataclass_from_section
 
 EVICTIONS = ("hard", "sliding", "none")
 HALTS = ("never", "converge", "learned")
+# halt="learned": a row halts once its halting probabilities add up to 1 - HALT_EPSILON (ACT's
+# epsilon: a single pass can halt a row without a probability of exactly one).
+HALT_EPSILON = 0.01
 CONV_STATES = ("reset", "carry")
 
 
@@ -67,11 +71,16 @@ class SleepConfig:
       (the paper). "converge": after pass n a row stops once r_n < halt_tol, r_n the largest,
       over gated-delta blocks, of ||S_n - S_(n-1)||_F / max(||S_(n-1)||_F, 1e-12); `passes` is
       then the most a window may get, and every window gets at least one. Rows halt
-      independently; a halted row keeps its state. "learned": reserved for a halting unit
-      trained with `ponder_cost` (not implemented yet: refused).
+      independently; a halted row keeps its state. "learned": adaptive computation time
+      (Graves 2016) with the model's halting unit (model.halting_unit): after pass n a row's
+      unit gives a halting probability; the row stops at the first pass where these add up to
+      1 - HALT_EPSILON (or at `passes`), and what crosses the window is the probability-weighted
+      mean of its passes' states (the last one weighted by what remains). The same rule in
+      training and at inference, so inference may stop where every row halted.
     halt_tol: the relative state change below which halt="converge" stops a row (0: never
       stops; inf: stops after the first pass).
-    ponder_cost: weight of the expected number of passes in the loss under halt="learned".
+    ponder_cost: under halt="learned", the training loss adds this times the expected number
+      of passes per slept window (sum over n of n times pass n's weight, mean over windows).
   """
 
   passes: int = 1
@@ -105,14 +114,14 @@ class SleepConfig:
       raise ValueError(f"sleep.halt_tol must be >= 0, got {self.halt_tol}")
     if not self.ponder_cost >= 0:
       raise ValueError(f"sleep.ponder_cost must be >= 0, got {self.ponder_cost}")
-    if self.halt == "learned":
+    if self.halt != "never" and self.grad_passes is not None:
       raise ValueError(
-        "sleep.halt='learned' (a trained halting unit) is not implemented yet; "
-        "use sleep.halt='never' or 'converge'"
+        f"sleep.halt={self.halt!r} runs every pass with gradients: leave sleep.grad_passes=None"
       )
-    if self.halt == "converge" and self.grad_passes is not None:
+    if self.halt != "never" and not self.evicts:
       raise ValueError(
-        "sleep.halt='converge' runs every pass with gradients: leave sleep.grad_passes=None"
+        f"sleep.halt={self.halt!r} decides how long to sleep on a window, but "
+        "sleep.eviction='none' sleeps on nothing: use halt='never'"
       )
     if self.eviction == "none":
       if self.passes != 1:
@@ -148,6 +157,20 @@ class SleepConfig:
       raise ValueError(
         f"sleep.grad_passes={self.grad_passes} must be in [1, passes={self.passes}] "
         "or None (all passes)"
+      )
+
+  def check_model(self, model_cfg) -> None:
+    """Raises unless the model (a `ModelConfig`) can sleep by this halting rule."""
+    if self.halt == "never":
+      return
+    if not any(mixer_kind(letter) in FAST_WEIGHT_KINDS for letter in model_cfg.pattern):
+      raise ValueError(
+        f"sleep.halt={self.halt!r} halts on the fast state, but model.pattern="
+        f"{model_cfg.pattern!r} has no gated-delta block: use sleep.halt='never'"
+      )
+    if self.halt == "learned" and not model_cfg.halting_unit:
+      raise ValueError(
+        "sleep.halt='learned' reads the model's halting unit: set model.halting_unit=True"
       )
 
   @property

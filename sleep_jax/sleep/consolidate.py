@@ -24,6 +24,7 @@ eviction="none" is the full-attention reference: no chunks, one pass over the wh
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -43,7 +44,7 @@ from sleep_jax.model.lm import (
   zero_fast_state,
   zero_kv,
 )
-from sleep_jax.sleep.config import Chunk, SleepConfig
+from sleep_jax.sleep.config import HALT_EPSILON, Chunk, SleepConfig
 
 Params = Any  # a nested dict of arrays: nnx.to_pure_dict of the model's nnx.Param state
 
@@ -132,82 +133,171 @@ def _keep_halted(active: jax.Array, new, old):
   return jax.tree.map(pick, new, old)
 
 
-def _run_passes(
-  pass_fn, h, fast_state, num_passes: int, keep_last: bool, unroll: bool, active=None, tol=None
-):
-  """(h, S, last, active) after `num_passes` passes, as a `lax.scan` over passes (unrolled with
-  `unroll`, `SleepConfig.unroll`).
+def _per_row(weight_b: jax.Array, x: jax.Array) -> jax.Array:
+  """weight [B] times x [B, ...] in float32."""
+  return weight_b.reshape((-1,) + (1,) * (x.ndim - 1)) * x.astype(jnp.float32)
 
-  With `keep_last`, `last` is the last pass's (conv tails, attention KV), riding in the scan's
-  carry so that only the last pass's survives; otherwise None.
 
-  With `tol` (halt="converge"), `active` [B] says which rows still sleep: a pass changes only
-  those, and a row whose relative state change (`relative_change`) falls below `tol` stops.
-  Every pass still runs (masked), so gradients are those of the passes each row took.
+@flax.struct.dataclass
+class Halting:
+  """Where each row stands in a window's passes under an adaptive halt (batch-leading [B]).
+
+  Attributes:
+    active: bool, the row still sleeps on the window.
+    passes: int32, passes the row has taken.
+    mass: float32 (halt="learned"), the halting probability spent so far.
+    expected: float32 (halt="learned"), sum over the passes taken of n times pass n's weight.
+    mix: (halt="learned") the float32 weighted sum of the passes' (h, fast state, last pass's
+      tails and KV): what leaves the window.
   """
-  if num_passes == 0:
-    return h, fast_state, None, active
 
-  def one_pass(carry, _):
-    h, fast_state, last, active = carry
+  active: jax.Array
+  passes: jax.Array
+  mass: jax.Array | None = None
+  expected: jax.Array | None = None
+  mix: Any = None
+
+
+@flax.struct.dataclass
+class WindowStats:
+  """How a window was slept on, per row [B]: `passes` taken (int32), and `expected` passes
+  (float32; differentiable under halt="learned", where the ponder cost reads it)."""
+
+  passes: jax.Array
+  expected: jax.Array
+
+
+def _halting_prior(passes: int) -> float:
+  """The halting logit's offset: a zero-initialised unit halts with probability 1/N per pass,
+  so a fresh model weighs all N passes equally (and halts at the last)."""
+  return 0.0 if passes == 1 else -math.log(passes - 1)
+
+
+def _start_halting(cfg: SleepConfig, batch: int, outputs) -> Halting | None:
+  """The bookkeeping before a window's first pass (None under halt="never")."""
+  if cfg.halt == "never":
+    return None
+  halting = Halting(active=jnp.ones((batch,), bool), passes=jnp.zeros((batch,), jnp.int32))
+  if cfg.halt == "learned":
+    zeros = jnp.zeros((batch,), jnp.float32)
+    mix = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), outputs)
+    halting = halting.replace(mass=zeros, expected=zeros, mix=mix)
+  return halting
+
+
+def _update_halting(cfg: SleepConfig, halting: Halting, n, old, new, halting_logit) -> Halting:
+  """The bookkeeping after pass `n` (1-based) turned the rows' `old` (h, S, last) into `new`."""
+  active = halting.active
+  passes = halting.passes + active.astype(jnp.int32)
+  if cfg.halt == "converge":
+    # A row that halted earlier has r = 0 here (its state is kept), so it stays halted.
+    still = active & (relative_change(old[1], new[1]) >= cfg.halt_tol)
+    return halting.replace(active=still, passes=passes)
+  # "learned", adaptive computation time: pass n's weight is its halting probability, but the
+  # pass where the probabilities reach 1 - epsilon (or the last) takes what remains.
+  probability = jax.nn.sigmoid(halting_logit(new[0]) + _halting_prior(cfg.passes))
+  stops = active & ((halting.mass + probability >= 1.0 - HALT_EPSILON) | (n == cfg.passes))
+  weight = jnp.where(stops, 1.0 - halting.mass, jnp.where(active, probability, 0.0))
+  return Halting(
+    active=active & ~stops,
+    passes=passes,
+    mass=halting.mass + jnp.where(active & ~stops, probability, 0.0),
+    expected=halting.expected + weight * n,
+    mix=jax.tree.map(lambda m, x: m + _per_row(weight, x), halting.mix, new),
+  )
+
+
+def _pass_step(cfg: SleepConfig, pass_fn, keep_last: bool, halting_logit):
+  """One sleep pass as a function of the loop's carry (n, h, S, last, halting).
+
+  `n` counts the passes run (halt="learned" only, where the last pass takes what remains;
+  None otherwise, so the fixed-N loop carries nothing it does not need).
+
+  `last` is the pass's (conv tails, attention KV) when `keep_last`, else None. Under an
+  adaptive halt a pass changes only the rows still sleeping: a halted row's (h, S, last) are
+  kept by a select, so running a pass past a row's halt changes nothing of it."""
+
+  def step(carry):
+    n, h, fast_state, last, halting = carry
+    n = None if n is None else n + 1
     out = pass_fn(h, fast_state)
     new = (out.h, out.fast_state, (out.conv_state, out.kv) if keep_last else None)
-    if tol is None:
-      return (*new, active), None
-    # A row that halted earlier has r = 0 here (its state is kept), so it stays halted.
-    still = active & (relative_change(fast_state, out.fast_state) >= tol)
-    return (*_keep_halted(active, new, (h, fast_state, last)), still), None
+    if halting is None:
+      return (n, *new, None)
+    old = (h, fast_state, last)
+    halting = _update_halting(cfg, halting, n, old, new, halting_logit)
+    return (n, *_keep_halted(carry[4].active, new, old), halting)
 
+  return step
+
+
+def _run_passes(
+  step, carry, num_passes: int, unroll: bool, early_stop: bool = False
+) -> tuple[Any, ...]:
+  """`num_passes` applications of `step` to the loop's carry (n, h, S, last, halting).
+
+  A `lax.scan` (unrolled with `SleepConfig.unroll`); with `early_stop` (inference only: not
+  reverse-differentiable) a `lax.while_loop` that ends once every row has halted. The passes it
+  skips would change nothing (halted rows keep their state and get no weight), so the values
+  are the scan's, and the compute saved is real."""
+  if num_passes == 0:
+    return carry
+  if early_stop and carry[4] is not None:
+    # The count of passes run rides in the loop as its first element (halt="learned" has it).
+    counted = (jnp.zeros((), jnp.int32), carry)
+    cond = lambda c: (c[0] < num_passes) & jnp.any(c[1][4].active)
+    _, carry = jax.lax.while_loop(cond, lambda c: (c[0] + 1, step(c[1])), counted)
+    return carry
+  carry, _ = jax.lax.scan(
+    lambda c, _: (step(c), None), carry, None, length=num_passes, unroll=unroll
+  )
+  return carry
+
+
+def _sleep_loop(
+  cfg: SleepConfig, run, model: HybridLM, h, state, keep_last: bool, early_stop: bool
+) -> tuple[jax.Array, FastState, Any, WindowStats]:
+  """The loop segment's passes over a window: (h, S, last pass's (tails, KV) or None, stats)."""
+  batch = h.shape[0]
   last = None
   if keep_last:
-    shapes = jax.eval_shape(pass_fn, h, fast_state)
-    zeros = lambda x: jnp.zeros(x.shape, x.dtype)
-    last = jax.tree.map(zeros, (shapes.conv_state, shapes.kv))
-  (h, fast_state, last, active), _ = jax.lax.scan(
-    one_pass, (h, fast_state, last, active), None, length=num_passes, unroll=unroll
-  )
-  return h, fast_state, last, active
+    shapes = jax.eval_shape(run, h, state)
+    last = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes.conv_state, shapes.kv))
+  halting = _start_halting(cfg, batch, (h, state, last))
+  step = _pass_step(cfg, run, keep_last, model.halting_logit)
+  count = jnp.zeros((), jnp.int32) if cfg.halt == "learned" else None
+  carry = (count, h, state, last, halting)
+  if cfg.frozen_passes:  # halt="never" only (SleepConfig)
+    carry = jax.lax.stop_gradient(_run_passes(step, carry, cfg.frozen_passes, cfg.unroll))
+  carry = _run_passes(step, carry, cfg.passes - cfg.frozen_passes, cfg.unroll, early_stop)
+  _, h, state, last, halting = carry
+  if halting is None:
+    full = jnp.full((batch,), cfg.passes, jnp.int32)
+    return h, state, last, WindowStats(full, full.astype(jnp.float32))
+  if cfg.halt == "learned":  # the weighted mean of the passes leaves the window
+    h, state, last = jax.tree.map(lambda m, x: m.astype(x.dtype), halting.mix, (h, state, last))
+    return h, state, last, WindowStats(halting.passes, halting.expected)
+  return h, state, last, WindowStats(halting.passes, halting.passes.astype(jnp.float32))
 
 
-def _run_passes_until_halted(pass_fn, h, fast_state, num_passes: int, keep_last: bool, tol):
-  """`_run_passes` under halt="converge" for inference: a `lax.while_loop` that ends once every
-  row has halted, so the passes no row takes are not run (not reverse-differentiable).
-
-  The passes it runs are the scan's, masked the same way, and the ones it skips would change
-  nothing, so the values are the scan's."""
-  shapes = jax.eval_shape(pass_fn, h, fast_state)
-  zeros = lambda x: jnp.zeros(x.shape, x.dtype)
-  last = jax.tree.map(zeros, (shapes.conv_state, shapes.kv)) if keep_last else None
-  active = jnp.ones((h.shape[0],), bool)
-
-  def body(carry):
-    n, h, fast_state, last, active = carry
-    out = pass_fn(h, fast_state)
-    new = (out.h, out.fast_state, (out.conv_state, out.kv) if keep_last else None)
-    still = active & (relative_change(fast_state, out.fast_state) >= tol)
-    return (n + 1, *_keep_halted(active, new, (h, fast_state, last)), still)
-
-  cond = lambda carry: (carry[0] < num_passes) & jnp.any(carry[4])
-  _, h, fast_state, last, _ = jax.lax.while_loop(cond, body, (0, h, fast_state, last, active))
-  return h, fast_state, last
-
-
-def sleep_on_chunk(
+def sleep_on_chunk_with_stats(
   graphdef: nnx.GraphDef,
   params: Params,
   cfg: SleepConfig,
   carry: Carry,
   chunk_bl: jax.Array,
   early_stop: bool = False,
-) -> Carry:
-  """N passes over one chunk from the incoming carry; returns the next carry.
+) -> tuple[Carry, WindowStats]:
+  """N passes over one chunk from the incoming carry; returns the next carry and how many
+  passes each row took.
 
   A pass is the model's loop (`ModelConfig.segments`; the whole stack without a loop range);
   a prelude before it and a coda after it run once. Every pass sees the same memory and
   convolution tails (those the previous chunk left); the last pass's tails and KV become the
   next chunk's. grad_passes=k runs the first N-k passes forward only: cutting the gradient at
-  the carry also cuts the path back to the prelude and to earlier chunks. With `early_stop`
-  (inference only: no gradients) and halt="converge", the passes stop once every row halted.
+  the carry also cuts the path back to the prelude and to earlier chunks. Under an adaptive
+  halt (`SleepConfig.halt`) rows stop sleeping by its rule; with `early_stop` (inference only:
+  no gradients) the passes stop once every row halted.
   """
   model: HybridLM = nnx.merge(graphdef, params)
   context = chunk_context(cfg, carry, chunk_bl.shape[1])
@@ -220,29 +310,14 @@ def sleep_on_chunk(
     bound = functools.partial(pass_fn, params, conv=carry.conv, memory=carry.memory)
     return lambda h, fast_state: bound(h, fast_state, context=context)
 
-  h, state, outputs = model.embed(chunk_bl), carry.fast, []
+  h, state, outputs, stats = model.embed(chunk_bl), carry.fast, [], None
   for segment, *_ in model.layout:
     run = segment_fn(segment)
     if segment != "loop":
       outputs.append(run(h, state))
       h, state = outputs[-1].h, outputs[-1].fast_state
       continue
-    # halt="converge": every row sleeps until its state settles (the first pass always runs).
-    tol = cfg.halt_tol if cfg.halt == "converge" else None
-    if tol is not None and early_stop:  # grad_passes is None under converge (SleepConfig)
-      h, state, last = _run_passes_until_halted(run, h, state, cfg.passes, keep_last, tol)
-      if keep_last:
-        outputs.append(PassOutput(h, state, *last))
-      continue
-    active = jnp.ones((chunk_bl.shape[0],), bool) if tol is not None else None
-    h, state, _, active = _run_passes(
-      run, h, state, cfg.frozen_passes, False, cfg.unroll, active, tol
-    )
-    if cfg.frozen_passes:
-      h, state = jax.lax.stop_gradient((h, state))
-    h, state, last, _ = _run_passes(
-      run, h, state, cfg.passes - cfg.frozen_passes, keep_last, cfg.unroll, active, tol
-    )
+    h, state, last, stats = _sleep_loop(cfg, run, model, h, state, keep_last, early_stop)
     if keep_last:
       outputs.append(PassOutput(h, state, *last))
   if keep_last:
@@ -250,7 +325,12 @@ def sleep_on_chunk(
     conv_state, kv = merged.conv_state, merged.kv
   else:
     conv_state, kv = None, None
-  return carry_after(cfg, carry, state, conv_state, kv, chunk_bl.shape[1])
+  return carry_after(cfg, carry, state, conv_state, kv, chunk_bl.shape[1]), stats
+
+
+def sleep_on_chunk(graphdef, params, cfg, carry, chunk_bl, early_stop=False) -> Carry:
+  """`sleep_on_chunk_with_stats` without the stats: the next carry."""
+  return sleep_on_chunk_with_stats(graphdef, params, cfg, carry, chunk_bl, early_stop)[0]
 
 
 def wake_on_chunk(
@@ -292,7 +372,8 @@ def sleep_forward(
   cfg: SleepConfig,
   fast_state: FastState | None = None,
   early_stop: bool = False,
-) -> tuple[jax.Array, FastState]:
+  with_stats: bool = False,
+):
   """Runs the chunk schedule: sleeps on the chunks without loss, predicts those with loss.
 
   Args:
@@ -301,12 +382,14 @@ def sleep_forward(
     tokens_bt: int tokens [B, T] (T checked against `cfg.chunks`).
     cfg: the sleep configuration (schedule, passes N, window L, eviction, grad_passes, remat).
     fast_state: incoming fast weights (default zeros: a fresh sequence).
-    early_stop: inference only (not differentiable): under halt="converge", stop a window's
-      passes once every row halted (`sleep_on_chunk`).
+    early_stop: inference only (not differentiable): under an adaptive halt, stop a window's
+      passes once every row halted (`sleep_on_chunk_with_stats`).
+    with_stats: also return how each slept window was slept on.
 
   Returns:
     logits [B, P, vocab] (float32) of the predicted positions (`cfg.predicted_spans`, in
-    order), and the fast state after the last chunk.
+    order), and the fast state after the last chunk; with `with_stats` also a `WindowStats`
+    of [B, W] arrays over the W slept windows in order (None when nothing is slept on).
   """
   batch, seq_len = tokens_bt.shape
   chunks = cfg.chunks(seq_len)
@@ -316,21 +399,31 @@ def sleep_forward(
     carry = carry.replace(fast=fast_state)
   if not cfg.evicts:  # one chunk over the whole sequence
     h, fast_state = model.stack_pass(model.embed(tokens_bt), carry.fast)
-    return model.logits(h[:, cfg.context_len :]), fast_state
+    logits = model.logits(h[:, cfg.context_len :])
+    return (logits, fast_state, None) if with_stats else (logits, fast_state)
 
-  sleep = functools.partial(sleep_on_chunk, graphdef, params, cfg, early_stop=early_stop)
-  logits = []
+  sleep = functools.partial(sleep_on_chunk_with_stats, graphdef, params, cfg, early_stop=early_stop)
+  logits, stats = [], []  # stats: WindowStats of [B, windows] per slept group, in order
   for group in _groups(chunks):
     first, last = group[0], group[-1]
     tokens = tokens_bt[:, first.start : last.stop]
     if first.predict:
       h, woke = wake_on_chunk(model, cfg, carry, tokens)
       logits.append(model.logits(h))
-      carry = sleep(carry, tokens) if cfg.predict_then_sleep else woke
+      if cfg.predict_then_sleep:
+        carry, window = sleep(carry, tokens)
+        stats.append(jax.tree.map(lambda x: x[:, None], window))
+      else:
+        carry = woke
     else:  # one scan over a run of equally long sleep chunks
       windows = jnp.swapaxes(tokens.reshape(batch, len(group), first.length), 0, 1)
-      carry, _ = jax.lax.scan(lambda c, x: (sleep(c, x), None), carry, windows, unroll=cfg.unroll)
-  return jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0], carry.fast
+      carry, group_stats = jax.lax.scan(sleep, carry, windows, unroll=cfg.unroll)
+      stats.append(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), group_stats))
+  logits = jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]
+  if not with_stats:
+    return logits, carry.fast
+  joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *stats) if stats else None
+  return logits, carry.fast, joined
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
@@ -356,5 +449,6 @@ def apply(model: HybridLM, tokens_bt, *, sleep_config) -> jax.Array:
   if tokens_bt.ndim != 2:
     raise ValueError(f"tokens must be [batch, seq_len], got shape {tokens_bt.shape}")
   cfg.check_sequence(tokens_bt.shape[1])
+  cfg.check_model(model.cfg)
   graphdef, state = nnx.split(model)
   return _full_logits(graphdef, nnx.to_pure_dict(state), tokens_bt, cfg)

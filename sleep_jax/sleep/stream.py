@@ -97,6 +97,7 @@ def stream_init(
   `max_len` tokens (required; feeding more is an error). Otherwise `max_len` must be None.
   """
   cfg = SleepConfig.from_config(sleep_config)
+  cfg.check_model(model.cfg)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if cfg.evicts and max_len is not None:

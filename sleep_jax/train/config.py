@@ -143,6 +143,10 @@ class ExperimentConfig:
   def __post_init__(self):
     if self.log_every_steps < 1:
       raise ValueError(f"log_every_steps must be >= 1, got {self.log_every_steps}")
+    if self.sleep.halt == "learned" and not self.model.halting_unit:
+      # The halting unit's parameters belong to the model; a run that halts by it has one.
+      object.__setattr__(self, "model", dataclasses.replace(self.model, halting_unit=True))
+    self.sleep.check_model(self.model)
 
   @classmethod
   def from_config(cls, config) -> ExperimentConfig:

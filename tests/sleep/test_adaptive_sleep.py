@@ -105,7 +105,8 @@ def test_streaming_sleeps_by_the_same_rule_as_apply(model):
     (dict(halt="converge", halt_tol=-0.1), "sleep.halt_tol"),
     (dict(halt="converge", halt_tol=float("nan")), "sleep.halt_tol"),
     (dict(ponder_cost=-1.0), "sleep.ponder_cost"),
-    (dict(halt="learned", ponder_cost=0.01), "sleep.halt"),
+    (dict(halt="learned", grad_passes=1), "sleep.grad_passes"),
+    (dict(halt="converge", eviction="none"), "sleep.halt"),
     (dict(halt="converge", grad_passes=1), "sleep.grad_passes"),
   ],
 )
