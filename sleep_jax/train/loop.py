@@ -119,6 +119,10 @@ class Evaluator:
           for reported, source in eval_slice.metrics.items()
         }
       )
+      # Adaptive halting: how long the model slept on this slice's windows.
+      metrics.update(
+        {f"{eval_slice.name}/{k}": v for k, v in summary.items() if k.startswith("passes_")}
+      )
     return metrics
 
 

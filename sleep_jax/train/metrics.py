@@ -8,6 +8,8 @@ exact: summarise the element-wise total with `summarize`.
   label_accuracy/i  accuracy at the i-th position of the prediction chunk (Rule 110: label i);
                  with answer ids, the fraction of i-th answers right as whole words (Depo: query i)
   answer_accuracy  (with answer ids) fraction of answer words with every symbol right
+  passes_mean    (adaptive halting, `window_sums`) mean passes taken per slept window
+  passes_hist/n  (adaptive halting) fraction of slept windows that took exactly n passes
 
 Answer ids group loss-carrying positions into answer words with a static layout: an int array
 like the mask holding the answer's index (0 <= id < P) at its positions and -1 elsewhere.
@@ -72,6 +74,27 @@ def prediction_sums(
   return sums
 
 
+def window_sums(passes_bw: jax.Array, expected_bw: jax.Array, max_passes: int) -> dict:
+  """Additive sums of how slept windows were slept on (adaptive halting).
+
+  Args:
+    passes_bw: int passes taken per row and slept window [B, W].
+    expected_bw: float expected passes per row and window [B, W] (the ponder cost's).
+    max_passes: N, the most a window may get.
+
+  Returns:
+    dict of float32 sums: windows (rows x windows), window_passes, expected_passes, and
+    passes_count [N] (windows that took exactly n = 1..N passes).
+  """
+  counts = jax.nn.one_hot(passes_bw - 1, max_passes, dtype=jnp.float32)
+  return {
+    "windows": jnp.asarray(passes_bw.size, jnp.float32),
+    "window_passes": jnp.sum(passes_bw.astype(jnp.float32)),
+    "expected_passes": jnp.sum(expected_bw),
+    "passes_count": jnp.sum(counts, axis=(0, 1)),
+  }
+
+
 def mean_loss(sums: dict) -> jax.Array:
   return sums["loss"] / jnp.maximum(sums["tokens"], 1.0)
 
@@ -91,6 +114,11 @@ def summarize(sums: dict) -> dict[str, float]:
   for i, (right, count) in enumerate(zip(*(sums[k] for k in per_label))):
     if count > 0:
       out[f"label_accuracy/{i}"] = float(right / count)
+  if "windows" in sums:  # adaptive halting: passes used per slept window
+    windows = max(float(sums["windows"]), 1.0)
+    out["passes_mean"] = float(sums["window_passes"] / windows)
+    for n, count in enumerate(sums["passes_count"], start=1):
+      out[f"passes_hist/{n}"] = float(count / windows)
   return out
 
 

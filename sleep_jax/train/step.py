@@ -19,7 +19,7 @@ from flax import nnx
 
 from sleep_jax.sleep.config import SleepConfig
 from sleep_jax.sleep.consolidate import sleep_forward
-from sleep_jax.train.metrics import mean_loss, prediction_sums
+from sleep_jax.train.metrics import mean_loss, prediction_sums, window_sums
 
 
 @flax.struct.dataclass
@@ -34,14 +34,20 @@ class TrainState:
 def prediction_chunk_sums(
   graphdef: nnx.GraphDef, params, batch: dict, sleep_cfg: SleepConfig
 ) -> dict:
-  """Runs the sleep schedule on a batch and returns the masked sums over the predicted chunks."""
-  logits, _ = sleep_forward(graphdef, params, batch["tokens"], sleep_cfg)
+  """Runs the sleep schedule on a batch and returns the masked sums over the predicted chunks.
+
+  Under an adaptive halt (`sleep.halt` != "never") also the sums of how the slept windows were
+  slept on (`window_sums`)."""
+  logits, _, stats = sleep_forward(graphdef, params, batch["tokens"], sleep_cfg, with_stats=True)
   spans = sleep_cfg.predicted_spans(batch["tokens"].shape[1])
   predicted = lambda x: jnp.concatenate([x[:, start:stop] for start, stop in spans], axis=1)
   answer_ids = predicted(batch["answer_id"]) if "answer_id" in batch else None
-  return prediction_sums(
+  sums = prediction_sums(
     logits, predicted(batch["targets"]), predicted(batch["loss_mask"]), answer_ids
   )
+  if sleep_cfg.halt != "never" and stats is not None:
+    sums.update(window_sums(stats.passes, stats.expected, sleep_cfg.passes))
+  return sums
 
 
 def train_step(
@@ -56,24 +62,32 @@ def train_step(
   """One optimizer update on the masked answer cross-entropy.
 
   Gradients flow through every pass of every window, or through the last `sleep.grad_passes`
-  passes of each window only (sleep_jax.sleep.consolidate). `grad_norm` computes the metric of
-  that name (the program passes `optim.global_norm`, the clipping's own computation).
+  passes of each window only (sleep_jax.sleep.consolidate). Under halt="learned" the loss adds
+  `sleep.ponder_cost` times the expected passes per slept window. `grad_norm` computes the
+  metric of that name (the program passes `optim.global_norm`, the clipping's own computation).
   """
 
   def loss_fn(params):
     sums = prediction_chunk_sums(graphdef, params, batch, sleep_cfg)
-    return mean_loss(sums), sums
+    loss = mean_loss(sums)
+    if sleep_cfg.halt == "learned":
+      loss = loss + sleep_cfg.ponder_cost * sums["expected_passes"] / sums["windows"]
+    return loss, sums
 
-  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (objective, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   with jax.named_scope("optimizer"):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
   metrics = {
-    "loss": loss,
+    "loss": mean_loss(sums),  # the cross-entropy alone, comparable across halting rules
     "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1.0),
     "exact_accuracy": sums["exact"] / jnp.maximum(sums["examples"], 1.0),
     "grad_norm": grad_norm(grads),
   }
+  if "windows" in sums:
+    metrics["passes_mean"] = sums["window_passes"] / sums["windows"]
+  if sleep_cfg.halt == "learned":
+    metrics["objective"] = objective
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -75,14 +75,17 @@ class MetricsWriter:
     if self.is_writer:
       rundir.append_jsonl(self.run.file(rundir.TRAIN_LOG_FILE), {"step": step, **metrics})
     self._scalars("train", step, {**metrics, **learning_rates, "tokens_per_s": tokens_per_s})
+    # Adaptive halting: the mean passes the batch's windows took.
+    passes = f" | passes {metrics['passes_mean']:.2f}" if "passes_mean" in metrics else ""
     logger.info(
-      "step %d/%d (%d%%) | loss %.4f | acc %.3f | exact %.3f | %.1fk tok/s | ETA %s",
+      "step %d/%d (%d%%) | loss %.4f | acc %.3f | exact %.3f%s | %.1fk tok/s | ETA %s",
       step,
       num_steps,
       100 * step // num_steps,
       metrics["loss"],
       metrics["accuracy"],
       metrics["exact_accuracy"],
+      passes,
       tokens_per_s / 1e3,
       console.format_duration(eta_s),
     )

@@ -127,11 +127,14 @@ def test_bfloat16_compute_trains_with_float32_parameters_and_fast_state(
   assert metrics[0]["loss"] == pytest.approx(metrics32["loss"], rel=2e-2)
   assert metrics[0]["loss"] != metrics32["loss"]
 
-  # Features are bfloat16; the fast weights and the logits stay float32.
+  # The blocks' matmuls run in bfloat16; the residual stream (features), the fast weights and
+  # the logits stay float32.
   tokens = jnp.asarray(batch["tokens"])
   graphdef, sleep_cfg = program.graphdef, program.validated.sleep
   features = jax.eval_shape(lambda p, t: nnx.merge(graphdef, p).embed(t), params, tokens)
-  assert features.dtype == jnp.bfloat16
+  assert features.dtype == jnp.float32
+  jaxpr = str(jax.make_jaxpr(lambda p, t: sleep_forward(graphdef, p, t, sleep_cfg))(params, tokens))
+  assert "bf16" in jaxpr and "dot_general" in jaxpr
   logits, fast_state = jax.eval_shape(
     lambda p, t: sleep_forward(graphdef, p, t, sleep_cfg), params, tokens
   )

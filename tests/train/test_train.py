@@ -220,6 +220,14 @@ def test_main_pulse_writes_checkpoints_events_and_results(tmp_path):
     (dict(sleep__eviction="none", sleep__passes=2), ValueError, "passes must be 1"),
     (dict(task__eval_depths=(2, -1)), ValueError, "eval_depths"),
     (dict(eval__num_slice_examples=24), ValueError, "num_slice_examples"),
+    (dict(sleep__halt="sometimes"), ValueError, "unknown sleep.halt"),
+    (dict(sleep__halt="converge", sleep__halt_tol=-1.0), ValueError, "sleep.halt_tol"),
+    (dict(sleep__halt="learned", sleep__ponder_cost=-1.0), ValueError, "sleep.ponder_cost"),
+    (
+      dict(sleep__halt="learned", model__pattern="AAAA"),
+      ValueError,
+      "has no gated-delta block",
+    ),
   ],
 )
 def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, error, message):
@@ -251,6 +259,39 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
   with pytest.raises(RuntimeError, match="could not be restored"):
     loop.train_and_evaluate(tiny_config(train__num_steps=4), str(workdir))
   assert (workdir / "checkpoints" / "2").exists()
+
+
+@pytest.mark.integration
+def test_a_learned_halting_run_reports_the_passes_it_used(tmp_path, caplog):
+  """The model gets a halting unit; the eval log, results.json (main set and every depth
+  slice) and the closing table hold passes_mean and the histogram; the train log the ponder
+  objective beside the cross-entropy."""
+  workdir = tmp_path / "learned"
+  config = tiny_config(sleep__passes=3, sleep__halt="learned", sleep__ponder_cost=0.1)
+  with caplog.at_level("INFO", logger="sleep_jax"):
+    results = loop.train_and_evaluate(config, str(workdir))
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["halting_unit"] is True and "halting" in final_params(str(workdir), 4)
+  for prefix in ("", "depth1/", "depth3/"):
+    mean = results["eval"][f"{prefix}passes_mean"]
+    hist = [results["eval"][f"{prefix}passes_hist/{n}"] for n in (1, 2, 3)]
+    assert 1.0 <= mean <= 3.0 and sum(hist) == pytest.approx(1.0)
+    assert mean == pytest.approx(sum(n * h for n, h in zip((1, 2, 3), hist, strict=True)))
+  logged = train_log(workdir)[4]
+  assert 1.0 <= logged["passes_mean"] <= 3.0 and logged["objective"] > logged["loss"]
+  assert "passes_mean" in caplog.text and "passes_hist/3" in caplog.text  # the closing table
+
+
+@pytest.mark.integration
+def test_a_learned_halting_run_can_start_from_a_run_without_a_halting_unit(tmp_path):
+  source = tmp_path / "plain"
+  loop.train_and_evaluate(tiny_config(train__num_steps=1, sleep__passes=2), str(source))
+  config = tiny_config(sleep__passes=2, sleep__halt="learned")
+  config.init_from = str(source)
+  params = program_lib.build_program(config).init_state().params
+  saved = final_params(str(source), 1)
+  assert not np.any(params["halting"]["kernel"]) and not np.any(params["halting"]["bias"])
+  jax.tree.map(np.testing.assert_array_equal, {k: params[k] for k in saved}, saved)
 
 
 @pytest.mark.integration
