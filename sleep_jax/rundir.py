@@ -280,10 +280,11 @@ class RunDir:
     config = _without(_json_roundtrip(config), ignored)
     defaults = _json_roundtrip(defaults or {})
     value = lambda tree, key: _lookup(tree, key, defaults.get(key))
-    keys = [k for k in MUST_MATCH if k != "model"]
-    # The model section field by field, so that a field added later reads as its default.
-    model_fields = set(saved.get("model", {})) | set(config.get("model", {}))
-    keys += [f"model.{field}" for field in sorted(model_fields)]
+    keys = [k for k in MUST_MATCH if k not in WHOLE_SECTIONS]
+    # Whole sections field by field, so that a field added later reads as its default.
+    for section in WHOLE_SECTIONS:
+      fields = set(saved.get(section, {})) | set(config.get(section, {}))
+      keys += [f"{section}.{field}" for field in sorted(fields)]
     differing = [key for key in keys if value(saved, key) != value(config, key)]
     if differing:
       details = "; ".join(
@@ -313,8 +314,12 @@ MUST_MATCH = (
   "sleep.predict_then_sleep",
   "sleep.conv_state",
   "sleep.grad_passes",
+  "sleep.halt",
+  "sleep.halt_tol",
+  "sleep.ponder_cost",
   "train.trainable",
 )
+WHOLE_SECTIONS = ("task", "model")  # of MUST_MATCH: every field of these must match
 # Evaluation-only task fields inside the sections above: they may change (e.g. to add depths).
 MAY_DIFFER = ("task.eval_depths", "task.eval_hops")
 

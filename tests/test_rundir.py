@@ -115,6 +115,7 @@ def test_the_config_guard_allows_loop_settings_and_refuses_the_rest(tmp_path):
     ("train", "batch_size", 32),
     ("model", "d_model", 64),
     ("task", "depth", 3),
+    ("sleep", "halt", "converge"),
   ):
     other = json.loads(json.dumps(config))
     other[section][field] = value
@@ -130,6 +131,15 @@ def test_the_config_guard_allows_loop_settings_and_refuses_the_rest(tmp_path):
     run.check_compatible_config(newer)  # without the defaults, a missing field is None
   newer["sleep"]["conv_state"] = "carry"
   with pytest.raises(rundir.WorkdirError, match="conv_state: saved 'reset' vs new 'carry'"):
+    run.check_compatible_config(newer, defaults=defaults)
+  # So do fields added to the task section (Rule 110's mixed depths) and the halting rule.
+  newer = json.loads(json.dumps(config))
+  newer["task"]["depths"] = []
+  newer["sleep"].update(halt="never", halt_tol=0.0)
+  defaults = {"task.depths": (), "sleep.halt": "never", "sleep.halt_tol": 0.0}
+  run.check_compatible_config(newer, defaults=defaults)
+  newer["task"]["depths"] = [0, 2]
+  with pytest.raises(rundir.WorkdirError, match=r"task.depths: saved \[\] vs new \[0, 2\]"):
     run.check_compatible_config(newer, defaults=defaults)
   assert rundir.read_json(run.file(rundir.CONFIG_FILE)) == config
 

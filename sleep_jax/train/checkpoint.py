@@ -19,6 +19,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -142,6 +143,8 @@ def save_initial(directory: str, params: Any, model_config: ModelConfig) -> None
 
 def _check_same_model(saved: ModelConfig, model_config: ModelConfig, source: str) -> None:
   saved_fields, wanted = dataclasses.asdict(saved), dataclasses.asdict(model_config)
+  # A model without a halting unit may start a run that adds one (`_add_fresh_halting_unit`).
+  saved_fields["halting_unit"] |= wanted["halting_unit"]
   differing = [
     f"{k}: saved {saved_fields[k]!r} vs config {wanted[k]!r}"
     for k in wanted
@@ -154,6 +157,22 @@ def _check_same_model(saved: ModelConfig, model_config: ModelConfig, source: str
     )
 
 
+def _without_halting_unit(target: dict, params: dict | None = None) -> dict:
+  """`target` less its halting unit (unless `params` has one)."""
+  if params is not None and "halting" in params:
+    return target
+  return {k: v for k, v in target.items() if k != "halting"}
+
+
+def _add_fresh_halting_unit(params: dict, target: dict) -> dict:
+  """A halting unit the saved model lacked starts fresh: zeros, as `HybridLM` initialises it
+  (halt="learned" then weighs every pass equally at first)."""
+  if "halting" not in target or "halting" in params:
+    return params
+  zeros = lambda t: jax.device_put(jnp.zeros(t.shape, t.dtype), t.sharding)
+  return {**params, "halting": jax.tree.map(zeros, target["halting"])}
+
+
 def load_initial(directory: str, model_config: ModelConfig, target: Any) -> Any:
   """The parameters to start a run from, placed like `target` (ShapeDtypeStructs with
   shardings): a launch/convert.py directory, or an earlier run's newest checkpoint (local or
@@ -163,12 +182,17 @@ def load_initial(directory: str, model_config: ModelConfig, target: Any) -> Any:
     saved = ModelConfig(**json.loads(paths.read_text(model_file)))
     _check_same_model(saved, model_config, directory)
     path = paths.join(paths.absolute(directory), INITIAL_PARAMS_DIR)
-    return ocp.StandardCheckpointer().restore(epath.Path(path), target)
+    saved_target = target if saved.halting_unit else _without_halting_unit(target)
+    params = ocp.StandardCheckpointer().restore(epath.Path(path), saved_target)
+    return _add_fresh_halting_unit(params, target)
   if rundir.RunDir(directory).config() is not None:
     model, config, _ = restore_model(directory)
     _check_same_model(config.model, model_config, directory)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
+    params = jax.tree.map(
+      lambda x, t: jax.device_put(x, t.sharding), params, _without_halting_unit(target, params)
+    )
+    return _add_fresh_halting_unit(params, target)
   raise FileNotFoundError(
     f"init_from={directory} is neither a converted checkpoint ({INITIAL_MODEL_FILE} and "
     f"{INITIAL_PARAMS_DIR}/, from launch/convert.py) nor a run directory"
