@@ -16,7 +16,7 @@ Run:
   python launch/main.py --config=configs/rule110.py:cpu --workdir=runs/n2 \
       --config.sleep.passes=2 --config.task.depth=4
   python launch/main.py --config=configs/rule110.py:cpu --workdir=runs/mixed \
-      --config.task.depths=0,2,4 --config.task.eval_depths=0,2,4
+      --config.task.depths=0,2,4 --config.task.eval_depths=0,2,4 --config.model.vocab_size=12
 
 Baselines (same data order and evaluation, as overrides):
   attention only (hard eviction, sits at chance)  --config.model.pattern=AAAA
@@ -39,7 +39,8 @@ def get_config(variant: str | None = None) -> config_dict.ConfigDict:
   # Mixed depths: when non-empty, each training (and main held-out) example draws its own t
   # uniformly from these distinct depths and task.depth is unused, e.g. (0, 2, 4) to ask
   # whether adaptive sleep (sleep.halt) spends more passes on deeper examples. Per-depth scores
-  # come from task.eval_depths, as for a single depth.
+  # come from task.eval_depths (among task.depths), as for a single depth. Each depth writes
+  # its cells in its own two tokens, so set model.vocab_size to 6 + 2 * len(task.depths).
   task.depths = ()
   # Also evaluate at these depths (held-out sets of their own; keys "depth{t}/exact_accuracy",
   # "depth{t}/loss", "depth{t}/accuracy"), e.g. to see how far a model trained at t generalises.

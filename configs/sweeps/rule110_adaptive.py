@@ -15,15 +15,12 @@ Arms (same data, steps and evaluation; the model and batch of rule110_cpu):
   learned_a, _b         sleep.halt "learned", at most 4 passes: a trained halting unit, with
                         the expected passes in the loss weighted by ponder_cost
                         (PONDER_COSTS[0], PONDER_COSTS[1]: cheap and dearer passes).
-                        Refused by SleepConfig until halt="learned" lands; skip them with
-                        --only before then.
 
-Cost: 24 runs (8 arms x 3 seeds) of 160 steps. Every halting arm trains all 4 passes (masked),
-so it costs an n4 step: measured at this size on an idle 2-core machine, N=1 ~0.27 s/step and
-N=4 ~1.2 s/step, so one seed of all arms is about 160 x 7.7 s = 21 minutes, about 62 minutes
-for three, plus ~25 s of compilation per run and two evaluations: about 75 minutes in all.
-Two processes of one core each take about as long as one of two cores; split the arms into
-two lists of equal cost so that both finish together:
+Cost: 24 runs (8 arms x 3 seeds) of 600 steps. Every halting arm trains all 4 passes (masked),
+so it costs an n4 step: measured at this size on a 2-core machine, N=4 ~0.22 s/step with one
+run alone (14.5k tokens/s), so about 40 minutes for the whole sweep in two processes side by
+side, ~15 s of compilation per run included. Split the arms into two lists of about equal
+cost so that both finish together:
 
   python launch/sweep.py --config=configs/sweeps/rule110_adaptive.py \
       --sweep_dir=runs/sweeps/rule110_adaptive [--only=ARM]
@@ -42,12 +39,19 @@ adaptive arm's histogram of passes.
 
 from ml_collections import config_dict
 
+from sleep_jax.data import rule110
 from sleep_jax.experiments.sweeps import arm
 
 DEPTHS = (0, 2, 4)
 MAX_PASSES = 4
-CONVERGE_TOLS = (0.05, 0.2)  # sleep.halt_tol of converge_a, converge_b (to be tuned)
-PONDER_COSTS = (0.001, 0.01)  # sleep.ponder_cost of learned_a, learned_b (to be tuned)
+# sleep.halt_tol of converge_a, converge_b. Chosen from the relative state change r_n of an n4
+# run of an earlier version of this sweep (160 steps, depths not yet in their own tokens), on
+# held-out windows after the first (10th-90th percentile): r_2 0.54-0.65, r_3 0.31-0.39, r_4 0.21-0.25. So 0.5 mostly stops after pass 3
+# (some after 2) and 0.3 mostly runs all 4 (some stop after 3).
+CONVERGE_TOLS = (0.3, 0.5)
+# sleep.ponder_cost of learned_a, learned_b: against a cross-entropy of ~0.6 per answer token,
+# 0.01 per expected pass is a light pressure to halt, 0.1 a heavy one (4 passes cost 0.4).
+PONDER_COSTS = (0.01, 0.1)
 
 
 def halting_arms() -> tuple[dict, ...]:
@@ -75,21 +79,28 @@ def get_config() -> config_dict.ConfigDict:
   c.base = "configs/rule110.py:cpu"
   c.seeds = (0, 1, 2)
   c.depths = ()  # no depth axis: every run trains on the mix of DEPTHS (task.depths)
-  c.num_steps = 160  # every arm: equal training steps, so only the passes differ
+  c.num_steps = 600  # every arm: equal training steps, so only the passes differ
   # rule110_cpu's small model and batch; two evaluations (an evaluation at N=4 of the 512 + 3 x
   # 256 held-out examples costs roughly 13 training steps, forward only at batch 256).
   c.overrides = config_dict.ConfigDict(
     {
-      "model": {"d_model": 64, "num_heads": 2, "head_dim": 32, "mlp_dim": 128},
+      "model": {
+        "d_model": 64,
+        "num_heads": 2,
+        "head_dim": 32,
+        "mlp_dim": 128,
+        # each depth writes its cells in its own two tokens (rule110.sample_mixed)
+        "vocab_size": rule110.mixed_vocab_size(len(DEPTHS)),
+      },
       "train": {"batch_size": 32, "warmup_steps": 16},
       "task": {"depths": DEPTHS, "eval_depths": DEPTHS},
       "eval": {
-        "every_steps": 80,
+        "every_steps": 150,
         "num_examples": 512,
         "num_slice_examples": 256,
         "batch_size": 256,
       },
-      "checkpoint": {"every_steps": 80},
+      "checkpoint": {"every_steps": 300},
     }
   )
   fixed = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in range(1, MAX_PASSES + 1))

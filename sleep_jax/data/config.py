@@ -28,7 +28,9 @@ class Rule110TaskConfig:
     depth: t, Rule 110 steps between the strings and their labels.
     depths: when non-empty, every training example (and the main held-out set's) draws its own
       t uniformly from these distinct depths, and `depth` is unused: one model for several
-      depths, so that an adaptive sleeper can spend more passes where t is larger.
+      depths, so that an adaptive sleeper can spend more passes where t is larger. Each depth
+      writes its cells in its own pair of tokens (the task's vocabulary grows by two per
+      depth: `rule110.mixed_vocab_size`), so the strings show the depth.
     eval_depths: also evaluate on held-out sets at these depths ("depth{t}/..." metrics).
   """
 
@@ -47,6 +49,11 @@ class Rule110TaskConfig:
     if len(set(self.depths)) != len(self.depths):
       raise ValueError(
         f"task.depths must be distinct (each drawn equally often), got {self.depths}"
+      )
+    if self.depths and not set(self.eval_depths) <= set(self.depths):
+      raise ValueError(
+        f"task.eval_depths={self.eval_depths} must be among task.depths={self.depths}: a "
+        "mixed-depth model reads each depth from its own cell tokens, and knows only those"
       )
 
   @property

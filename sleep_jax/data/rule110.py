@@ -51,11 +51,30 @@ def _draw_strings(rng: np.random.Generator, num: int) -> np.ndarray:
   return rng.integers(0, 2, size=(num, NUM_STRINGS, STRING_LEN), dtype=np.int32)
 
 
-def _examples(strings: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-  """The token layout of the module docstring: strings [num, 4, 24] and labels [num, 4]."""
+def mixed_vocab_size(num_depths: int) -> int:
+  """Tokens of a mixed-depth task: the 6 of one depth and a pair of cell tokens per depth."""
+  return VOCAB_SIZE + 2 * num_depths
+
+
+def cells_of(tokens: np.ndarray) -> np.ndarray:
+  """The strings [num, 4, 24] (cells 0/1) of examples' tokens, in any depth's alphabet."""
+  return (tokens[:, :CONTEXT_LEN] % 2).reshape(len(tokens), NUM_STRINGS, STRING_LEN)
+
+
+def _examples(
+  strings: np.ndarray, labels: np.ndarray, alphabet: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+  """The token layout of the module docstring: strings [num, 4, 24] and labels [num, 4].
+
+  With `alphabet` [num] (mixed depths: the index of each example's depth in `task.depths`),
+  cell c of an example is written as token VOCAB_SIZE + 2 * alphabet + c, so every window the
+  model sleeps on shows the depth its labels are at; labels stay the tokens 0 and 1."""
   num = len(strings)
   tokens = np.empty((num, SEQ_LEN), np.int32)
-  tokens[:, :CONTEXT_LEN] = strings.reshape(num, CONTEXT_LEN)
+  context = strings.reshape(num, CONTEXT_LEN)
+  if alphabet is not None:
+    context = context + VOCAB_SIZE + 2 * np.asarray(alphabet, np.int32)[:, None]
+  tokens[:, :CONTEXT_LEN] = context
   tokens[:, CONTEXT_LEN:] = QUERY_TOKENS
   targets = np.zeros((num, SEQ_LEN), np.int32)
   targets[:, CONTEXT_LEN:] = labels
@@ -108,8 +127,11 @@ def sample_mixed(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """`num` examples, each at a depth drawn uniformly from `depths`, and the depth each drew.
 
-  The strings are drawn as `generate` draws them, then every example's depth by one more call
-  of `rng`; with a single depth the examples are `generate`'s.
+  The depth is not a hidden variable: each example's cells are written in its depth's own
+  pair of tokens (`_examples`), so a model can tell, while it sleeps on the strings, how deep
+  the question will be (without that the labels of one string would be a mixture of depths,
+  and no amount of sleep could choose between them). The strings are drawn as `generate`
+  draws them, then every example's depth by one more call of `rng`.
 
   Args:
     rng: the random generator (the only source of randomness).
@@ -125,8 +147,22 @@ def sample_mixed(
   for t in depths:
     _check_depth(t)
   strings = _draw_strings(rng, num)
-  drawn = np.asarray(depths, np.int32)[rng.integers(0, len(depths), size=num)]
-  return _examples(strings, labels_at_depths(strings, drawn)), drawn
+  alphabet = rng.integers(0, len(depths), size=num)
+  drawn = np.asarray(depths, np.int32)[alphabet]
+  return _examples(strings, labels_at_depths(strings, drawn), alphabet), drawn
+
+
+def generate_marked(
+  rng: np.random.Generator, num: int, depth: int, depths: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+  """`num` examples at depth `depth`, one of a mixed task's `depths`, written in its alphabet
+  (a mixed-depth model's per-depth evaluation set)."""
+  depths = tuple(int(t) for t in depths)
+  if depth not in depths:
+    raise ValueError(f"rule110 depth {depth} is not one of the mixed depths {depths}")
+  strings = _draw_strings(rng, num)
+  alphabet = np.full((num,), depths.index(depth))
+  return _examples(strings, rollout(strings, depth)[..., 0], alphabet)
 
 
 def generate_mixed(

@@ -87,7 +87,11 @@ def _rule110(cfg: Rule110TaskConfig) -> Task:
       name=f"depth{t}",
       setting=t,
       metrics=metrics,
-      generate=functools.partial(rule110.generate, depth=t),
+      generate=(
+        functools.partial(rule110.generate_marked, depth=t, depths=cfg.depths)
+        if cfg.depths  # in the depth's own alphabet, as the model was trained
+        else functools.partial(rule110.generate, depth=t)
+      ),
     )
     for t in dict.fromkeys(cfg.eval_depths)
   )  # drop repeats, keep order
@@ -95,7 +99,7 @@ def _rule110(cfg: Rule110TaskConfig) -> Task:
     name="rule110",
     seq_len=rule110.SEQ_LEN,
     context_len=rule110.CONTEXT_LEN,
-    vocab_size=rule110.VOCAB_SIZE,
+    vocab_size=(rule110.mixed_vocab_size(len(cfg.depths)) if cfg.depths else rule110.VOCAB_SIZE),
     generate=(
       functools.partial(rule110.generate_mixed, depths=cfg.depths)
       if cfg.depths

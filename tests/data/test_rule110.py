@@ -140,7 +140,7 @@ def test_the_majority_baseline_is_the_best_constant_answer_by_direct_count():
 
 def test_mixed_depths_label_each_example_at_the_depth_it_drew():
   examples, drawn = rule110.sample_mixed(np.random.default_rng(11), 256, (0, 2, 4))
-  strings = examples["tokens"][:, :96].reshape(256, 4, 24)
+  strings = rule110.cells_of(examples["tokens"])
   for t in (0, 2, 4):
     rows = drawn == t
     np.testing.assert_array_equal(
@@ -166,30 +166,50 @@ def test_mixed_depths_are_drawn_uniformly_and_reproducibly():
   assert not np.array_equal(a["tokens"], c["tokens"])
 
 
-def test_one_mixed_depth_is_the_single_depth_generator():
+def test_one_mixed_depth_is_the_single_depth_generator_in_its_own_alphabet():
   mixed = rule110.generate_mixed(np.random.default_rng(15), 32, (3,))
   single = rule110.generate(np.random.default_rng(15), 32, 3)
-  for key in single:
+  for key in ("targets", "loss_mask"):
     np.testing.assert_array_equal(mixed[key], single[key])
+  np.testing.assert_array_equal(mixed["tokens"][:, :96], single["tokens"][:, :96] + 6)
+  np.testing.assert_array_equal(mixed["tokens"][:, 96:], single["tokens"][:, 96:])
+
+
+def test_each_mixed_depth_writes_its_cells_in_its_own_two_tokens():
+  """The strings show the depth (otherwise a string's labels would be a mixture of depths)."""
+  depths = (0, 2, 4)
+  examples, drawn = rule110.sample_mixed(np.random.default_rng(16), 512, depths)
+  for index, t in enumerate(depths):
+    context = examples["tokens"][drawn == t, :96]
+    assert set(np.unique(context)) == {6 + 2 * index, 7 + 2 * index}
+  marked = rule110.generate_marked(np.random.default_rng(17), 64, 2, depths)
+  assert set(np.unique(marked["tokens"][:, :96])) == {8, 9}
+  cells = rule110.cells_of(marked["tokens"])
+  np.testing.assert_array_equal(marked["targets"][:, 96:], rule110.rollout(cells, 2)[..., 0])
+  assert rule110.mixed_vocab_size(3) == 12 and examples["tokens"].max() < 12
+  with pytest.raises(ValueError, match="not one of the mixed depths"):
+    rule110.generate_marked(np.random.default_rng(0), 4, 3, depths)
 
 
 def test_task_depths_mix_training_and_heldout_data_but_not_the_slices():
   task = tasks.get_task({"name": "rule110", "depth": 9, "depths": (0, 4), "eval_depths": (0, 4)})
   batch = tasks.train_dataset(task, seed=0, batch_size=64)[0]
-  strings = batch["tokens"][:, :96].reshape(64, 4, 24)
+  strings = rule110.cells_of(batch["tokens"])
   labels = batch["targets"][:, 96:]
   at_0 = np.all(labels == strings[..., 0], axis=1)
   at_4 = np.all(labels == rule110.rollout(strings, 4)[..., 0], axis=1)
   assert np.all(at_0 | at_4)  # every example is at one of the depths, none at task.depth=9
   assert at_0[~at_4].any() and at_4[~at_0].any()  # and both depths occur in one batch
   heldout = tasks.heldout_set(task, seed=0, num=64)
-  strings = heldout["tokens"][:, :96].reshape(64, 4, 24)
+  strings = rule110.cells_of(heldout["tokens"])
   labels = heldout["targets"][:, 96:]
   assert not np.all(labels == strings[..., 0], axis=1).all()
   assert not np.all(labels == rule110.rollout(strings, 4)[..., 0], axis=1).all()
   slice4 = tasks.heldout_slices(task, seed=0, num=16)["depth4"]
-  strings = slice4["tokens"][:, :96].reshape(16, 4, 24)
+  strings = rule110.cells_of(slice4["tokens"])
   np.testing.assert_array_equal(slice4["targets"][:, 96:], rule110.rollout(strings, 4)[..., 0])
+  assert set(np.unique(slice4["tokens"][:, :96])) == {8, 9}  # depth 4's alphabet in (0, 4)
+  assert task.vocab_size == 10
 
 
 def test_task_depths_settings_and_bad_values():
@@ -200,6 +220,8 @@ def test_task_depths_settings_and_bad_values():
     tasks.get_task({"name": "rule110", "depths": (2, -1)})
   with pytest.raises(ValueError, match=r"task\.depths must be distinct"):
     tasks.get_task({"name": "rule110", "depths": (2, 2)})
+  with pytest.raises(ValueError, match=r"task\.eval_depths=\(2, 3\) must be among task\.depths"):
+    tasks.get_task({"name": "rule110", "depths": (0, 2), "eval_depths": (2, 3)})
   with pytest.raises(ValueError, match="distinct and non-empty"):
     rule110.sample_mixed(np.random.default_rng(0), 4, ())
 

@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
 
 def test_eight_arms_three_seeds_equal_steps_on_mixed_depths(runs):
   assert [r.arm for r in runs[:8]] == ARMS and len(runs) == 8 * 3
-  assert {r.seed for r in runs} == {0, 1, 2} and {r.num_steps for r in runs} == {160}
+  assert {r.seed for r in runs} == {0, 1, 2} and {r.num_steps for r in runs} == {600}
   assert all(r.depth is None and "task.depth" not in r.overrides for r in runs)
   assert all(r.workdir.endswith(os.path.join(r.arm, f"seed{r.seed}")) for r in runs)
   for r in runs:
