@@ -21,9 +21,18 @@ from sleep_jax.model.lm import zero_fast_state
 from sleep_jax.sleep.config import HALT_EPSILON, SleepConfig
 from sleep_jax.sleep.consolidate import sleep_forward
 from sleep_jax.train.metrics import summarize, window_sums
+from tests.sleep.test_adaptive_sleep import (
+  CONTEXT,
+  CPU_FORM,
+  VOCAB,
+  WINDOW,
+  loss_and_grads,
+  predictions,
+  schedule,
+  tokens,
+)
 
-WINDOW, CONTEXT, PREDICT, VOCAB = 4, 12, 3, 7
-CPU_FORM = dict(fast_weight_impl="chunked", attention_impl="xla")
+# The toy layout, schedule, tokens and loss of the halt="converge" tests.
 MODEL = dict(vocab_size=VOCAB, pattern="AGAG", d_model=16, num_heads=2, head_dim=8, mlp_dim=32)
 UNIT_SCALE = 3.0  # a random halting unit this large halts rows at 1..4 passes (checked)
 
@@ -44,18 +53,6 @@ def model():
   return with_unit(sleep_jax.build_model(MODEL | CPU_FORM | dict(halting_unit=True), seed=0))
 
 
-def schedule(passes, **overrides):
-  return dict(passes=passes, window=WINDOW, eviction="hard", context_len=CONTEXT) | overrides
-
-
-def tokens(seed=0, batch=3):
-  return np.random.default_rng(seed).integers(0, VOCAB, (batch, CONTEXT + PREDICT), np.int32)
-
-
-def predictions(model, toks, **sleep):
-  return np.asarray(sleep_jax.apply(model, toks, sleep_config=schedule(**sleep)))[:, CONTEXT:]
-
-
 def forward(model, toks, early_stop=False, **sleep):
   """(logits, fast state, WindowStats) of `sleep_forward`, jitted."""
   graphdef, state = nnx.split(model)
@@ -64,17 +61,6 @@ def forward(model, toks, early_stop=False, **sleep):
     graphdef, params, jnp.asarray(toks), cfg, early_stop=early_stop, with_stats=True
   )
   return jax.jit(run)(nnx.to_pure_dict(state))
-
-
-def loss_and_grads(model, toks, **sleep):
-  graphdef, state = nnx.split(model)
-  cfg = SleepConfig.from_config(schedule(**sleep))
-
-  def loss(params):
-    logits, _ = sleep_forward(graphdef, params, jnp.asarray(toks), cfg)
-    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-
-  return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(state))
 
 
 def reference(model, toks, passes):
