@@ -196,3 +196,26 @@ def test_inference_stops_the_passes_once_every_row_halted_with_the_masked_scans_
   # The while loop's condition reads whether any row still sleeps; training scans all N.
   assert "while" in primitives(True) and "reduce_or" in primitives(True)
   assert "while" not in primitives(False)
+
+
+def test_the_state_change_bench_predicts_the_passes_converge_takes(model):
+  """bench/state_change.py's r_n (fixed-N sleep) decides halting as halt="converge" does:
+  a row's passes on its first window are the first n with r_n < tol (at most N)."""
+  from bench import state_change
+
+  toks = tokens(14, batch=6)
+  changes = state_change.state_changes(model, toks, WINDOW, CONTEXT, 4)
+  assert changes.shape == (6, CONTEXT // WINDOW, 4)
+  tol = float(np.median(changes[:, 0, 1]))  # between the rows' r_2 on the first window
+  graphdef, state = nnx.split(model)
+  cfg = SleepConfig.from_config(schedule(4, halt="converge", halt_tol=tol))
+  _, _, stats = jax.jit(
+    lambda p: sleep_forward(graphdef, p, jnp.asarray(toks), cfg, with_stats=True)
+  )(nnx.to_pure_dict(state))
+  below = changes[:, 0] < tol  # the first window: both start from S = 0
+  expected = np.where(below.any(axis=1), below.argmax(axis=1) + 1, 4)
+  assert len(np.unique(expected)) > 1  # rows halt at different passes
+  np.testing.assert_array_equal(stats.passes[:, 0], expected)
+  summary = state_change.summarize_changes(changes)
+  assert list(summary) == ["r2", "r3", "r4"]
+  np.testing.assert_allclose(summary["r3"][2], np.median(changes[:, 1:, 2]))
