@@ -17,10 +17,10 @@ Arms (same data, steps and evaluation; the model and batch of rule110_cpu):
                         (PONDER_COSTS[0], PONDER_COSTS[1]: cheap and dearer passes).
 
 Cost: 24 runs (8 arms x 3 seeds) of 600 steps. Every halting arm trains all 4 passes (masked),
-so it costs an n4 step: measured at this size on a 2-core machine, N=4 ~0.22 s/step with one
-run alone (14.5k tokens/s), so about 40 minutes for the whole sweep in two processes side by
-side, ~15 s of compilation per run included. Split the arms into two lists of about equal
-cost so that both finish together:
+so it costs an n4 step. Measured on a 2-core machine with two processes side by side: ~9 min
+per N=4-cost run, ~3 min for n1, 94 minutes for the whole sweep (results and findings:
+docs/results/adaptive/). Split the arms into two lists of about equal cost so that both
+finish together:
 
   python launch/sweep.py --config=configs/sweeps/rule110_adaptive.py \
       --sweep_dir=runs/sweeps/rule110_adaptive [--only=ARM]
@@ -46,8 +46,9 @@ DEPTHS = (0, 2, 4)
 MAX_PASSES = 4
 # sleep.halt_tol of converge_a, converge_b. Chosen from the relative state change r_n of an n4
 # run of an earlier version of this sweep (160 steps, depths not yet in their own tokens), on
-# held-out windows after the first (10th-90th percentile): r_2 0.54-0.65, r_3 0.31-0.39, r_4 0.21-0.25. So 0.5 mostly stops after pass 3
-# (some after 2) and 0.3 mostly runs all 4 (some stop after 3).
+# held-out windows after the first (10th-90th percentile): r_2 0.54-0.65, r_3 0.31-0.39, r_4
+# 0.21-0.25. So 0.5 mostly stops after pass 3 (some after 2) and 0.3 mostly runs all 4 (some
+# stop after 3); in the finished sweep they took 3.2 and 3.9 passes on average.
 CONVERGE_TOLS = (0.3, 0.5)
 # sleep.ponder_cost of learned_a, learned_b: against a cross-entropy of ~0.6 per answer token,
 # 0.01 per expected pass is a light pressure to halt, 0.1 a heavy one (4 passes cost 0.4).
