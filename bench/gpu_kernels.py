@@ -1,6 +1,7 @@
 """ptxas' report of every GPU kernel, compiled for an H100 (or H200) on this host: no GPU needed.
 
   python bench/gpu_kernels.py [--gpu h100] [--json bench/results/gpu_kernels.json]
+  python bench/gpu_kernels.py --only attention     # the cases whose op name contains this
 
 Compiles each kernel's forward and backward in one program (the gradient of a loss over its
 outputs, from an initial state) through XLA:GPU, Pallas' Triton lowering, Triton and ptxas for
@@ -64,7 +65,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gpu", default="h100", help="a one-GPU topology: h100 or h200")
   parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "gpu_kernels.json"))
+  parser.add_argument(
+    "--only", default="", help="only the cases whose op name contains this (e.g. pallas_staged)"
+  )
   args = parser.parse_args()
+  selected = [case for case in cases() if args.only in case[0]]
+  if not selected:
+    ops = sorted({case[0] for case in cases()})
+    sys.exit(f"--only={args.only!r} matches no case; the ops are: {', '.join(ops)}")
   missing = gpu_topology.missing_toolchain()
   if missing:
     sys.exit(missing)
@@ -74,7 +82,7 @@ def main():
   print(f"{args.gpu} ({devices[0].device_kind}), jax {jax.__version__}, ptxas for sm_90a\n")
   print("| op | dtype | K=V | kernel | registers | spill bytes (st / ld) | shared KB | peak MiB |")
   print("|---|---|---:|---|---:|---|---:|---:|")
-  for op, dtype, width, (loss, shapes, dtypes, argnums) in cases():
+  for op, dtype, width, (loss, shapes, dtypes, argnums) in selected:
     specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in zip(shapes, dtypes)]
     step = jax.jit(jax.value_and_grad(loss, argnums=tuple(argnums)))
     executable, report = aot.compile_with_triton_report(step, *specs, devices=devices)

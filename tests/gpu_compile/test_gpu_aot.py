@@ -64,12 +64,17 @@ def test_four_passes_and_bfloat16_compile_with_no_array_copies(variant):
   assert result["dtype"] == config.model.dtype
 
 
-@pytest.mark.parametrize("topology, devices", [("h100", 1), ("h100-8", 8)])
-def test_paper_depo_step_compiles_with_triton_kernels_and_fits(topology, devices):
+@pytest.mark.parametrize(
+  "variant, topology, devices",
+  [("paper_fig3", "h100", 1), ("paper_fig3", "h100-8", 8), ("paper_fig3_bf16", "h100", 1)],
+)
+def test_paper_depo_step_compiles_with_triton_kernels_and_fits(variant, topology, devices):
   # Windows of 75 tokens are two 64-token chunks per call: the state walk runs in Triton.
-  result = aot.compile_for_topology(depo_configs.get_config("paper_fig3"), topology)
+  config = depo_configs.get_config(variant)
+  result = aot.compile_for_topology(config, topology)
   check_fits(result, devices)
   assert result["triton_kernels"] > 0 and result["eval_triton_kernels"] > 0
+  assert result["dtype"] == config.model.dtype
 
 
 def test_h200s_on_two_hosts():
