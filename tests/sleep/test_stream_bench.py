@@ -1,0 +1,52 @@
+"""bench/stream.py end to end at toy sizes: the tables and JSON it writes say what the streaming
+design promises (a sleeping stream's state does not grow with the context; a KV cache does)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration  # ~1.5 minutes on 2 cores: three compiles per decoder
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONTEXTS = (64, 256)
+
+
+def test_stream_bench_writes_prefill_and_decode_rows_with_a_constant_sleeping_state(tmp_path):
+  command = [
+    sys.executable,
+    "bench/stream.py",
+    "--passes=1",
+    "--contexts",
+    *map(str, CONTEXTS),
+    "--prefill_contexts=128",
+    "--window=32",
+    "--timed_tokens=5",
+    "--repeats=1",
+    "--sleep_repeats=1",
+    f"--out_dir={tmp_path}",
+  ]
+  run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads((tmp_path / "stream.json").read_text())
+  assert (tmp_path / "decode.png").stat().st_size > 0
+  assert report["window"] == 32 and report["eviction"] == "hard"
+
+  (prefill,) = report["prefill"]
+  assert (prefill["passes"], prefill["context"]) == (1, 128)
+  assert prefill["apply_tokens_per_s"] > 0 and prefill["prefill_tokens_per_s"] > 0
+
+  sleeping, full = report["decode"]
+  assert sleeping["passes"] == 1 and full["passes"] == "full attention"
+  for row in (sleeping, full):
+    assert [p["context"] for p in row["points"]] == list(CONTEXTS)
+    assert all(p["wake_median_ms"] > 0 for p in row["points"])
+  sleeping_state = [p["state_mb"] for p in sleeping["points"]]
+  assert sleeping_state[0] == sleeping_state[1]  # the window is evicted after every sleep
+  full_state = [p["state_mb"] for p in full["points"]]
+  assert full_state[1] > 2 * full_state[0]  # the KV cache holds every token
+  assert sleeping["filling_token_ms"] > 0 and full["sleep_ms"] is None
+
+  assert "at 64 / 256 tokens of context" in run.stdout
+  assert "| sleep N=1 |" in run.stdout and "| full attention |" in run.stdout
