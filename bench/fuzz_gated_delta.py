@@ -76,6 +76,9 @@ IMPLEMENTATIONS = {
   # On a CPU "auto" lowers to the chunked form, through `jax.lax.platform_dependent`.
   "auto": functools.partial(gated_delta_rule, impl="auto"),
   "pallas_gpu": functools.partial(gated_delta_rule_pallas_gpu, interpret=True),
+  # What impl="pallas" runs on a GPU, interpreted: the one-chunk kernel for a call of one chunk
+  # that fits it (pallas_gpu_chunk.py), the chunk-parallel kernels above otherwise.
+  "pallas": functools.partial(gated_delta_rule, impl="pallas"),
   "pallas_gpu_staged": functools.partial(gated_delta_rule_pallas_gpu_staged, interpret=True),
   "pallas_tpu": functools.partial(gated_delta_rule_pallas_tpu, interpret=True),
   "chunked_autodiff": gated_delta_rule_chunked_autodiff,
