@@ -5,6 +5,8 @@ against the context fed, for sleep at several N and for a full-attention KV-cach
     python bench/stream.py --passes 1 --contexts 1024 4096 --prefill_contexts 4096 \\
         --timed_tokens 50 --out_dir /tmp/stream  # a quick look
     python bench/stream.py --eviction sliding --window 256
+    python bench/stream.py --model_config configs/rule110.py:cpu --passes 2 --window 64 \
+        --contexts 1024 --no_full_attention --out_dir /tmp/stream_cpu  # another config's model
 
 Prefill: for each N, a batch of `--prefill_batch` random prompts of each `--prefill_contexts`
 length is fed to a fresh stream as one block (`stream_feed`: whole passes, every token's
@@ -20,7 +22,8 @@ is fed up to each context length in blocks, then `--timed_tokens` single-token f
 token that fills a window, minus the median wake). Reported: median and p99 ms per token, the
 stream state's bytes, and the process's resident memory. The model is small (d_model 128,
 "AGAG", 4 heads of 32, MLP 512, vocabulary 256) with a 512-token window: an inference
-setting, not a paper config.
+setting, not a paper config. `--model_config` takes the model of an experiment config instead
+(its `config.model`; the window and N stay the flags').
 
 Prints markdown tables; writes stream.json and decode.png (latency and memory against the
 context) to `--out_dir` (docs/results/stream by default).
@@ -45,6 +48,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sleep_jax  # noqa: E402
+from sleep_jax.experiments import config_files  # noqa: E402
 from sleep_jax.sleep import stream  # noqa: E402
 
 MODEL = dict(vocab_size=256, pattern="AGAG", d_model=128, num_heads=4, head_dim=32, mlp_dim=512)
@@ -56,6 +60,17 @@ def resident_mb() -> float:
   """The process's resident memory now (not the peak), in MB."""
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def random_tokens(model, rng, shape) -> np.ndarray:
+  return rng.integers(0, model.cfg.vocab_size, shape, dtype=np.int32)
+
+
+def model_fields(spec: str | None) -> dict:
+  """The bench's own model, or the model of the experiment config `spec` ("file.py:variant")."""
+  if spec is None:
+    return MODEL
+  return config_files.load_config(spec).model.to_dict()
 
 
 def schedule(passes, args, context_len=0) -> dict:
@@ -80,7 +95,7 @@ def measure_prefill(model, passes: int, args) -> list[dict]:
     if context % args.window:
       raise SystemExit(f"--prefill_contexts must be multiples of --window={args.window}")
     rng = np.random.default_rng(context)
-    tokens = rng.integers(0, MODEL["vocab_size"], (args.prefill_batch, context), dtype=np.int32)
+    tokens = random_tokens(model, rng, (args.prefill_batch, context))
     forward = schedule(passes, args, context_len=context - args.window)
     streaming = schedule(passes, args)
 
@@ -120,7 +135,7 @@ def feed_to(model, state, fed: int, target: int, sleep, rng, block: int) -> tupl
   open block, then whole blocks (few shapes, so few compilations), then the rest."""
   while fed < target:
     size = min(block - fed % block, target - fed)
-    tokens = rng.integers(0, MODEL["vocab_size"], (1, size), dtype=np.int32)
+    tokens = random_tokens(model, rng, (1, size))
     _, state = sleep_jax.stream_feed(model, state, tokens, sleep_config=sleep)
     fed += size
   jax.block_until_ready(state)
@@ -128,7 +143,7 @@ def feed_to(model, state, fed: int, target: int, sleep, rng, block: int) -> tupl
 
 
 def time_tokens(model, state, sleep, rng, num: int) -> tuple[list[float], object]:
-  one = lambda: rng.integers(0, MODEL["vocab_size"], (1, 1), dtype=np.int32)
+  one = lambda: random_tokens(model, rng, (1, 1))
   times = []
   for _ in range(num):
     ms, state = timed_feed(model, state, one(), sleep)
@@ -269,13 +284,15 @@ def main():
   parser.add_argument("--timed_tokens", type=int, default=200)
   parser.add_argument("--sleep_repeats", type=int, default=5)
   parser.add_argument("--no_full_attention", action="store_true", help="skip the KV decoder")
+  parser.add_argument("--model_config", help="an experiment config whose model to use instead")
   parser.add_argument(
     "--out_dir", default=os.path.join(BENCH_DIR, "..", "docs", "results", "stream")
   )
   args = parser.parse_args()
   if sorted(args.contexts) != args.contexts:
     raise SystemExit("--contexts must increase")
-  model = sleep_jax.build_model(MODEL, seed=0)
+  fields = model_fields(args.model_config)
+  model = sleep_jax.build_model(fields, seed=0)
   prefill = [row for passes in args.passes for row in measure_prefill(model, passes, args)]
   decode = [measure_sleep_decode(model, passes, args) for passes in args.passes]
   if not args.no_full_attention:
@@ -288,7 +305,8 @@ def main():
       dict(
         device=str(jax.devices()[0]),
         jax=jax.__version__,
-        model=MODEL,
+        model=fields,
+        model_config=args.model_config,
         window=args.window,
         eviction=args.eviction,
         prefill_batch=args.prefill_batch,

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from sleep_jax.experiments import config_files
+
 pytestmark = pytest.mark.integration  # ~1.5 minutes on 2 cores: three compiles per decoder
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONTEXTS = (64, 256)
@@ -50,3 +52,28 @@ def test_stream_bench_writes_prefill_and_decode_rows_with_a_constant_sleeping_st
 
   assert "at 64 / 256 tokens of context" in run.stdout
   assert "| sleep N=1 |" in run.stdout and "| full attention |" in run.stdout
+
+
+def test_stream_bench_runs_an_experiment_configs_model(tmp_path):
+  command = [
+    sys.executable,
+    "bench/stream.py",
+    "--model_config=configs/rule110.py:tiny",
+    "--passes=2",
+    "--contexts=64",
+    "--prefill_contexts=64",
+    "--window=32",
+    "--timed_tokens=3",
+    "--repeats=1",
+    "--sleep_repeats=1",
+    "--no_full_attention",
+    f"--out_dir={tmp_path}",
+  ]
+  run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads((tmp_path / "stream.json").read_text())
+  assert report["model"] == config_files.load_config("configs/rule110.py:tiny").model.to_dict()
+  assert report["model_config"] == "configs/rule110.py:tiny"
+  ((prefill,), (sleeping,)) = report["prefill"], report["decode"]
+  assert prefill["passes"] == sleeping["passes"] == 2
+  assert prefill["prefill_tokens_per_s"] > 0 and sleeping["points"][0]["wake_median_ms"] > 0
