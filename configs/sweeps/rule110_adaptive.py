@@ -32,6 +32,13 @@ finish together:
       --only=$a; done &
   wait; python -m sleep_jax.experiments.report runs/sweeps/rule110_adaptive
 
+Variant "ponder" (a follow-up to learned halting, which collapsed to 1-2 passes at both costs
+above): the same runs with ponder_cost FOLLOW_UP_PONDER_COSTS, the lighter 0.001 and none at
+all, in a sweep of its own (6 runs, about 30 minutes in two processes):
+
+  python launch/sweep.py --config=configs/sweeps/rule110_adaptive.py:ponder \
+      --sweep_dir=runs/sweeps/rule110_adaptive_ponder [--only=learned_c|learned_0]
+
 The report adds, because some runs halt adaptively: exact accuracy and passes used per depth
 and arm, accuracy against passes used (fixed N joined, adaptive arms as points), and each
 adaptive arm's histogram of passes.
@@ -53,6 +60,9 @@ CONVERGE_TOLS = (0.3, 0.5)
 # sleep.ponder_cost of learned_a, learned_b: against a cross-entropy of ~0.6 per answer token,
 # 0.01 per expected pass is a light pressure to halt, 0.1 a heavy one (4 passes cost 0.4).
 PONDER_COSTS = (0.01, 0.1)
+# The "ponder" variant's arms: is the collapse the cost's doing? learned_c has a tenth of
+# learned_a's cost; learned_0 none, so only the task loss moves the halting unit.
+FOLLOW_UP_PONDER_COSTS = {"learned_c": 0.001, "learned_0": 0.0}
 
 
 def halting_arms() -> tuple[dict, ...]:
@@ -65,18 +75,20 @@ def halting_arms() -> tuple[dict, ...]:
     for tag, tol in zip("ab", CONVERGE_TOLS, strict=True)
   )
   learned = (
-    arm(
-      f"learned_{tag}",
-      {"sleep.passes": MAX_PASSES, "sleep.halt": "learned", "sleep.ponder_cost": cost},
-    )
-    for tag, cost in zip("ab", PONDER_COSTS, strict=True)
+    learned_arm(f"learned_{tag}", cost) for tag, cost in zip("ab", PONDER_COSTS, strict=True)
   )
   return (*converge, *learned)
 
 
-def get_config() -> config_dict.ConfigDict:
+def learned_arm(name: str, cost: float) -> dict:
+  return arm(name, {"sleep.passes": MAX_PASSES, "sleep.halt": "learned", "sleep.ponder_cost": cost})
+
+
+def get_config(variant: str = "") -> config_dict.ConfigDict:
+  if variant not in ("", "ponder"):
+    raise ValueError(f"unknown rule110_adaptive variant {variant!r}; use none or 'ponder'")
   c = config_dict.ConfigDict()
-  c.name = "rule110_adaptive"
+  c.name = "rule110_adaptive" + (f"_{variant}" if variant else "")
   c.base = "configs/rule110.py:cpu"
   c.seeds = (0, 1, 2)
   c.depths = ()  # no depth axis: every run trains on the mix of DEPTHS (task.depths)
@@ -106,4 +118,6 @@ def get_config() -> config_dict.ConfigDict:
   )
   fixed = tuple(arm(f"n{n}", {"sleep.passes": n}) for n in range(1, MAX_PASSES + 1))
   c.arms = (*fixed, *halting_arms())
+  if variant == "ponder":
+    c.arms = tuple(learned_arm(name, cost) for name, cost in FOLLOW_UP_PONDER_COSTS.items())
   return c

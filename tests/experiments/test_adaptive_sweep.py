@@ -55,3 +55,18 @@ def test_every_arm_builds_a_valid_experiment_config(runs, arm):
     raise
   assert typed.task.depths == (0, 2, 4) and typed.sleep.passes == int(run.overrides["sleep.passes"])
   assert typed.sleep.halt == run.overrides.get("sleep.halt", "never")
+
+
+def test_the_ponder_variant_reruns_learned_halting_at_lighter_costs_only(runs, tmp_path):
+  from configs.sweeps import rule110_adaptive as sweep  # pylint: disable=g-import-not-at-top
+
+  follow_up = sweeps.expand_runs(config_files.load_config(SWEEP + ":ponder"), str(tmp_path))
+  assert [r.arm for r in follow_up[:2]] == ["learned_c", "learned_0"] and len(follow_up) == 6
+  learned_a = next(r.overrides for r in runs if (r.arm, r.seed) == ("learned_a", 0))
+  for r in follow_up:
+    cost = sweep.FOLLOW_UP_PONDER_COSTS[r.arm]
+    assert cost < min(sweep.PONDER_COSTS) and r.num_steps == 600
+    # everything but the cost (and the seed) is learned_a's, so the arms compare with it
+    assert r.overrides == {**learned_a, "sleep.ponder_cost": cost, "seed": r.seed}
+  with pytest.raises(ValueError, match="unknown rule110_adaptive variant 'pondr'"):
+    config_files.load_config(SWEEP + ":pondr")
