@@ -13,25 +13,26 @@ from sleep_jax.experiments import config_files
 pytestmark = pytest.mark.integration  # ~1.5 minutes on 2 cores: three compiles per decoder
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONTEXTS = (64, 256)
+QUICK = ["--window=32", "--repeats=1", "--sleep_repeats=1"]  # toy sizes, one timing each
+
+
+def run_bench(out_dir, *flags) -> tuple[dict, str]:
+  """Runs bench/stream.py with `flags` at toy sizes; returns its JSON and its stdout."""
+  command = [sys.executable, "bench/stream.py", *QUICK, *flags, f"--out_dir={out_dir}"]
+  run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return json.loads((out_dir / "stream.json").read_text()), run.stdout
 
 
 def test_stream_bench_writes_prefill_and_decode_rows_with_a_constant_sleeping_state(tmp_path):
-  command = [
-    sys.executable,
-    "bench/stream.py",
+  report, stdout = run_bench(
+    tmp_path,
     "--passes=1",
     "--contexts",
     *map(str, CONTEXTS),
     "--prefill_contexts=128",
-    "--window=32",
     "--timed_tokens=5",
-    "--repeats=1",
-    "--sleep_repeats=1",
-    f"--out_dir={tmp_path}",
-  ]
-  run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
-  report = json.loads((tmp_path / "stream.json").read_text())
+  )
   assert (tmp_path / "decode.png").stat().st_size > 0
   assert report["window"] == 32 and report["eviction"] == "hard"
 
@@ -50,28 +51,20 @@ def test_stream_bench_writes_prefill_and_decode_rows_with_a_constant_sleeping_st
   assert full_state[1] > 2 * full_state[0]  # the KV cache holds every token
   assert sleeping["filling_token_ms"] > 0 and full["sleep_ms"] is None
 
-  assert "at 64 / 256 tokens of context" in run.stdout
-  assert "| sleep N=1 |" in run.stdout and "| full attention |" in run.stdout
+  assert "at 64 / 256 tokens of context" in stdout
+  assert "| sleep N=1 |" in stdout and "| full attention |" in stdout
 
 
 def test_stream_bench_runs_an_experiment_configs_model(tmp_path):
-  command = [
-    sys.executable,
-    "bench/stream.py",
+  report, _ = run_bench(
+    tmp_path,
     "--model_config=configs/rule110.py:tiny",
     "--passes=2",
     "--contexts=64",
     "--prefill_contexts=64",
-    "--window=32",
     "--timed_tokens=3",
-    "--repeats=1",
-    "--sleep_repeats=1",
     "--no_full_attention",
-    f"--out_dir={tmp_path}",
-  ]
-  run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
-  report = json.loads((tmp_path / "stream.json").read_text())
+  )
   assert report["model"] == config_files.load_config("configs/rule110.py:tiny").model.to_dict()
   assert report["model_config"] == "configs/rule110.py:tiny"
   ((prefill,), (sleeping,)) = report["prefill"], report["decode"]
