@@ -1,6 +1,7 @@
 """Tools that read a trained tiny run: launch/generate.py (streamed answers are the batch
 evaluation's) and bench/param_movement.py."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -159,3 +160,40 @@ def test_text_generation_refuses_what_does_not_fit(converted, tmp_path):
     f"--tokenizer={os.path.join(directory, 'tokenizer.json')}",
   )  # fmt: skip
   assert mismatch.returncode == 1 and "not this model's tokenizer" in mismatch.stderr
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+  """A tiny GSM-Infinite run (two steps): its task names the word-level tokenizer."""
+  from configs import gsm_infinite as gsm_configs
+
+  config = gsm_configs.get_config("tiny")
+  workdir = str(tmp_path_factory.mktemp("gsm_run"))
+  loop.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_text_in_text_out_from_a_training_run_uses_its_tasks_tokenizer(text_run):
+  from sleep_jax.data import gsm_task
+
+  prompt = "assign V1 = 3 ."
+  result = generate(f"--workdir={text_run}", f"--prompt_text={prompt}", "--max_new_tokens=8")
+  assert result.returncode == 0, result.stderr
+  model, config, _ = restore_model(text_run)
+  tokenizer = gsm_task.load_tokenizer(gsm_task.tokenizer_path(config.task.tokenizer))
+  ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+  sleep = dataclasses.replace(config.sleep, context_len=0, predict_chunks=None)  # a stream's
+  expected = np.asarray(sleep_jax.generate(model, [ids], sleep_config=sleep, max_new_tokens=8))[0]
+  _, end = gsm_task.special_ids(tokenizer)
+  kept = [int(t) for t in expected[: list(expected).index(end) if end in expected else None]]
+  assert result.stdout.splitlines()[-1].strip() == tokenizer.decode(kept).strip()
+
+
+def test_prompts_that_are_no_text_are_refused(text_run, trained):
+  blank = generate(f"--workdir={text_run}", "--prompt_text=   ")
+  assert blank.returncode == 1 and "encodes to no tokens" in blank.stderr
+  both = generate(f"--workdir={text_run}", "--prompt=1,2", "--prompt_text=assign V1 = 3 .")
+  assert both.returncode == 1 and "not both" in both.stderr
+  rule110_run, _ = trained  # a task of cells, with no tokenizer
+  no_tokenizer = generate(f"--workdir={rule110_run}", "--prompt_text=1 0 1")
+  assert no_tokenizer.returncode == 1 and "--prompt_text needs a tokenizer" in no_tokenizer.stderr
