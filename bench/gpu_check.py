@@ -9,11 +9,14 @@ and the next one runs). The timed ones run alone on the GPU, first:
            kernels ("pallas", the fused Triton kernel, and "pallas_staged",
            XLA stages around a Triton state walk), fla's chunk_gated_delta_rule, chunked and
            the per-token reference, one process.
-  step     bench/train_step.py on configs/rule110.py:paper (batch 512) at N = 1, 2, 4, with
+  step     bench/train_step.py on configs/rule110.py:paper (batch 512) at N = 1, 2, 4 in
+           float32 and at N = 1, 4 in bfloat16 (`model.dtype`), with
            `model.fast_weight_impl=auto` (on a GPU: the one-chunk kernel for every 24-token
-           sleep pass).
-  depth    configs/sweeps/rule110_gpu_check.py: N=1 beside N=2 at equal steps (both at once),
-           sized to the time left (depth 8, or 4 when fewer than 2,000 steps fit).
+           sleep pass). The targets are judged per dtype.
+  depth    configs/sweeps/rule110_gpu_check.py: N=1 beside N=4 at equal steps (both at once),
+           sized to the time left (depth 8, or 4 when fewer than 2,000 steps fit); the figure
+           draws both against steps and against training compute (steps x the step's FLOPs),
+           where N=1's curve is the compute-matched line for N=4 up to N=1's last step.
   tests    `pytest -m gpu`, beside the depth runs: both kernels against "chunked" at T=1000,
            K=V=128, float32 and bfloat16, outputs and all six gradients from a random initial
            state; the model's train-step gradient with each kernel against "chunked".
@@ -48,6 +51,9 @@ TARGET_STEP_MS_N1 = 15.0
 TARGET_RATIO_SLACK = 0.10  # N=4 / N=1 step time within 10% of the FLOP ratio
 PAPER_STEPS = 100_000
 DEPTH_STEPS_FOR_T8 = 2_000  # fewer steps than this fit: depth 4 (t=8 needed ~2,700 at N=1)
+# The step section's runs: (model.dtype, the N measured). bfloat16 skips N=2 to save GPU time.
+STEP_RUNS = (("float32", (1, 2, 4)), ("bfloat16", (1, 4)))
+DEPTH_ARMS = {"n1": 1, "n4": 4}  # configs/sweeps/rule110_gpu_check.py's arms
 
 
 class Check:
@@ -265,22 +271,13 @@ def _ok(row: dict) -> bool:
   return "error" not in row and row.get("ms_per_step") is not None
 
 
-def section_step(check: Check, timeout_s: float) -> dict:
-  best = "auto"  # what a user gets
-  path = os.path.join(check.work_dir, "train_step.json")
-  platform = "gpu" if check.platform == "cuda" else check.platform
-  argv = [sys.executable, "bench/train_step.py", "--platform", platform]
-  argv += ["--setting", check.step_setting, "--passes", "1", "2", "4", "--impl", best]
-  argv += ["--steps", "5", "--timeout_s", str(int(timeout_s / 3 - 5)), "--json", path]
-  run = check.run("step", argv, timeout_s)
-  report = rundir.read_json(path) if os.path.exists(path) else {}
-  header = {k: v for k, v in report.items() if k != "rows"}
-  rows = report.get("rows", [])
-
-  by_passes = {row["passes"]: row for row in rows if _ok(row) and row["impl"] == best}
+def step_targets(rows: list[dict], impl: str) -> tuple[dict, dict]:
+  """The step targets of one dtype's rows ({N: row} measured with `impl`, and the targets);
+  adds each row's time and FLOP ratios to N=1."""
+  by_passes = {row["passes"]: row for row in rows if _ok(row) and row["impl"] == impl}
   base = by_passes.get(1)
-  for row in rows:
-    if _ok(row) and base and row["impl"] == best:
+  for row in by_passes.values():
+    if base:
       row["time_ratio"] = row["ms_per_step"] / base["ms_per_step"]
       row["flop_ratio"] = row["gflop_per_step"] / base["gflop_per_step"]
   targets = {}
@@ -299,10 +296,34 @@ def section_step(check: Check, timeout_s: float) -> dict:
       "off_by": off,
       "met": abs(off) <= TARGET_RATIO_SLACK,
     }
-  projected = {
-    f"N={n} t=32 {PAPER_STEPS:,} steps h": PAPER_STEPS * row["ms_per_step"] / 3.6e6
-    for n, row in sorted(by_passes.items())
-  }
+  return by_passes, targets
+
+
+def section_step(check: Check, timeout_s: float) -> dict:
+  best = "auto"  # what a user gets
+  platform = "gpu" if check.platform == "cuda" else check.platform
+  header, rows, targets, runs = {}, [], {}, []
+  for dtype, passes in STEP_RUNS:
+    path = os.path.join(check.work_dir, f"train_step_{dtype}.json")
+    share = timeout_s * len(passes) / sum(len(p) for _, p in STEP_RUNS)
+    argv = [sys.executable, "bench/train_step.py", "--platform", platform]
+    argv += ["--setting", check.step_setting, "--passes", *map(str, passes), "--impl", best]
+    argv += ["--dtype", dtype, "--steps", "5", "--timeout_s", str(int(share / len(passes) - 5))]
+    argv += ["--json", path]
+    runs.append(check.run(f"step {dtype}", argv, share))
+    report = rundir.read_json(path) if os.path.exists(path) else {}
+    header = header or {k: v for k, v in report.items() if k != "rows"}
+    dtype_rows = report.get("rows", [])
+    for row in dtype_rows:
+      row["dtype"] = dtype
+    by_passes, dtype_targets = step_targets(dtype_rows, best)
+    rows += dtype_rows
+    targets.update({f"{dtype}: {name}": t for name, t in dtype_targets.items()})
+    if dtype == "float32":
+      projected = {
+        f"N={n} t=32 {PAPER_STEPS:,} steps h (float32)": PAPER_STEPS * row["ms_per_step"] / 3.6e6
+        for n, row in sorted(by_passes.items())
+      }
   summary = {
     **header,
     "config": "configs/rule110.py:paper",
@@ -312,23 +333,24 @@ def section_step(check: Check, timeout_s: float) -> dict:
     "projected_paper_run": projected,
   }
   rundir.write_json(os.path.join(check.out_dir, "train_step.json"), summary)
-  return {"run": run, "summary": summary}
+  return {"run": runs, "summary": summary}
 
 
 # --- 4. sleep at depth ----------------------------------------------------------------------------
 
 
 def depth_and_tests(check: Check, timeout_s: float, step: dict | None, tests: bool) -> dict:
-  """The depth runs (N=1 and N=2 at once) and, beside them, the gpu tests: neither is timed."""
+  """The depth runs (N=1 and N=4 at once) and, beside them, the gpu tests: neither is timed."""
   rows = (step or {}).get("summary", {}).get("rows", [])
   impl = (step or {}).get("summary", {}).get("chosen_impl", "auto")
-  ms = {row["passes"]: row["ms_per_step"] for row in rows if _ok(row) and row["impl"] == impl}
+  measured = [r for r in rows if _ok(r) and r["impl"] == impl and r.get("dtype") == "float32"]
+  ms = {row["passes"]: row["ms_per_step"] for row in measured}
   ms_n1 = ms.get(1, 60.0)
-  ms_n2 = ms.get(2, 2 * ms_n1)
+  ms_n4 = ms.get(4, 4 * ms_n1)
   # Each run compiles a train and an eval program (~45 s together, a guess) and evaluates 8 times;
   # the two arms (and the tests) share the GPU: assume the slower arm runs 1.5x slower than alone.
   training_s = timeout_s - 45 - 20
-  num_steps = int(training_s / (1.5 * ms_n2 / 1e3)) // 100 * 100
+  num_steps = int(training_s / (1.5 * ms_n4 / 1e3)) // 100 * 100
   num_steps = max(200, min(2_700, num_steps))
   depth = 8 if num_steps >= DEPTH_STEPS_FOR_T8 else 4
   eval_every = max(50, num_steps // 8)
@@ -343,52 +365,118 @@ def depth_and_tests(check: Check, timeout_s: float, step: dict | None, tests: bo
   # The two arms at once: each alone leaves the GPU mostly idle at this model size, and one
   # compiles while the other trains. Each gets under half of the GPU's memory.
   memory = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
-  commands = [(f"depth {arm}", argv + [f"--only={arm}"], memory) for arm in ("n1", "n2")]
+  commands = [(f"depth {arm}", argv + [f"--only={arm}"], memory) for arm in DEPTH_ARMS]
   runs = check.run_together(commands + ([tests_command(check)] if tests else []), timeout_s)
-  run = {"runs": runs[:2]}
-  tests_run = tests_results(check, runs[2]) if tests else None
+  run = {"runs": runs[: len(DEPTH_ARMS)]}
+  tests_run = tests_results(check, runs[len(DEPTH_ARMS)]) if tests else None
   curves = {
     "impl": impl,
     "depth": depth,
     "num_steps": num_steps,
     "eval_every": eval_every,
-    "sized_from_ms_per_step": {"N=1": ms_n1, "N=2": ms_n2},
+    "sized_from_ms_per_step": {"N=1": ms_n1, "N=4": ms_n4},
+    # a run's training compute = steps x its step's model FLOPs (from its saved config)
+    "gflop_per_step": {},
     "arms_at_once": True,
     "arms": {},
   }
-  for arm in ("n1", "n2"):
+  for arm in DEPTH_ARMS:
     workdir = os.path.join(sweep_dir, arm, f"depth{depth}", "seed0")
     if not os.path.isdir(workdir):
       continue
     run_dir = rundir.RunDir(workdir)
     results = run_dir.results()
+    curves["gflop_per_step"][arm] = step_gflop(run_dir.config())
     curves["arms"][arm] = {
       "eval": run_dir.eval_log(),
       "train": run_dir.train_log(),
       "results": None if results is None else results.to_json(),
     }
   rundir.write_json(os.path.join(check.out_dir, "depth_curves.json"), curves)
-  try:  # eval exact accuracy against steps, one line per arm
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from sleep_jax.experiments import report, report_figures
-
-    figure = report_figures.learning_curves(
-      report.load_runs(sweep_dir),
-      ["n1", "n2"],
-      "exact_accuracy",
-      f"Rule 110, depth {depth}: eval exact accuracy",
-      log="eval_log",
-    )
-    figure.savefig(os.path.join(check.out_dir, "depth_curves.png"), dpi=120)
+  try:
+    depth_figure(curves).savefig(os.path.join(check.out_dir, "depth_curves.png"), dpi=120)
   except Exception as error:  # the numbers are in depth_curves.json either way
     check.say(f"depth figure failed: {type(error).__name__}: {error}")
   run["curves"] = {k: v for k, v in curves.items() if k != "arms"}
+  run["equal_compute"] = at_equal_compute(compute_matched(curves))
   run["final"] = {
     arm: (data["eval"][-1] if data["eval"] else None) for arm, data in curves["arms"].items()
   }
   return {"depth": run, "tests": tests_run}
+
+
+def step_gflop(config: dict | None) -> float | None:
+  """Model GFLOPs of one training step of the run whose saved config.json is `config`
+  (sleep_jax.sleep.flops, what bench/train_step.py divides by). Imported only here, after the
+  depth runs: this process never starts a JAX backend."""
+  if config is None:
+    return None
+  from ml_collections import config_dict
+
+  from sleep_jax.data import tasks
+  from sleep_jax.model.config import ModelConfig
+  from sleep_jax.sleep.config import SleepConfig
+  from sleep_jax.sleep.flops import train_step_flops
+
+  config = config_dict.ConfigDict(config)
+  flops = train_step_flops(
+    ModelConfig.from_config(config.model),
+    SleepConfig.from_config(config.sleep),
+    seq_len=tasks.get_task(config.task).seq_len,
+    batch_size=config.train.batch_size,
+  )
+  return flops / 1e9
+
+
+def compute_matched(curves: dict) -> dict:
+  """Each arm's eval exact accuracy against its training compute (TFLOP: step x the step's
+  FLOPs): on one axis, N=1's curve is the compute-matched line for N=4 up to N=1's last step."""
+  lines = {}
+  for arm, data in curves["arms"].items():
+    gflop = curves["gflop_per_step"].get(arm)
+    points = [e for e in data["eval"] if e.get("exact_accuracy") is not None]
+    if gflop and points:
+      lines[arm] = [(e["step"] * gflop / 1e3, e["exact_accuracy"]) for e in points]
+  return lines
+
+
+def at_equal_compute(lines: dict) -> dict | None:
+  """N=1's last eval beside N=4's accuracy at the same training compute (linear between N=4's
+  evals); None where either curve is missing or N=4 has not reached that compute."""
+  if "n1" not in lines or "n4" not in lines:
+    return None
+  compute, n1_accuracy = lines["n1"][-1]
+  n4 = lines["n4"]
+  for (c0, a0), (c1, a1) in zip(n4, n4[1:], strict=False):
+    if c0 <= compute <= c1:
+      n4_accuracy = a0 + (a1 - a0) * (compute - c0) / (c1 - c0) if c1 > c0 else a1
+      return {"tflop": compute, "n1": n1_accuracy, "n4": n4_accuracy}
+  return None
+
+
+def depth_figure(curves: dict):
+  """Eval exact accuracy against steps (left) and against training compute (right)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  figure, (by_step, by_compute) = plt.subplots(1, 2, figsize=(11, 4))
+  for arm, data in curves["arms"].items():
+    points = [e for e in data["eval"] if e.get("exact_accuracy") is not None]
+    by_step.plot(
+      [e["step"] for e in points], [e["exact_accuracy"] for e in points], "o-", label=arm
+    )
+  for arm, line in compute_matched(curves).items():
+    by_compute.plot(*zip(*line, strict=True), "o-", label=arm)
+  by_step.set(xlabel="training step", ylabel="eval exact accuracy", title="equal steps")
+  by_compute.set(xlabel="training compute (TFLOP)", title="equal compute (same runs)")
+  for axes in (by_step, by_compute):
+    axes.legend()
+    axes.grid(alpha=0.3)
+  figure.suptitle(f"Rule 110, depth {curves['depth']}: N=1 beside N=4 ({curves['impl']})")
+  figure.tight_layout()
+  return figure
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -441,15 +529,19 @@ def report_markdown(results: dict) -> str:
   lines += ["", "## 3. The paper's train step (`bench/train_step.py --setting paper`)", ""]
   if step:
     lines += [
-      "| N | impl | ms/step | tokens/s | MFU (bf16 peak) | peak GB | N/N=1 time | FLOP ratio |",
-      "|---:|---|---:|---:|---:|---:|---:|---:|",
+      "| N | dtype | impl | ms/step | tokens/s | MFU (bf16 peak) | peak GB | N/N=1 time "
+      "| FLOP ratio |",
+      "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in step["rows"]:
       if not _ok(row):
-        lines.append(f"| {row.get('passes')} | {row.get('impl')} | error: {row.get('error')} |")
+        lines.append(
+          f"| {row.get('passes')} | {row.get('dtype')} | {row.get('impl')} "
+          f"| error: {row.get('error')} |"
+        )
         continue
       lines.append(
-        f"| {row['passes']} | {row['impl']} | {row['ms_per_step']:.1f} "
+        f"| {row['passes']} | {row.get('dtype')} | {row['impl']} | {row['ms_per_step']:.1f} "
         f"| {_fmt(row.get('tokens_per_s'), ',.0f')} | {_fmt(row.get('mfu'), '.3f')} "
         f"| {_fmt(row.get('peak_gb'))} | {_fmt(row.get('time_ratio'))} "
         f"| {_fmt(row.get('flop_ratio'))} |"
@@ -476,6 +568,13 @@ def report_markdown(results: dict) -> str:
           f"| {arm} | {last.get('step')} | {_fmt(last.get('exact_accuracy'), '.3f')} "
           f"| {_fmt(last.get('loss'), '.3f')} |"
         )
+    matched = depth.get("equal_compute")
+    if matched:
+      lines += [
+        "",
+        f"At equal training compute ({matched['tflop']:.3g} TFLOP, N=1's last eval): exact "
+        f"accuracy N=1 {matched['n1']:.3f}, N=4 {matched['n4']:.3f} (between its evals).",
+      ]
   return "\n".join(lines) + "\n"
 
 
@@ -511,7 +610,7 @@ def main(argv=None):
     sections["kernels"] = section_kernels(check, min(150, 0.3 * check.left()), args.kernel_shape)
     save()
   if "step" not in skip:
-    sections["step"] = section_step(check, min(200, 0.45 * check.left()))
+    sections["step"] = section_step(check, min(300, 0.55 * check.left()))
     save()
   if "depth" not in skip or "tests" not in skip:
     if "depth" in skip:

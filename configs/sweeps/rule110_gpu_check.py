@@ -1,6 +1,7 @@
-"""Sleep at depth in minutes, for `make gpu-check` (bench/gpu_check.py): N=1 beside N=2.
+"""Sleep at depth in minutes, for `make gpu-check` (bench/gpu_check.py): N=1 beside N=4.
 
-The paper's model and batch (configs/rule110.py:paper) at equal steps. bench/gpu_check.py sizes
+The paper's model and batch (configs/rule110.py:paper) at equal steps; the check also draws
+N=1 against N=4 at equal training compute from the same two curves. bench/gpu_check.py sizes
 `num_steps` to the time left on the GPU and picks the depth (8, or 4 when fewer than 2,000 steps
 fit) and the kernel (`model.fast_weight_impl`) from its own measurements, as flags:
 
@@ -28,5 +29,5 @@ def get_config() -> config_dict.ConfigDict:
       "model": {"fast_weight_impl": "auto"},
     }
   )
-  c.arms = passes_arms((1, 2))
+  c.arms = passes_arms((1, 4))
   return c
