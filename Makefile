@@ -63,8 +63,9 @@ bench-gpu:
 	JAX_PLATFORMS=cuda $(PYTHON) -m pytest -m gpu -q tests/ops
 	$(PYTHON) bench/gated_delta.py --shape gpu
 
-# On one H100/H200, about 8 minutes: the GPU tests, the kernel table (with fla), the paper's
-# train step at N = 1, 2, 4 and N=1 beside N=2 at depth; JSON and report.md in docs/results/gpu/.
+# On one H100/H200, about 9 minutes: the GPU tests, the kernel table (with fla), the paper's
+# train step at N = 1, 2, 4 (float32; bfloat16 at N = 1, 4) and N=1 beside N=4 at depth; JSON
+# and report.md in docs/results/gpu/.
 gpu-check:
 	$(PYTHON) bench/gpu_check.py --out docs/results/gpu
 
