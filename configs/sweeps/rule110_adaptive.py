@@ -34,7 +34,8 @@ finish together:
 
 Variant "ponder" (a follow-up to learned halting, which collapsed to 1-2 passes at both costs
 above): the same runs with ponder_cost FOLLOW_UP_PONDER_COSTS, the lighter 0.001 and none at
-all, in a sweep of its own (6 runs, about 30 minutes in two processes):
+all, in a sweep of its own (6 runs, 42 minutes in two processes on 2 cores; results in
+docs/results/adaptive/ponder/ and findings.md):
 
   python launch/sweep.py --config=configs/sweeps/rule110_adaptive.py:ponder \
       --sweep_dir=runs/sweeps/rule110_adaptive_ponder [--only=learned_c|learned_0]
