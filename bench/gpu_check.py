@@ -281,10 +281,9 @@ def step_targets(rows: list[dict], impl: str) -> tuple[dict, dict]:
   adds each row's time and FLOP ratios to N=1."""
   by_passes = {row["passes"]: row for row in rows if _ok(row) and row["impl"] == impl}
   base = by_passes.get(1)
-  for row in by_passes.values():
-    if base:
-      row["time_ratio"] = row["ms_per_step"] / base["ms_per_step"]
-      row["flop_ratio"] = row["gflop_per_step"] / base["gflop_per_step"]
+  for row in by_passes.values() if base else ():
+    row["time_ratio"] = row["ms_per_step"] / base["ms_per_step"]
+    row["flop_ratio"] = row["gflop_per_step"] / base["gflop_per_step"]
   targets = {}
   if base:
     targets[f"N=1 <= {TARGET_STEP_MS_N1} ms/step"] = {
@@ -307,7 +306,7 @@ def step_targets(rows: list[dict], impl: str) -> tuple[dict, dict]:
 def section_step(check: Check, timeout_s: float) -> dict:
   best = "auto"  # what a user gets
   platform = "gpu" if check.platform == "cuda" else check.platform
-  header, rows, targets, runs = {}, [], {}, []
+  header, rows, targets, runs, projected = {}, [], {}, [], {}
   for dtype, passes in STEP_RUNS:
     path = os.path.join(check.work_dir, f"train_step_{dtype}.json")
     share = min(
@@ -414,26 +413,16 @@ def depth_and_tests(check: Check, timeout_s: float, step: dict | None, tests: bo
 
 
 def step_gflop(config: dict | None) -> float | None:
-  """Model GFLOPs of one training step of the run whose saved config.json is `config`
-  (sleep_jax.sleep.flops, what bench/train_step.py divides by). Imported only here, after the
-  depth runs: this process never starts a JAX backend."""
+  """Model GFLOPs of one training step of the run whose saved config.json is `config` (what
+  bench/train_step.py divides by). Imported only here, after the depth runs: this process never
+  starts a JAX backend."""
   if config is None:
     return None
   from ml_collections import config_dict
 
-  from sleep_jax.data import tasks
-  from sleep_jax.model.config import ModelConfig
-  from sleep_jax.sleep.config import SleepConfig
-  from sleep_jax.sleep.flops import train_step_flops
+  from sleep_jax.experiments.jobs import config_step_flops
 
-  config = config_dict.ConfigDict(config)
-  flops = train_step_flops(
-    ModelConfig.from_config(config.model),
-    SleepConfig.from_config(config.sleep),
-    seq_len=tasks.get_task(config.task).seq_len,
-    batch_size=config.train.batch_size,
-  )
-  return flops / 1e9
+  return config_step_flops(config_dict.ConfigDict(config)) / 1e9
 
 
 def compute_matched(curves: dict) -> dict:

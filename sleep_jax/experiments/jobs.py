@@ -77,22 +77,30 @@ class JobCost:
   hours: float
 
 
-def run_cost(run: Run, sweep_dir: str, flop_rate: float = MEASURED_FLOP_RATE) -> JobCost:
-  """The estimated cost of one run: train_step_flops x num_steps at `flop_rate` FLOP/s."""
+def config_step_flops(config: config_dict.ConfigDict) -> float:
+  """Model FLOPs of one training step of an experiment config (or a run's saved config.json
+  as a ConfigDict): `train_step_flops` at the config's model, schedule, task length and batch."""
   from sleep_jax.data import tasks  # imported here: the dry run alone needs the data modules
   from sleep_jax.model.config import ModelConfig
   from sleep_jax.sleep.config import SleepConfig
   from sleep_jax.sleep.flops import train_step_flops
 
+  return train_step_flops(
+    ModelConfig.from_config(config.model),
+    SleepConfig.from_config(config.sleep),
+    seq_len=tasks.get_task(config.task).seq_len,
+    batch_size=config.train.batch_size,
+  )
+
+
+def run_cost(run: Run, sweep_dir: str, flop_rate: float = MEASURED_FLOP_RATE) -> JobCost:
+  """The estimated cost of one run: train_step_flops x num_steps at `flop_rate` FLOP/s."""
+  from sleep_jax.data import tasks
+
   config = apply_overrides(load_config(run.base), run.overrides)
   seq_len = tasks.get_task(config.task).seq_len
   batch, steps = config.train.batch_size, config.train.num_steps
-  step_flops = train_step_flops(
-    ModelConfig.from_config(config.model),
-    SleepConfig.from_config(config.sleep),
-    seq_len=seq_len,
-    batch_size=batch,
-  )
+  step_flops = config_step_flops(config)
   name = paths.relative(run.workdir, sweep_dir)
   flops = step_flops * steps
   return JobCost(
