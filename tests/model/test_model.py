@@ -153,7 +153,7 @@ def test_stack_pass_is_causal_by_gradient():
   tokens = jnp.arange(10).reshape(1, 10) % 6
   h = model.embed(tokens)
   state = zero_fast_state(model.cfg, 1)
-  jac = jax.jacobian(lambda h: model.stack_pass(h, state)[0][0, 6])(h)  # [D, 1, T, D]
+  jac = jax.jit(jax.jacobian(lambda h: model.stack_pass(h, state)[0][0, 6]))(h)  # [D, 1, T, D]
   assert float(jnp.abs(jac[:, :, 7:]).max()) == 0.0
   assert float(jnp.abs(jac[:, :, :7]).max()) > 0.0
 
@@ -162,7 +162,7 @@ def test_fast_state_has_one_matrix_per_gated_delta_block_and_is_updated():
   model = build_model(CFG | dict(pattern="AGGA"), seed=0)
   state = zero_fast_state(model.cfg, 3)
   assert [s.shape for s in state] == [(3, 2, 8, 8)] * 2
-  _, new_state = model.stack_pass(model.embed(jnp.ones((3, 5), jnp.int32)), state)
+  _, new_state = jax.jit(model.stack_pass)(model.embed(jnp.ones((3, 5), jnp.int32)), state)
   assert all(s.dtype == jnp.float32 and float(jnp.abs(s).max()) > 0 for s in new_state)
 
 
@@ -234,6 +234,7 @@ def train_tiny(fast_weight_impl="chunked", num_batches=3, **train_overrides):
   return losses, initial, train_state.params
 
 
+@pytest.mark.integration  # two optimizer programs over the whole model
 @pytest.mark.parametrize("impl", ["chunked", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_a_few_training_steps_match_the_reference_fast_weight_impl(impl):
   # Same seed, data and optimizer; only `model.fast_weight_impl` differs. "pallas" interprets the
@@ -246,6 +247,7 @@ def test_a_few_training_steps_match_the_reference_fast_weight_impl(impl):
   )
 
 
+@pytest.mark.integration  # two optimizer programs over the whole model
 def test_training_moves_every_parameter_and_a_zero_learning_rate_moves_none():
   # The tiny schedule warms up from 0 over one step, so the second step is the first that moves.
   _, initial, params = train_tiny(num_batches=2)

@@ -86,16 +86,17 @@ def test_jet_block_equals_its_equations_token_by_token(jet_block):
   x = jax.random.normal(keys[0], (2, 9, 12))
   fast_state = 0.3 * jax.random.normal(keys[1], (2, 2, 3, 5))
   v_tail = jax.random.normal(keys[2], (2, 3, 10))
-  y, (new_state, (new_tail,)) = jet_block(x, (fast_state, (v_tail,)))
+  run = jax.jit(jet_block.__call__)  # one compile per shape, not one per operation
+  y, (new_state, (new_tail,)) = run(x, (fast_state, (v_tail,)))
   expected_y, expected_state, expected_tail = jet_block_by_token(jet_block, x, fast_state, v_tail)
   np.testing.assert_allclose(y, expected_y, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(new_state, expected_state, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(new_tail, expected_tail, rtol=1e-6, atol=1e-6)
   # No tail is a tail of zeros, and two calls that hand the tail on equal one call.
-  zeros = jet_block(x, (fast_state, None))[0]
-  np.testing.assert_allclose(zeros, jet_block(x, (fast_state, (0 * v_tail,)))[0], atol=1e-6)
-  first, (mid_state, mid_tail) = jet_block(x[:, :4], (fast_state, (v_tail,)))
-  second, _ = jet_block(x[:, 4:], (mid_state, mid_tail))
+  zeros = run(x, (fast_state, None))[0]
+  np.testing.assert_allclose(zeros, run(x, (fast_state, (0 * v_tail,)))[0], atol=1e-6)
+  first, (mid_state, mid_tail) = run(x[:, :4], (fast_state, (v_tail,)))
+  second, _ = run(x[:, 4:], (mid_state, mid_tail))
   np.testing.assert_allclose(jnp.concatenate([first, second], 1), y, rtol=1e-5, atol=1e-5)
 
 
@@ -112,8 +113,8 @@ def test_jet_block_gradients_match_the_per_token_reference_impl(jet_block):
     y, (state, _) = block(x, (fast_state, None))
     return jnp.sum(y * weights) + jnp.sum(jnp.sin(state))
 
-  fast = jax.grad(loss, argnums=(0, 1))(params, x, "chunked")
-  slow = jax.grad(loss, argnums=(0, 1))(params, x, "reference")
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  fast, slow = grad(params, x, "chunked"), grad(params, x, "reference")
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 + 1e-4 * jnp.abs(b).max())
   jax.tree.map(close, fast, slow)
   assert float(jnp.abs(fast[0]["kernel_hidden"]["kernel"][...]).max()) > 0  # the generator learns
@@ -181,19 +182,26 @@ def test_sleep_runs_the_prelude_once_the_loop_n_times_and_the_coda_once():
   toks = np.random.default_rng(0).integers(0, 7, (2, 10), dtype=np.int32)
   sleep = SleepConfig(window=4, passes=2, context_len=8)
   graphdef, state = nnx.split(model)
-  logits, fast = sleep_forward(graphdef, nnx.to_pure_dict(state), jnp.asarray(toks), sleep)
+  schedule = jax.jit(sleep_forward, static_argnums=(0, 3))  # one compile, not one per operation
+  logits, fast = schedule(graphdef, nnx.to_pure_dict(state), jnp.asarray(toks), sleep)
 
   segments = {name: model.cfg.pattern[a:b] for name, a, b in model.cfg.segments}
   assert segments == {"prelude": "G", "loop": "AG", "coda": "J"}
-  state = zero_fast_state(model.cfg, 2)
-  for start, passes in ((0, 2), (4, 2), (8, 1)):
-    h = model.embed(toks[:, start : start + 4])
-    out = model.run_segment("prelude", h, state)
-    for _ in range(passes):  # one loop pass applies its blocks loop_repeats = 2 times
-      out = model.run_segment("loop", out.h, out.fast_state)
-    out = model.run_segment("coda", out.h, out.fast_state)
-    state = out.fast_state
-  np.testing.assert_allclose(logits, model.logits(out.h), rtol=1e-5, atol=1e-5)
+
+  @jax.jit
+  def written_out(toks):
+    state = zero_fast_state(model.cfg, 2)
+    for start, passes in ((0, 2), (4, 2), (8, 1)):
+      h = model.embed(toks[:, start : start + 4])
+      out = model.run_segment("prelude", h, state)
+      for _ in range(passes):  # one loop pass applies its blocks loop_repeats = 2 times
+        out = model.run_segment("loop", out.h, out.fast_state)
+      out = model.run_segment("coda", out.h, out.fast_state)
+      state = out.fast_state
+    return model.logits(out.h), state
+
+  expected_logits, state = written_out(toks)
+  np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fast, state)
   # The loop ran 2 x 2 times per sleep chunk: a model whose loop repeats once differs.
   once = sleep_jax.build_model(cfg | dict(loop_repeats=1), seed=0)

@@ -121,14 +121,15 @@ PRETRAINED_PARTS = dict(
 @pytest.mark.parametrize(
   "pattern, extra",
   [
-    ("AGGAGG", dict(scan_min_repeats=1)),
+    pytest.param("AGGAGG", dict(scan_min_repeats=1), marks=pytest.mark.integration),
     ("AGGAGG", {}),
     pytest.param("AGA", {}, marks=pytest.mark.slow),
     # (with the blocks recomputed in the backward: the same values and gradients)
-    (
+    pytest.param(
       "GjSJjSAJ",
       PRETRAINED_PARTS
       | dict(loop_start=1, loop_stop=6, loop_repeats=2, remat_blocks=True, scan_min_repeats=2),
+      marks=pytest.mark.integration,  # ~40 s on 2 cores
     ),
     pytest.param(
       "AjAj", PRETRAINED_PARTS | dict(loop_repeats=2, loop_norm=True), marks=pytest.mark.slow
@@ -161,7 +162,8 @@ def test_scanned_stack_equals_a_loop_over_the_unstacked_blocks(pattern, extra):
     return jnp.sum(out * weights) + sum(jnp.sum(jnp.sin(s)) for s in new_state), (out, new_state)
 
   scanned = lambda model, h, s: model.stack_pass(h, s)
-  grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+  # Jitted, each side is one compile (op by op, the reference loop was hundreds).
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
   (grads, (out, new_state)) = grad(params, h, fast_state, scanned)
   (expected_grads, (expected_out, expected_state)) = grad(
     params, h, fast_state, reference_stack_pass

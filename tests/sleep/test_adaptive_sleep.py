@@ -57,7 +57,10 @@ def test_relative_change_is_the_largest_blockwise_frobenius_ratio():
   np.testing.assert_allclose(relative_change(old, new), [0.5, 0.5], rtol=1e-6)
 
 
-@pytest.mark.parametrize("passes", [1, pytest.param(2, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize(
+  "passes",
+  [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.integration)],
+)
 def test_converge_with_zero_tolerance_is_fixed_n_bit_for_bit(model, passes):
   toks = tokens(passes)
   never = loss_and_grads(model, toks, passes=passes)

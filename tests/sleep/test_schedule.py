@@ -4,6 +4,8 @@ Each schedule is checked against the same computation written out by hand, chunk
 with `HybridLM.run_pass`, or against a whole-sequence pass it must equal by construction.
 """
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +43,13 @@ def run(model, toks, **sleep):
   return np.asarray(logits), fast
 
 
+def jitted(model):
+  """The model's methods that a written-out reference calls, each jitted: the reference then
+  compiles once per shape, not once per operation (which was most of these tests' time)."""
+  methods = ("embed", "stack_pass", "run_pass", "logits")
+  return SimpleNamespace(cfg=model.cfg, **{name: jax.jit(getattr(model, name)) for name in methods})
+
+
 @pytest.fixture(scope="module")
 def hybrid():
   return build()
@@ -65,13 +74,14 @@ def test_interleaved_prediction_chunks_equal_the_chunk_by_chunk_forward(hybrid):
   """Sleep, predict, sleep, predict (a short last chunk): only S crosses each boundary."""
   toks = tokens(15)
   logits, fast = run(hybrid, toks, passes=2, context_len=4, predict_chunks=(1, 3))
+  m = jitted(hybrid)
   state, expected = zero_fast_state(hybrid.cfg, 2), []
   for start, predict in ((0, False), (4, True), (8, False), (12, True)):
-    h = hybrid.embed(toks[:, start : start + L])
+    h = m.embed(toks[:, start : start + L])
     for _ in range(1 if predict else 2):
-      h, state = hybrid.stack_pass(h, state)
+      h, state = m.stack_pass(h, state)
     if predict:
-      expected.append(hybrid.logits(h))
+      expected.append(m.logits(h))
   np.testing.assert_allclose(logits, jnp.concatenate(expected, 1), rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fast, state)
 
@@ -79,13 +89,14 @@ def test_interleaved_prediction_chunks_equal_the_chunk_by_chunk_forward(hybrid):
 def test_predict_then_sleep_predicts_with_one_pass_and_hands_on_the_slept_state(hybrid):
   toks = tokens(12, seed=1)
   logits, fast = run(hybrid, toks, passes=3, context_len=0, predict_then_sleep=True)
+  m = jitted(hybrid)
   state, expected = zero_fast_state(hybrid.cfg, 2), []
   for start in (0, 4, 8):
-    chunk = hybrid.embed(toks[:, start : start + L])
-    h, _ = hybrid.stack_pass(chunk, state)  # wake: logits from one pass
-    expected.append(hybrid.logits(h))
+    chunk = m.embed(toks[:, start : start + L])
+    h, _ = m.stack_pass(chunk, state)  # wake: logits from one pass
+    expected.append(m.logits(h))
     for _ in range(3):  # sleep: N passes from the same incoming state
-      chunk, state = hybrid.stack_pass(chunk, state)
+      chunk, state = m.stack_pass(chunk, state)
   np.testing.assert_allclose(logits, jnp.concatenate(expected, 1), rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fast, state)
   # Without it, a predicted chunk's single pass is what crosses: the states differ.
@@ -117,8 +128,9 @@ def test_sliding_eviction_at_one_pass_is_one_sliding_window_pass_over_the_sequen
   model = build("AG")
   toks = tokens(14, seed=2)
   logits, _ = run(model, toks, eviction="sliding", conv_state="carry", context_len=0)
-  whole = model.run_pass(
-    model.embed(toks),
+  m = jitted(model)
+  whole = m.run_pass(
+    m.embed(toks),
     zero_fast_state(model.cfg, 2),
     conv_state=zero_conv_state(model.cfg, 2),
     context=PassContext(
@@ -128,13 +140,14 @@ def test_sliding_eviction_at_one_pass_is_one_sliding_window_pass_over_the_sequen
       width=L,
     ),
   )
-  np.testing.assert_allclose(logits, model.logits(whole.h), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, m.logits(whole.h), rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_eviction_remembers_the_last_window_of_the_last_pass(hybrid):
   """N=2: every pass over a chunk sees the previous chunk's last L-1 tokens from its last pass."""
   toks = tokens(11, seed=3)
   logits, fast = run(hybrid, toks, passes=2, eviction="sliding", context_len=8)
+  m = jitted(hybrid)
   cfg, slots = hybrid.cfg, L - 1
   state = zero_fast_state(cfg, 2)
   memory = tuple((jnp.zeros((2, slots, 2, 8)),) * 2 for _ in range(2))
@@ -142,13 +155,13 @@ def test_sliding_eviction_remembers_the_last_window_of_the_last_pass(hybrid):
   for start, passes in ((0, 2), (4, 2), (8, 1)):
     chunk = toks[:, start : start + L]
     context = PassContext(jnp.arange(chunk.shape[1]), jnp.arange(slots) - slots, valid, L)
-    h = hybrid.embed(chunk)
+    h = m.embed(chunk)
     for _ in range(passes):
-      out = hybrid.run_pass(h, state, kv_prefix=memory, context=context)
+      out = m.run_pass(h, state, kv_prefix=memory, context=context)
       h, state = out.h, out.fast_state
     memory = tuple((k[:, -slots:], v[:, -slots:]) for k, v in out.kv)
     valid = jnp.ones((slots,), bool)
-  np.testing.assert_allclose(logits, hybrid.logits(h), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, m.logits(h), rtol=1e-5, atol=1e-5)
   # The remembered tokens matter: hard eviction predicts differently.
   hard, _ = run(hybrid, toks, passes=2, eviction="hard", context_len=8)
   assert np.max(np.abs(hard - logits)) > 1e-4
@@ -185,8 +198,9 @@ def test_conv_state_switch(conv_state):
   model = build("GG")
   toks = tokens(13, seed=5)
   chunked, fast = run(model, toks, context_len=4, conv_state=conv_state)
-  whole, whole_fast = model.stack_pass(model.embed(toks), zero_fast_state(model.cfg, 2))
-  expected = model.logits(whole)[:, 4:]
+  m = jitted(model)
+  whole, whole_fast = m.stack_pass(m.embed(toks), zero_fast_state(model.cfg, 2))
+  expected = m.logits(whole)[:, 4:]
   if conv_state == "carry":
     np.testing.assert_allclose(chunked, expected, rtol=1e-5, atol=1e-5)
     jax.tree.map(
@@ -199,16 +213,18 @@ def test_conv_state_switch(conv_state):
 def test_conv_carry_hands_on_the_last_pass_tails_to_every_pass_of_the_next_chunk(hybrid):
   toks = tokens(10, seed=6)
   logits, _ = run(hybrid, toks, passes=2, context_len=8, conv_state="carry")
+  m = jitted(hybrid)
   state, conv = zero_fast_state(hybrid.cfg, 2), zero_conv_state(hybrid.cfg, 2)
   for start, passes in ((0, 2), (4, 2), (8, 1)):
-    h = hybrid.embed(toks[:, start : start + L])
+    h = m.embed(toks[:, start : start + L])
     for _ in range(passes):
-      out = hybrid.run_pass(h, state, conv_state=conv)
+      out = m.run_pass(h, state, conv_state=conv)
       h, state = out.h, out.fast_state
     conv = out.conv_state
-  np.testing.assert_allclose(logits, hybrid.logits(h), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, m.logits(h), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration  # a training gradient of the whole model and two losses per schedule
 @pytest.mark.parametrize(
   "sleep",
   [
@@ -253,7 +269,7 @@ def pre_generalisation_forward(graphdef, params, tokens_bt, cfg):
   return model.logits(h), state
 
 
-@pytest.mark.parametrize("passes", [1, 3])
+@pytest.mark.parametrize("passes", [pytest.param(1, marks=pytest.mark.integration), 3])
 def test_the_papers_layout_is_bit_identical_to_the_pre_generalisation_schedule(hybrid, passes):
   """Rule 110 and Depo (whole windows, then one prediction chunk): same bits, values and grads."""
   graphdef, state = nnx.split(hybrid)

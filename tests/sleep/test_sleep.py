@@ -3,6 +3,8 @@
 A toy layout keeps compiles short: 3 sleep chunks of 4 tokens, then a 3-token prediction chunk.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,12 +131,20 @@ def test_sleep_equals_a_hand_written_chunk_by_chunk_forward(hybrid, passes):
 def loss_and_grads(model, tokens, fast_state, **sleep_overrides):
   graphdef, state = nnx.split(model)
   cfg = SleepConfig.from_config(sleep_config(**sleep_overrides))
+  program = _loss_and_grads_program(graphdef, cfg)
+  return program(nnx.to_pure_dict(state), fast_state, jnp.asarray(tokens))
 
-  def loss(params, fast_state):
+
+@functools.cache
+def _loss_and_grads_program(graphdef, cfg):
+  """One jitted program per model and schedule, the tokens an argument (not a constant), so
+  that tests asking for the same schedule share one compile."""
+
+  def loss(params, fast_state, tokens):
     logits, _ = sleep_forward(graphdef, params, tokens, cfg, fast_state)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(nnx.to_pure_dict(state), fast_state)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
 def incoming_state(model, seed, batch=2):
@@ -144,6 +154,7 @@ def incoming_state(model, seed, batch=2):
   )
 
 
+@pytest.mark.integration  # three training gradients of the whole model
 def test_grad_passes_blocks_gradients_to_the_earlier_passes(hybrid):
   tokens, s0 = random_tokens(6), incoming_state(hybrid, 0)
   full_loss, (full_params, full_s0) = loss_and_grads(hybrid, tokens, s0, passes=2)
@@ -161,6 +172,7 @@ def test_grad_passes_blocks_gradients_to_the_earlier_passes(hybrid):
   )
 
 
+@pytest.mark.integration  # two training gradients of the whole model
 def test_remat_gives_identical_gradients(hybrid):
   tokens, s0 = random_tokens(7), incoming_state(hybrid, 1)
   loss_a, grads_a = loss_and_grads(hybrid, tokens, s0, passes=2, remat=True)
@@ -171,6 +183,7 @@ def test_remat_gives_identical_gradients(hybrid):
   )
 
 
+@pytest.mark.integration  # two training gradients of the whole model per eviction
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
 def test_unrolled_loops_give_the_same_values_and_gradients(hybrid, eviction):
   # Unrolled, the chunks and passes are straight-line code (fewer GPU kernels), and the last

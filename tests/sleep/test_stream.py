@@ -66,7 +66,7 @@ def test_feeding_context_then_prediction_chunk_returns_applys_logits(
     (1, "hard", "reset"),
     pytest.param(3, "hard", "carry", marks=pytest.mark.slow),
     pytest.param(1, "sliding", "carry", marks=pytest.mark.slow),
-    (3, "sliding", "reset"),
+    pytest.param(3, "sliding", "reset", marks=pytest.mark.integration),
   ],
 )
 def test_block_prefill_equals_feeding_token_by_token(model, passes, eviction, conv_state):
